@@ -1,0 +1,186 @@
+//! Ultra's one typed configuration, read once from flags and environment variables
+//! (`ULTRA_*` plus the conventional `DATABASE_URL`, `AMQP_URL`, `REDIS_URL`) and shared
+//! as `Arc<Config>`. Every default works against the local services of a developer's
+//! machine; `validate` refuses an unsafe production configuration, listing every
+//! problem at once.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// Where Ultra runs. Production refuses unsafe settings instead of warning about them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line: for log shippers.
+    Json,
+    /// Human-readable lines: for a terminal.
+    Pretty,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// `development` or `production` (production refuses unsafe settings).
+    #[arg(long = "env", env = "ULTRA_ENV", value_enum, default_value = "development", global = true)]
+    pub environment: Environment,
+
+    /// PostgreSQL, the system of record. The database is created if it is missing.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/ultra", global = true)]
+    pub database_url: String,
+
+    /// RabbitMQ, which carries job pointers to the workers.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    pub amqp_url: String,
+
+    /// Redis, for live event fan-out (losing it loses no data).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", global = true)]
+    pub redis_url: String,
+
+    /// Address the api listens on.
+    #[arg(long, env = "ULTRA_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    pub listen: SocketAddr,
+
+    /// Address a standalone worker serves its health checks on.
+    #[arg(long, env = "ULTRA_WORKER_LISTEN", default_value = "127.0.0.1:8081", global = true)]
+    pub worker_listen: SocketAddr,
+
+    /// Jobs one worker process runs at once; also its RabbitMQ prefetch.
+    #[arg(long, env = "ULTRA_WORKER_CONCURRENCY", default_value_t = 16, global = true)]
+    pub concurrency: u16,
+
+    /// Prefix for every exchange and queue name (lets tests and tenants share a broker).
+    #[arg(long, env = "ULTRA_QUEUE_PREFIX", default_value = "", global = true)]
+    pub queue_prefix: String,
+
+    /// Prefix for every Redis key and channel.
+    #[arg(long, env = "ULTRA_REDIS_PREFIX", default_value = "ultra", global = true)]
+    pub redis_prefix: String,
+
+    /// Simulated latency of the mock provider, per call.
+    #[arg(long, env = "ULTRA_MOCK_LATENCY_MS", default_value_t = 250, global = true)]
+    pub mock_latency_ms: u64,
+
+    /// Longest prompt accepted, in characters.
+    #[arg(long, env = "ULTRA_MAX_PROMPT_CHARS", default_value_t = 32_768, global = true)]
+    pub max_prompt_chars: usize,
+
+    /// Most models one job may name.
+    #[arg(long, env = "ULTRA_MAX_MODELS_PER_JOB", default_value_t = 5, global = true)]
+    pub max_models_per_job: usize,
+
+    /// How long in-flight jobs may finish after SIGTERM before they are left for redelivery.
+    #[arg(long, env = "ULTRA_SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
+    pub shutdown_grace_secs: u64,
+
+    /// How often the outbox relay looks for jobs the fast-path publish missed.
+    #[arg(long, env = "ULTRA_RELAY_INTERVAL_MS", default_value_t = 1_000, global = true)]
+    pub relay_interval_ms: u64,
+
+    /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
+    #[arg(long, env = "ULTRA_LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Parses a configuration from environment variables alone (used by tests and tools
+    /// that embed Ultra); flags work the same way through the binary's parser.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Wrapper as clap::Parser>::try_parse_from(["ultra"]).map(|w| w.config)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn relay_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_interval_ms.max(10))
+    }
+
+    pub fn mock_latency(&self) -> Duration {
+        Duration::from_millis(self.mock_latency_ms)
+    }
+
+    /// Checks the configuration as a whole. In production every unsafe setting is an
+    /// error; the message lists them all, so an operator fixes them in one pass.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.concurrency == 0 {
+            problems.push("ULTRA_WORKER_CONCURRENCY must be at least 1".to_owned());
+        }
+        if self.max_models_per_job == 0 {
+            problems.push("ULTRA_MAX_MODELS_PER_JOB must be at least 1".to_owned());
+        }
+        if self.environment == Environment::Production {
+            if self.amqp_url.contains("guest:guest@") {
+                problems.push("AMQP_URL uses RabbitMQ's default guest credentials".to_owned());
+            }
+            if url_has_no_password(&self.database_url) {
+                problems.push("DATABASE_URL has no password".to_owned());
+            }
+            // Until real providers are configured the catalog holds only mock models,
+            // and the mock provider must never answer production traffic.
+            problems.push("the mock provider is enabled and no real provider is configured".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// `scheme://user@host` (no `:password` in the user-info part).
+fn url_has_no_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match rest.split_once('@') {
+        Some((userinfo, _)) => !userinfo.contains(':'),
+        None => true,
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to start with an unsafe configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_lists_every_problem() {
+        let mut config = Config::from_env().expect("defaults parse");
+        config.environment = Environment::Production;
+        config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
+        config.database_url = "postgres://postgres@127.0.0.1/ultra".to_owned();
+        let err = config.validate().expect_err("defaults are unsafe in production");
+        assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(err.to_string().contains("guest credentials"));
+    }
+
+    #[test]
+    fn development_defaults_are_valid() {
+        let config = Config::from_env().expect("defaults parse");
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn password_detection() {
+        assert!(url_has_no_password("postgres://postgres@localhost/db"));
+        assert!(!url_has_no_password("postgres://u:p@localhost/db"));
+        assert!(url_has_no_password("postgres://localhost/db"));
+    }
+}

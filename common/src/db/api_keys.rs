@@ -1,0 +1,66 @@
+//! `api_keys`: hashed API keys, found by their public prefix.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+/// The owner of an API key that is valid right now.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ActiveKey {
+    pub key_id: Uuid,
+    pub key_hash: Vec<u8>,
+    pub user_id: Uuid,
+    pub role: String,
+    pub tier: String,
+}
+
+pub async fn insert(
+    ex: impl PgExecutor<'_>,
+    user_id: Uuid,
+    name: &str,
+    prefix: &str,
+    key_hash: &[u8],
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO api_keys (id, user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(user_id)
+        .bind(name)
+        .bind(prefix)
+        .bind(key_hash)
+        .execute(ex)
+        .await?;
+    Ok(id)
+}
+
+/// The unrevoked key with this prefix, if its owner is not disabled.
+pub async fn find_active(ex: impl PgExecutor<'_>, prefix: &str) -> Result<Option<ActiveKey>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT k.id AS key_id, k.key_hash, u.id AS user_id, u.role, u.tier
+           FROM api_keys k JOIN users u ON u.id = k.user_id
+          WHERE k.prefix = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL",
+    )
+    .bind(prefix)
+    .fetch_optional(ex)
+    .await
+}
+
+/// Records a use, at most once a minute per key so authentication is not a write
+/// per request.
+pub async fn touch(ex: impl PgExecutor<'_>, key_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE api_keys SET last_used_at = now()
+          WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+    )
+    .bind(key_id)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+pub async fn revoke(ex: impl PgExecutor<'_>, key_id: Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind(key_id)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

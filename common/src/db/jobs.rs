@@ -1,0 +1,134 @@
+//! `jobs`: one row per accepted analyze request, owned by one user.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::domain::JobStatus;
+
+const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
+                       created_at, started_at, finished_at";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub status: JobStatus,
+    pub pattern: String,
+    pub prompt: String,
+    pub models: Vec<String>,
+    pub options: Value,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a client asked for, validated.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub pattern: &'a str,
+    pub prompt: &'a str,
+    pub models: &'a [String],
+    pub options: &'a Value,
+}
+
+pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
+    ))
+    .bind(job.id)
+    .bind(job.user_id)
+    .bind(job.pattern)
+    .bind(job.prompt)
+    .bind(job.models)
+    .bind(job.options)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+}
+
+/// The job if `user_id` owns it. Someone else's job and a missing one look the same.
+pub async fn get_owned(ex: impl PgExecutor<'_>, id: Uuid, user_id: Uuid) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2"))
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(ex)
+        .await
+}
+
+/// One page of a user's jobs, newest first; `before` is the last id of the previous page.
+pub async fn list_owned(
+    ex: impl PgExecutor<'_>,
+    user_id: Uuid,
+    status: Option<JobStatus>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM jobs
+          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::uuid IS NULL OR id < $3)
+          ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(user_id)
+    .bind(status)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(ex)
+    .await
+}
+
+/// Takes a job for a run: `queued` or `running` (a redelivery after a crash) becomes
+/// `running` with one more attempt. Returns the job and whether it was queued until
+/// now, or `None` if it is terminal or missing.
+pub async fn claim(conn: &mut PgConnection, id: Uuid) -> Result<Option<(Job, bool)>, sqlx::Error> {
+    let before: Option<JobStatus> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *conn).await?;
+    let Some(before) = before.filter(|s| !s.is_terminal()) else {
+        return Ok(None);
+    };
+    let job: Job = sqlx::query_as(&format!(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1,
+                started_at = coalesce(started_at, now()), updated_at = now()
+          WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Some((job, before == JobStatus::Queued)))
+}
+
+/// Moves a running job to its terminal status with its result or error. Returns
+/// false (and changes nothing) if the job had already ended.
+pub async fn finish(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    status: JobStatus,
+    result: Option<&Value>,
+    error: Option<&Value>,
+) -> Result<bool, sqlx::Error> {
+    debug_assert!(status.is_terminal());
+    let done = sqlx::query(
+        "UPDATE jobs SET status = $2, result = $3, error = $4, finished_at = now(), updated_at = now()
+          WHERE id = $1 AND status IN ('queued', 'running')",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(result)
+    .bind(error)
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,42 @@
+//! `outbox`: jobs committed but not yet confirmed by RabbitMQ.
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Pending {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub attempt: i32,
+}
+
+pub async fn insert(ex: impl PgExecutor<'_>, job_id: Uuid, attempt: i32) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("INSERT INTO outbox (job_id, attempt) VALUES ($1, $2) RETURNING id")
+        .bind(job_id)
+        .bind(attempt)
+        .fetch_one(ex)
+        .await
+}
+
+pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(ex).await?;
+    Ok(())
+}
+
+/// Locks up to `limit` rows older than `min_age_ms` that no other relay holds. The
+/// age keeps the relay from racing the fast path for a job being published right now.
+pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, job_id, attempt FROM outbox
+          WHERE created_at < now() - make_interval(secs => $1::float8 / 1000)
+          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(min_age_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(ex).await
+}

@@ -1,0 +1,93 @@
+//! `job_steps`: one row per provider call `(job, stage, model)`. Writes are upserts,
+//! so a redelivered job rewrites nothing it already finished.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::domain::{Stage, StepStatus};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Step {
+    pub job_id: Uuid,
+    pub stage: Stage,
+    pub model: String,
+    pub status: StepStatus,
+    pub output: Option<String>,
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub error: Option<Value>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step's outcome once its provider call has returned.
+#[derive(Debug, Clone)]
+pub enum StepOutcome<'a> {
+    Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32 },
+    Failed { error: &'a Value },
+}
+
+pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_id, stage, model, status, output, input_tokens, output_tokens, error, started_at, finished_at
+           FROM job_steps WHERE job_id = $1
+          ORDER BY array_position(ARRAY['initial', 'meta', 'synthesis'], stage), started_at, model",
+    )
+    .bind(job_id)
+    .fetch_all(ex)
+    .await
+}
+
+/// Marks a step running. Returns false if it had already succeeded, in which case it
+/// must not be called again.
+pub async fn start(ex: impl PgExecutor<'_>, job_id: Uuid, stage: Stage, model: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
+         ON CONFLICT (job_id, stage, model) DO UPDATE
+            SET status = 'running', output = NULL, error = NULL, started_at = now(), finished_at = NULL
+          WHERE job_steps.status <> 'succeeded'",
+    )
+    .bind(job_id)
+    .bind(stage)
+    .bind(model)
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a finished provider call. A step that already succeeded keeps its result.
+pub async fn finish(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    stage: Stage,
+    model: &str,
+    outcome: &StepOutcome<'_>,
+) -> Result<bool, sqlx::Error> {
+    let (status, output, input_tokens, output_tokens, error) = match outcome {
+        StepOutcome::Succeeded { output, input_tokens, output_tokens } => {
+            (StepStatus::Succeeded, Some(*output), Some(*input_tokens), Some(*output_tokens), None)
+        }
+        StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error)),
+    };
+    let done = sqlx::query(
+        "INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+         ON CONFLICT (job_id, stage, model) DO UPDATE
+            SET status = EXCLUDED.status, output = EXCLUDED.output, input_tokens = EXCLUDED.input_tokens,
+                output_tokens = EXCLUDED.output_tokens, error = EXCLUDED.error, finished_at = now()
+          WHERE job_steps.status <> 'succeeded'",
+    )
+    .bind(job_id)
+    .bind(stage)
+    .bind(model)
+    .bind(status)
+    .bind(output)
+    .bind(input_tokens)
+    .bind(output_tokens)
+    .bind(error)
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,19 @@
+//! What the api and the workers share: configuration, domain types, database access,
+//! queue topology, the event bus, health probes and telemetry.
+//!
+//! Error policy: functions here return typed errors (`sqlx::Error`, `lapin::Error`,
+//! the `thiserror` enums beside them); `anyhow` belongs only to binaries and start-up.
+
+pub mod apikey;
+pub mod catalog;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod events;
+pub mod health;
+pub mod queue;
+pub mod redis;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Config;

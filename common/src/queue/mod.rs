@@ -1,0 +1,159 @@
+//! RabbitMQ: the topology every process declares, the message it carries, and the
+//! confirmed publisher the api uses. Messages are claim checks — `{job_id, attempt}`
+//! only; the job itself stays in PostgreSQL.
+//!
+//! Topology (names take `ULTRA_QUEUE_PREFIX` in front):
+//! ```text
+//! exchange ultra.jobs (direct) --"analyze"--> quorum queue ultra.analyze
+//!                                               | x-delivery-limit exceeded / rejected
+//!                                               v
+//! exchange ultra.dead (direct) --"analyze"--> quorum queue ultra.analyze.dead
+//! ```
+//! Declarations are idempotent and use only arguments RabbitMQ 3.10 and 4.x both
+//! accept, so every process may declare on start-up.
+
+mod publisher;
+
+pub use publisher::Publisher;
+
+use std::time::Duration;
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Routing key of analyze jobs on the jobs exchange.
+pub const ANALYZE_ROUTING_KEY: &str = "analyze";
+
+/// Deliveries of one message before the broker dead-letters it as poison. Explicit,
+/// because RabbitMQ 3.x has no default limit and 4.x defaults to 20.
+pub const DELIVERY_LIMIT: i32 = 10;
+
+/// How long a connection attempt may take before the broker counts as down.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Exchange and queue names for one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub jobs_exchange: String,
+    pub analyze_queue: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            jobs_exchange: format!("{prefix}ultra.jobs"),
+            analyze_queue: format!("{prefix}ultra.analyze"),
+            dead_exchange: format!("{prefix}ultra.dead"),
+            dead_queue: format!("{prefix}ultra.analyze.dead"),
+        }
+    }
+
+    /// Declares everything; safe to repeat (same names, same arguments).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        // Durable: the topology survives a broker restart (https://www.rabbitmq.com/docs/queues#durability).
+        let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(self.jobs_exchange.as_str().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
+            .await?;
+        channel
+            .exchange_declare(self.dead_exchange.as_str().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
+            .await?;
+
+        let mut work_args = quorum_args();
+        // Poison messages stop after this many deliveries (https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling).
+        work_args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+        // Rejected and over-limit messages go to the dead-letter queue, not the void.
+        work_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange.as_str().into()));
+        channel.queue_declare(self.analyze_queue.as_str().into(), QueueDeclareOptions::durable(), work_args).await?;
+        channel.queue_declare(self.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum_args()).await?;
+
+        channel
+            .queue_bind(
+                self.analyze_queue.as_str().into(),
+                self.jobs_exchange.as_str().into(),
+                ANALYZE_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_queue.as_str().into(),
+                self.dead_exchange.as_str().into(),
+                ANALYZE_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+}
+
+/// Quorum queues: replicated, and they count deliveries (https://www.rabbitmq.com/docs/quorum-queues).
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+/// Opens a connection, failing after `CONNECT_TIMEOUT` rather than hanging.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out connecting to RabbitMQ").into()),
+    }
+}
+
+/// The message on `ultra.analyze`. Versioned so old and new processes can share a
+/// queue during a rolling upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub enum JobMessage {
+    #[serde(rename = "1")]
+    V1 {
+        job_id: Uuid,
+        attempt: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+    },
+}
+
+impl JobMessage {
+    pub fn new(job_id: Uuid, attempt: i32) -> Self {
+        JobMessage::V1 { job_id, attempt, traceparent: None }
+    }
+
+    pub fn job_id(&self) -> Uuid {
+        match self {
+            JobMessage::V1 { job_id, .. } => *job_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_wire_format_is_stable() {
+        let id = Uuid::nil();
+        let json = serde_json::to_value(JobMessage::new(id, 1)).expect("serialises");
+        assert_eq!(json, serde_json::json!({"v": "1", "job_id": id, "attempt": 1}));
+        let back: JobMessage = serde_json::from_value(json).expect("parses");
+        assert_eq!(back.job_id(), id);
+    }
+
+    #[test]
+    fn names_take_the_prefix() {
+        let topology = Topology::new("t1.");
+        assert_eq!(topology.analyze_queue, "t1.ultra.analyze");
+        assert_eq!(topology.dead_queue, "t1.ultra.analyze.dead");
+    }
+}

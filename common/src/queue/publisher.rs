@@ -1,0 +1,145 @@
+//! A publisher with confirms that connects lazily and reconnects on demand. While
+//! the broker is down it fails fast (after one attempt per back-off period), so the
+//! api keeps accepting jobs into the outbox without waiting on RabbitMQ.
+
+use std::time::{Duration, Instant};
+
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    BasicProperties, Channel, Confirmation, Connection,
+};
+use tokio::sync::Mutex;
+
+use super::{connect, JobMessage, Topology, ANALYZE_ROUTING_KEY};
+
+/// How long after a failed connection attempt the publisher fails without retrying.
+const RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait for the broker's confirm of one message.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("RabbitMQ is unavailable: {0}")]
+    Unavailable(String),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ could not route the message to {0}")]
+    Unroutable(String),
+    #[error("RabbitMQ did not confirm the message in time")]
+    ConfirmTimeout,
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+enum State {
+    Disconnected { retry_at: Instant },
+    Connected(Link),
+}
+
+pub struct Publisher {
+    url: String,
+    topology: Topology,
+    state: Mutex<State>,
+}
+
+impl Publisher {
+    pub fn new(url: impl Into<String>, topology: Topology) -> Self {
+        Self { url: url.into(), topology, state: Mutex::new(State::Disconnected { retry_at: Instant::now() }) }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Publishes one job message as persistent and waits for the broker's confirm.
+    pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let channel = self.channel().await?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2) // persistent: survives a broker restart
+            .with_content_type("application/json".into())
+            .with_message_id(message.job_id().to_string().into());
+        // mandatory: an unroutable message comes back instead of vanishing.
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let result = async {
+            let confirm = channel
+                .basic_publish(
+                    self.topology.jobs_exchange.as_str().into(),
+                    ANALYZE_ROUTING_KEY.into(),
+                    options,
+                    &payload,
+                    properties,
+                )
+                .await?;
+            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Err(_) => Err(PublishError::ConfirmTimeout),
+                Ok(Err(err)) => Err(err.into()),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(self.topology.analyze_queue.clone())),
+                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unavailable("confirms not enabled".into())),
+            }
+        }
+        .await;
+        if matches!(result, Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)) {
+            self.reset().await;
+        }
+        result
+    }
+
+    /// Whether the broker answers now: connects if needed (readiness probe).
+    pub async fn check(&self) -> Result<(), PublishError> {
+        self.channel().await.map(drop)
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut state = self.state.lock().await;
+        if let State::Connected(link) = &*state {
+            if link.connection.status().connected() && link.channel.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        if let State::Disconnected { retry_at } = &*state {
+            if Instant::now() < *retry_at {
+                return Err(PublishError::Unavailable("backing off after a failed connection".into()));
+            }
+        }
+        match self.open().await {
+            Ok(link) => {
+                let channel = link.channel.clone();
+                *state = State::Connected(link);
+                Ok(channel)
+            }
+            Err(err) => {
+                *state = State::Disconnected { retry_at: Instant::now() + RECONNECT_BACKOFF };
+                Err(PublishError::Unavailable(err.to_string()))
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Link, lapin::Error> {
+        let connection = connect(&self.url, "ultra-publisher").await?;
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Link { connection, channel })
+    }
+
+    async fn reset(&self) {
+        *self.state.lock().await = State::Disconnected { retry_at: Instant::now() };
+    }
+
+    /// Closes the connection cleanly (shutdown).
+    pub async fn close(&self) {
+        let mut state = self.state.lock().await;
+        if let State::Connected(link) = &*state {
+            let _ = link.connection.close(200, "shutdown".into()).await;
+        }
+        *state = State::Disconnected { retry_at: Instant::now() };
+    }
+}

@@ -1,0 +1,97 @@
+//! A Redis handle that never blocks the caller for long while Redis is away.
+//! Redis only speeds things up in Ultra (live fan-out), so a failure is reported and
+//! the handle backs off for a moment instead of stalling every caller on reconnects.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    AsyncCommands, Client, RedisError,
+};
+
+/// How long the handle refuses work after a failure before trying Redis again.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct RedisHandle {
+    client: Client,
+    manager: ConnectionManager,
+    started: Instant,
+    /// Milliseconds since `started` before which calls fail fast.
+    unavailable_until_ms: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisUnavailable {
+    #[error("redis is unavailable (backing off after a recent failure)")]
+    BackingOff,
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("redis did not answer in time")]
+    Timeout,
+}
+
+impl RedisHandle {
+    /// Parses the URL; connects lazily on first use.
+    pub fn new(url: &str) -> Result<Self, RedisError> {
+        let client = Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Self { client, manager, started: Instant::now(), unavailable_until_ms: Arc::new(AtomicU64::new(0)) })
+    }
+
+    /// The client, for connections the manager cannot serve (pub/sub).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), RedisUnavailable> {
+        self.guarded(|mut conn| async move { conn.publish::<_, _, ()>(channel, payload).await }).await
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisUnavailable> {
+        // The readiness probe must see the truth now, not the back-off's memory of it.
+        let mut conn = self.manager.clone();
+        let pong = tokio::time::timeout(Duration::from_secs(1), redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| RedisUnavailable::Timeout)?;
+        self.record(pong.map(drop).map_err(RedisUnavailable::from))
+    }
+
+    async fn guarded<T, F, Fut>(&self, op: F) -> Result<T, RedisUnavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        if self.now_ms() < self.unavailable_until_ms.load(Ordering::Relaxed) {
+            return Err(RedisUnavailable::BackingOff);
+        }
+        let result = match tokio::time::timeout(Duration::from_secs(1), op(self.manager.clone())).await {
+            Ok(result) => result.map_err(RedisUnavailable::from),
+            Err(_) => Err(RedisUnavailable::Timeout),
+        };
+        self.record(result)
+    }
+
+    fn record<T>(&self, result: Result<T, RedisUnavailable>) -> Result<T, RedisUnavailable> {
+        if result.is_err() {
+            let until = self.now_ms() + BACKOFF.as_millis() as u64;
+            self.unavailable_until_ms.store(until, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
