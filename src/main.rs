@@ -1,1 +1,56 @@
-fn main() {}
+//! `ultra`: the one binary. It parses the command line and hands over to the api,
+//! the worker, both, or an admin command.
+
+mod admin;
+mod serve;
+
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use common::Config;
+
+#[derive(Parser)]
+#[command(name = "ultra", version, about = "Ultra: an LLM orchestrator on PostgreSQL, RabbitMQ and Redis")]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the api and a worker pool in one process (a laptop or a small deployment).
+    All,
+    /// Run the REST api only.
+    Api,
+    /// Run a worker only; serves health on ULTRA_WORKER_LISTEN.
+    Worker {
+        /// Jobs run at once (and RabbitMQ prefetch); overrides ULTRA_WORKER_CONCURRENCY.
+        #[arg(long)]
+        concurrency: Option<u16>,
+    },
+    /// Create the database if needed and apply pending migrations, then exit.
+    Migrate,
+    /// Administrative commands.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Cli { mut config, command } = Cli::parse();
+    if let Command::Worker { concurrency: Some(n) } = command {
+        config.concurrency = n;
+    }
+    common::telemetry::init(config.log_format);
+    config.validate()?;
+    let config = Arc::new(config);
+    match command {
+        Command::All => serve::all(config).await,
+        Command::Api => serve::api(config).await,
+        Command::Worker { .. } => serve::worker(config).await,
+        Command::Migrate => admin::migrate(&config).await,
+        Command::Admin(command) => admin::run(&config, command).await,
+    }
+}

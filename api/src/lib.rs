@@ -1,1 +1,94 @@
+//! The Ultra REST api: authenticates, validates and accepts analyze jobs, serves
+//! their status and event streams, the model catalog, health and the OpenAPI
+//! document. It owns two background tasks: the outbox relay and the event hub.
 
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod hub;
+pub mod relay;
+pub mod routes;
+pub mod state;
+pub mod stream;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use common::{
+    catalog::Catalog,
+    db,
+    events::EventPublisher,
+    queue::{Publisher, Topology},
+    redis::RedisHandle,
+    Config,
+};
+use poem::{
+    listener::TcpAcceptor,
+    middleware::{SetHeader, Tracing},
+    EndpointExt, Route, Server,
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{body::BodyLimit, hub::EventHub, state::AppState};
+
+/// Serves the api on `listener` until `shutdown` is cancelled, then stops accepting,
+/// ends open streams, lets in-flight requests finish (up to the grace period) and
+/// closes its connections.
+pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
+    let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
+    // Background tasks stop with their own token, after the server has drained.
+    let background = CancellationToken::new();
+    let state = Arc::new(AppState {
+        pool,
+        publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
+        events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
+        hub: Arc::new(EventHub::default()),
+        redis,
+        catalog: Catalog::builtin(),
+        shutdown: shutdown.clone(),
+        config: config.clone(),
+    });
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));
+    tasks.spawn(relay::run(state.clone(), background.clone()));
+
+    let address = listener.local_addr().ok();
+    let service = routes::service(state.clone());
+    let app = Route::new()
+        .nest("/docs", service.swagger_ui())
+        .at("/openapi.json", service.spec_endpoint())
+        .nest("/", service)
+        .with(security_headers())
+        .with(Tracing)
+        .data(state.clone())
+        .data(BodyLimit(body_limit(&config)))
+        .catch_all_error(error::into_problem);
+    tracing::info!(address = ?address, "api listening");
+    let served = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
+        .await;
+
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    state.publisher.close().await;
+    state.pool.close().await;
+    tracing::info!("api stopped");
+    served.context("api server failed")
+}
+
+/// A prompt at the character limit, JSON-escaped at worst, plus room for the rest.
+fn body_limit(config: &Config) -> usize {
+    config.max_prompt_chars.saturating_mul(6).saturating_add(64 * 1024)
+}
+
+fn security_headers() -> SetHeader {
+    SetHeader::new()
+        .overriding("X-Content-Type-Options", "nosniff")
+        .overriding("X-Frame-Options", "DENY")
+        .overriding("Referrer-Policy", "no-referrer")
+        .overriding("Content-Security-Policy", "frame-ancestors 'none'")
+        .overriding("Cross-Origin-Resource-Policy", "same-origin")
+}

@@ -82,6 +82,10 @@ pub struct Config {
     #[arg(long, env = "ULTRA_RELAY_INTERVAL_MS", default_value_t = 1_000, global = true)]
     pub relay_interval_ms: u64,
 
+    /// Longest silence on an event stream before a heartbeat comment is sent.
+    #[arg(long, env = "ULTRA_SSE_HEARTBEAT_SECS", default_value_t = 10, global = true)]
+    pub sse_heartbeat_secs: u64,
+
     /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
     #[arg(long, env = "ULTRA_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,

@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 /// Declares a string-backed enum with one canonical spelling per variant, used for
 /// the database, JSON and SSE alike.
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident ($human:literal) { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, poem_openapi::Enum)]
         #[sqlx(type_name = "text")]
         pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] #[sqlx(rename = $text)] $variant),+
+            $($(#[$vmeta])* #[serde(rename = $text)] #[sqlx(rename = $text)] #[oai(rename = $text)] $variant),+
         }
 
         impl $name {
@@ -36,7 +36,7 @@ macro_rules! string_enum {
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    _ => Err(UnknownVariant { kind: stringify!($name), value: s.to_owned() }),
+                    _ => Err(UnknownVariant { kind: $human, value: s.to_owned() }),
                 }
             }
         }
@@ -53,7 +53,7 @@ pub struct UnknownVariant {
 
 string_enum! {
     /// `queued → running → succeeded | failed | cancelled`; terminal statuses never change.
-    JobStatus {
+    JobStatus("job status") {
         Queued => "queued",
         Running => "running",
         Succeeded => "succeeded",
@@ -70,7 +70,7 @@ impl JobStatus {
 
 string_enum! {
     /// The state of one provider call.
-    StepStatus {
+    StepStatus("step status") {
         Running => "running",
         Succeeded => "succeeded",
         Failed => "failed",
@@ -79,7 +79,7 @@ string_enum! {
 
 string_enum! {
     /// Pipeline stages, in the order they run.
-    Stage {
+    Stage("stage") {
         Initial => "initial",
         Meta => "meta",
         Synthesis => "synthesis",
@@ -89,14 +89,14 @@ string_enum! {
 string_enum! {
     /// Analysis patterns. `direct` sends the prompt to every model once; the
     /// multi-stage patterns arrive with the pipeline.
-    Pattern {
+    Pattern("pattern") {
         Direct => "direct",
     }
 }
 
 string_enum! {
     /// Kinds of job events, as they appear in `job_events.kind` and SSE `event:` lines.
-    EventKind {
+    EventKind("event kind") {
         Queued => "queued",
         Started => "started",
         StepStarted => "step.started",

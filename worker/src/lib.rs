@@ -1,1 +1,82 @@
+//! The Ultra worker: consumes analyze jobs from RabbitMQ, runs them through the
+//! providers, and records every step and result in PostgreSQL. Workers are
+//! stateless: run as many as the queue needs.
 
+pub mod consumer;
+pub mod health;
+pub mod pipeline;
+pub mod providers;
+
+use std::sync::{atomic::AtomicBool, Arc};
+
+use anyhow::Context;
+use common::{catalog::Catalog, db, events::EventPublisher, redis::RedisHandle, Config};
+use poem::{listener::TcpAcceptor, Server};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    consumer::Consumer,
+    pipeline::JobContext,
+    providers::{MockProvider, Providers},
+};
+
+/// A worker with its providers, ready to run.
+pub struct Worker {
+    config: Arc<Config>,
+    providers: Providers,
+}
+
+impl Worker {
+    /// A worker with the providers the configuration names.
+    pub fn new(config: Arc<Config>) -> Self {
+        let providers = Providers::new(Arc::new(MockProvider::new(config.mock_latency())));
+        Self { config, providers }
+    }
+
+    /// Replaces the providers (tests keep a handle on the mock to count its calls).
+    pub fn with_providers(mut self, providers: Providers) -> Self {
+        self.providers = providers;
+        self
+    }
+
+    /// Consumes until `shutdown`; serves health on `health_listener` if given (in
+    /// `ultra all` the api's health endpoints cover the process).
+    pub async fn run(self, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = self.config;
+        let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
+        let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
+        let connected = Arc::new(AtomicBool::new(false));
+        let ctx = Arc::new(JobContext {
+            pool: pool.clone(),
+            events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
+            providers: self.providers,
+            catalog: Catalog::builtin(),
+        });
+        let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
+
+        let health = match health_listener {
+            Some(listener) => {
+                tracing::info!(address = ?listener.local_addr().ok(), "worker health listening");
+                let routes = health::routes(health::HealthState { pool: pool.clone(), redis, consuming: connected });
+                let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
+                let stop = shutdown.clone();
+                Some(tokio::spawn(async move { server.run_with_graceful_shutdown(routes, stop.cancelled_owned(), None).await }))
+            }
+            None => None,
+        };
+
+        consumer.run(shutdown.clone()).await;
+        if let Some(health) = health {
+            health.await.context("health server task")?.context("health server")?;
+        }
+        pool.close().await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+/// Runs a worker with the configured providers.
+pub async fn run(config: Arc<Config>, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Worker::new(config).run(health_listener, shutdown).await
+}

@@ -49,3 +49,29 @@ pub async fn prepare(database_url: &str, pool: &PgPool) -> Result<(), sqlx::Erro
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
+
+/// Connects and prepares the database at start-up, retrying with back-off for up to
+/// `STARTUP_PATIENCE` while PostgreSQL comes up (containers start in any order).
+pub async fn connect_and_prepare(
+    database_url: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<PgPool, sqlx::Error> {
+    const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+    let pool = connect_lazy(database_url)?;
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match prepare(database_url, &pool).await {
+            Ok(()) => return Ok(pool),
+            Err(err) if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %err, "database not ready; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(err),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `JsonBody<T>`: a JSON request body parsed with serde, strictly. poem-openapi's own
+//! `Json` accepts numbers for strings and does not say which field was wrong; clients
+//! deserve `models[1]: invalid type: integer, expected a string`. The body is read
+//! with a hard size limit, so an oversized upload is refused without being buffered.
+
+use poem::{Request, RequestBody};
+use poem_openapi::{
+    registry::{MetaMediaType, MetaRequest, Registry},
+    types::Type,
+    ApiExtractor, ApiExtractorType, ExtractParamOptions,
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, FieldError};
+
+/// Largest request body read when no limit is configured.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// The body size limit, stored in the request's data by the app.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+pub struct JsonBody<T>(pub T);
+
+impl<'a, T> ApiExtractor<'a> for JsonBody<T>
+where
+    T: DeserializeOwned + Type + Send,
+{
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        Some(MetaRequest {
+            description: None,
+            content: vec![MetaMediaType { content_type: "application/json", schema: T::schema_ref() }],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _options: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        let content_type = request.content_type().unwrap_or_default();
+        if !is_json(content_type) {
+            let shown = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };
+            return Err(ApiError::UnsupportedMediaType(format!("Content-Type {shown} is not supported; send application/json")).into());
+        }
+        let limit = request.data::<BodyLimit>().map_or(DEFAULT_BODY_LIMIT, |l| l.0);
+        let bytes = body.take()?.into_bytes_limit(limit).await.map_err(|err| match err {
+            poem::error::ReadBodyError::PayloadTooLarge => {
+                ApiError::PayloadTooLarge(format!("request body exceeds {limit} bytes"), None)
+            }
+            other => ApiError::BadRequest(format!("cannot read request body: {other}")),
+        })?;
+        parse(&bytes).map(JsonBody).map_err(Into::into)
+    }
+}
+
+/// `application/json` or `application/*+json`, with optional parameters (`; charset=utf-8`).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Malformed JSON is a 400; well-formed JSON of the wrong shape is a 422 naming the field.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            ApiError::BadRequest(format!("malformed JSON: {inner}"))
+        } else {
+            let field = if path == "." { "body".to_owned() } else { path };
+            ApiError::Validation(vec![FieldError::new(field, strip_position(&inner.to_string()))])
+        }
+    })?;
+    // Trailing data after the document is malformed JSON, not a second request.
+    de.end().map_err(|err| ApiError::BadRequest(format!("malformed JSON: {err}")))?;
+    Ok(value)
+}
+
+/// serde_json appends " at line 1 column 42"; the field path already says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        name: String,
+        tags: Vec<String>,
+    }
+
+    fn field_of(err: ApiError) -> String {
+        match err {
+            ApiError::Validation(errors) => errors[0].field.clone(),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let err = parse::<Sample>(br#"{"name": "a", "tags": ["x", 5]}"#).expect_err("invalid");
+        assert_eq!(field_of(err), "tags[1]");
+        let err = parse::<Sample>(br#"{"name": 5, "tags": []}"#).expect_err("invalid");
+        assert_eq!(field_of(err), "name");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_422() {
+        assert!(matches!(parse::<Sample>(br#"{"name": "a", "tags": [], "tier": "pro"}"#), Err(ApiError::Validation(_))));
+        assert!(matches!(parse::<Sample>(br#"{"name": "a"}"#), Err(ApiError::Validation(_))));
+    }
+
+    #[test]
+    fn malformed_json_is_400() {
+        assert!(matches!(parse::<Sample>(br#"{"name": "a""#), Err(ApiError::BadRequest(_))));
+        assert!(matches!(parse::<Sample>(b"{} trailing"), Err(ApiError::BadRequest(_))));
+        assert!(matches!(parse::<Sample>(b""), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("application/problem+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+    }
+}

@@ -1,0 +1,66 @@
+//! Getting committed jobs onto RabbitMQ. The submit handler publishes at once (the
+//! fast path) and deletes the outbox row on the broker's confirm; this relay, running
+//! in every api process, publishes whatever the fast path missed — an api that died
+//! between commit and publish, or a broker that was down. Rows are taken with
+//! `FOR UPDATE SKIP LOCKED`, so relays in several processes share the work.
+//! A job may be published twice (fast path and relay racing); workers are idempotent.
+
+use std::sync::Arc;
+
+use common::{db, queue::JobMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// Outbox rows younger than this belong to a fast path that may still be publishing.
+const MIN_AGE_MS: i64 = 2_000;
+/// Rows published per relay transaction.
+const BATCH: i64 = 100;
+
+/// Publishes one job now and clears its outbox row on confirm. A failure is only
+/// logged: the row stays, and the relay retries it.
+pub async fn publish_now(state: &AppState, outbox_id: i64, message: &JobMessage) {
+    match state.publisher.publish(message).await {
+        Ok(()) => {
+            if let Err(err) = db::outbox::delete(&state.pool, outbox_id).await {
+                tracing::warn!(error = %err, outbox_id, "published, but the outbox row stays; the relay will publish again");
+            }
+        }
+        Err(err) => tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry"),
+    }
+}
+
+pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(state.config.relay_interval());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match relay_once(&state).await {
+            Ok(0) => {}
+            Ok(published) => tracing::info!(published, "relay published jobs the fast path missed"),
+            Err(err) => tracing::warn!(error = %err, "outbox relay pass failed"),
+        }
+    }
+}
+
+/// One pass: lock a batch, publish each with a confirm, delete what was confirmed.
+/// Stops at the first failure (the broker is likely down); the rest wait.
+pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
+    let mut tx = state.pool.begin().await?;
+    let batch = db::outbox::lock_batch(&mut tx, MIN_AGE_MS, BATCH).await?;
+    let mut published = 0;
+    for row in &batch {
+        let message = JobMessage::new(row.job_id, row.attempt);
+        if let Err(err) = state.publisher.publish(&message).await {
+            tracing::warn!(job_id = %row.job_id, error = %err, "relay publish failed; will retry");
+            break;
+        }
+        db::outbox::delete(&mut *tx, row.id).await?;
+        published += 1;
+    }
+    tx.commit().await?;
+    Ok(published)
+}

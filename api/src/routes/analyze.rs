@@ -1,0 +1,189 @@
+//! `POST /v1/analyze`: validate, then commit the job, its `queued` event and its
+//! outbox row in one transaction, answer 202, and publish at once.
+
+use std::{collections::HashMap, sync::Arc};
+
+use common::{db, domain::Pattern, queue::JobMessage};
+use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    auth::ApiKeyAuth,
+    body::JsonBody,
+    error::{ApiError, FieldError},
+    relay,
+    routes::{jobs::JobLinks, ApiTags},
+    state::AppState,
+};
+
+/// An analysis request: one prompt, the models to ask, and how to combine them.
+#[derive(Debug, Deserialize, Object)]
+#[serde(deny_unknown_fields)]
+#[oai(example)]
+pub struct AnalyzeRequest {
+    /// The prompt (not empty; at most `ULTRA_MAX_PROMPT_CHARS` characters).
+    pub prompt: String,
+    /// Model ids from `GET /v1/models`, without duplicates.
+    pub models: Vec<String>,
+    /// How the models' answers are combined; `direct` (the default) asks each model once.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub options: Option<AnalyzeOptions>,
+}
+
+impl poem_openapi::types::Example for AnalyzeRequest {
+    fn example() -> Self {
+        Self {
+            prompt: "What are the trade-offs of event sourcing?".to_owned(),
+            models: vec!["mock/alpha".to_owned(), "mock/beta".to_owned()],
+            pattern: Some("direct".to_owned()),
+            options: None,
+        }
+    }
+}
+
+/// Generation options passed to every model of the job.
+#[derive(Debug, Default, Serialize, Deserialize, Object)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyzeOptions {
+    /// Sampling temperature, 0 to 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
+    pub temperature: Option<f64>,
+    /// Most tokens each model may write, 1 to 32768.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
+    pub max_tokens: Option<u32>,
+}
+
+/// The job was accepted; it runs in the background.
+#[derive(Debug, Object)]
+pub struct AnalyzeAccepted {
+    pub id: Uuid,
+    /// Always `queued`.
+    pub status: String,
+    pub links: JobLinks,
+}
+
+#[derive(ApiResponse)]
+pub enum AnalyzeResponse {
+    /// Accepted: poll `Location` or stream `links.events`.
+    #[oai(status = 202)]
+    Accepted(Json<AnalyzeAccepted>, #[oai(header = "Location")] String),
+}
+
+pub struct AnalyzeApi {
+    pub state: Arc<AppState>,
+}
+
+#[OpenApi(prefix_path = "/v1", tag = "ApiTags::Jobs")]
+impl AnalyzeApi {
+    /// Submit an analysis job
+    ///
+    /// Validates the request and queues the job. The job is durable from the moment
+    /// this returns 202, even while the message broker is down.
+    #[oai(path = "/analyze", method = "post")]
+    async fn analyze(&self, auth: ApiKeyAuth, body: JsonBody<AnalyzeRequest>) -> Result<AnalyzeResponse, ApiError> {
+        let state = &self.state;
+        let request = body.0;
+        let accepted = validate(state, &request)?;
+        let options = serde_json::to_value(request.options.unwrap_or_default()).map_err(|e| ApiError::Internal(e.into()))?;
+        let id = Uuid::now_v7();
+
+        let mut tx = state.pool.begin().await?;
+        let job = db::jobs::insert(
+            &mut tx,
+            &db::jobs::NewJob {
+                id,
+                user_id: auth.0.user_id,
+                pattern: accepted.pattern.as_str(),
+                prompt: &request.prompt,
+                models: &request.models,
+                options: &options,
+            },
+        )
+        .await?;
+        let queued = db::events::append(
+            &mut tx,
+            id,
+            common::domain::EventKind::Queued,
+            json!({ "status": "queued", "pattern": job.pattern, "models": job.models }),
+        )
+        .await?;
+        let outbox_id = db::outbox::insert(&mut *tx, id, 1).await?;
+        tx.commit().await?;
+        tracing::info!(job_id = %id, models = job.models.len(), pattern = %job.pattern, "job accepted");
+
+        state.events.publish(&queued).await;
+        relay::publish_now(state, outbox_id, &JobMessage::new(id, 1)).await;
+
+        let links = JobLinks::for_job(id);
+        let location = links.self_.clone();
+        Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id, status: "queued".to_owned(), links }), location))
+    }
+}
+
+struct Accepted {
+    pattern: Pattern,
+}
+
+/// Checks everything at once, so the client can fix every field in one round trip.
+/// An oversized prompt is a 413 of its own (it is about size, not shape).
+fn validate(state: &AppState, request: &AnalyzeRequest) -> Result<Accepted, ApiError> {
+    let config = &state.config;
+    let prompt_chars = request.prompt.chars().count();
+    if prompt_chars > config.max_prompt_chars {
+        return Err(ApiError::PayloadTooLarge(
+            format!("prompt has {prompt_chars} characters; the limit is {}", config.max_prompt_chars),
+            Some(FieldError::new("prompt", format!("at most {} characters", config.max_prompt_chars))),
+        ));
+    }
+
+    let mut errors = Vec::new();
+    if request.prompt.trim().is_empty() {
+        errors.push(FieldError::new("prompt", "must not be empty"));
+    }
+    if request.models.is_empty() {
+        errors.push(FieldError::new("models", "name at least one model"));
+    } else if request.models.len() > config.max_models_per_job {
+        errors.push(FieldError::new(
+            "models",
+            format!("{} models named; at most {} per job", request.models.len(), config.max_models_per_job),
+        ));
+    }
+    let mut seen = HashMap::new();
+    for (index, model) in request.models.iter().enumerate() {
+        if let Some(first) = seen.insert(model.as_str(), index) {
+            errors.push(FieldError::new(format!("models[{index}]"), format!("duplicate of models[{first}]")));
+        } else if state.catalog.get(model).is_none() {
+            errors.push(FieldError::new(format!("models[{index}]"), format!("unknown model `{model}`; see GET /v1/models")));
+        }
+    }
+    let pattern = match request.pattern.as_deref().unwrap_or("direct").parse::<Pattern>() {
+        Ok(pattern) => Some(pattern),
+        Err(err) => {
+            let known: Vec<_> = Pattern::ALL.iter().map(|p| p.as_str()).collect();
+            errors.push(FieldError::new("pattern", format!("{err}; known patterns: {}", known.join(", "))));
+            None
+        }
+    };
+    if let Some(options) = &request.options {
+        if let Some(t) = options.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                errors.push(FieldError::new("options.temperature", "must be between 0 and 2"));
+            }
+        }
+        if let Some(m) = options.max_tokens {
+            if !(1..=32_768).contains(&m) {
+                errors.push(FieldError::new("options.max_tokens", "must be between 1 and 32768"));
+            }
+        }
+    }
+    match pattern {
+        Some(pattern) if errors.is_empty() => Ok(Accepted { pattern }),
+        _ => Err(ApiError::validation(errors)),
+    }
+}

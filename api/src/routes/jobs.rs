@@ -1,0 +1,261 @@
+//! Reading jobs: one job with its steps, the caller's jobs page by page, and a job's
+//! events as Server-Sent Events. Another user's job answers exactly like a missing one.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use common::{
+    db,
+    domain::{JobStatus, Stage, StepStatus},
+    events::JobEvent,
+};
+use futures::{stream::BoxStream, StreamExt};
+use poem::web::sse::Event;
+use poem_openapi::{
+    param::{Header, Path, Query},
+    payload::{EventStream, Json},
+    types::ToJSON,
+    Object, OpenApi,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
+
+/// Largest page of `GET /v1/jobs`.
+const MAX_PAGE: u32 = 100;
+
+#[derive(Debug, Clone, Object)]
+pub struct JobLinks {
+    /// This job: `GET` it to poll.
+    #[oai(rename = "self")]
+    pub self_: String,
+    /// Its Server-Sent Events stream.
+    pub events: String,
+}
+
+impl JobLinks {
+    pub fn for_job(id: Uuid) -> Self {
+        Self { self_: format!("/v1/jobs/{id}"), events: format!("/v1/jobs/{id}/events") }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct Usage {
+    pub input_tokens: i32,
+    pub output_tokens: i32,
+}
+
+/// A stable code and a human message.
+#[derive(Debug, Object)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    fn from_json(value: &Value) -> Self {
+        let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+        Self { code: text("code"), message: text("message") }
+    }
+}
+
+/// One provider call of a job.
+#[derive(Debug, Object)]
+pub struct StepView {
+    pub stage: Stage,
+    pub model: String,
+    pub status: StepStatus,
+    pub output: Option<String>,
+    pub usage: Option<Usage>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<ErrorInfo>,
+}
+
+#[derive(Debug, Object)]
+pub struct JobView {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub pattern: String,
+    pub models: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Once succeeded: `answers` (each model's output) and `failures` (models that failed).
+    pub result: Option<Value>,
+    pub steps: Vec<StepView>,
+    /// Once failed: why.
+    pub error: Option<ErrorInfo>,
+    pub links: JobLinks,
+}
+
+/// A job in a list (without its steps).
+#[derive(Debug, Object)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub pattern: String,
+    pub models: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub links: JobLinks,
+}
+
+#[derive(Debug, Object)]
+pub struct JobPage {
+    /// Newest first.
+    pub jobs: Vec<JobSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A job event as streamed: the SSE `id:` is `seq`, `event:` is `kind`.
+#[derive(Debug, Clone, Object)]
+pub struct EventView {
+    pub job_id: Uuid,
+    pub seq: i64,
+    pub kind: String,
+    pub data: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<JobEvent> for EventView {
+    fn from(e: JobEvent) -> Self {
+        Self { job_id: e.job_id, seq: e.seq, kind: e.kind.as_str().to_owned(), data: e.data, created_at: e.created_at }
+    }
+}
+
+pub struct JobsApi {
+    pub state: Arc<AppState>,
+}
+
+#[OpenApi(prefix_path = "/v1", tag = "ApiTags::Jobs")]
+impl JobsApi {
+    /// Get a job
+    ///
+    /// The job's status, its steps so far and, once finished, its result or error.
+    #[oai(path = "/jobs/:id", method = "get")]
+    async fn get_job(&self, auth: ApiKeyAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
+        let job = self.owned_job(&auth, id.0).await?;
+        let steps = db::steps::list(&self.state.pool, job.id).await?;
+        Ok(Json(JobView {
+            id: job.id,
+            status: job.status,
+            pattern: job.pattern,
+            models: job.models,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            result: job.result,
+            steps: steps.into_iter().map(step_view).collect(),
+            error: job.error.as_ref().map(ErrorInfo::from_json),
+            links: JobLinks::for_job(job.id),
+        }))
+    }
+
+    /// List jobs
+    ///
+    /// The caller's jobs, newest first, optionally filtered by status.
+    #[oai(path = "/jobs", method = "get")]
+    async fn list_jobs(
+        &self,
+        auth: ApiKeyAuth,
+        /// Only jobs with this status: queued, running, succeeded, failed or cancelled.
+        status: Query<Option<String>>,
+        /// Page size, 1 to 100 (default 20).
+        limit: Query<Option<u32>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<JobPage>, ApiError> {
+        let status = match status.0.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse::<JobStatus>().map_err(|e| ApiError::BadRequest(format!("invalid parameter `status`: {e}")))?),
+        };
+        let limit = limit.0.unwrap_or(20);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::BadRequest(format!("invalid parameter `limit`: must be between 1 and {MAX_PAGE}")));
+        }
+        let before = match cursor.0.as_deref() {
+            None => None,
+            Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?),
+        };
+        // One row more than asked tells whether another page exists.
+        let mut jobs = db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
+        let more = jobs.len() > limit as usize;
+        jobs.truncate(limit as usize);
+        let next_cursor = more.then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+        let jobs = jobs
+            .into_iter()
+            .map(|job| JobSummary {
+                links: JobLinks::for_job(job.id),
+                id: job.id,
+                status: job.status,
+                pattern: job.pattern,
+                models: job.models,
+                created_at: job.created_at,
+                started_at: job.started_at,
+                finished_at: job.finished_at,
+            })
+            .collect();
+        Ok(Json(JobPage { jobs, next_cursor }))
+    }
+
+    /// Stream a job's events
+    ///
+    /// Server-Sent Events: `id:` is the event's sequence number (1, 2, 3, … without
+    /// gaps), `event:` its kind, `data:` the event as JSON. Reconnect with
+    /// `Last-Event-ID` to resume after that event with nothing missed or repeated. A
+    /// comment line is sent as a heartbeat; the stream ends after the terminal event.
+    #[oai(path = "/jobs/:id/events", method = "get")]
+    async fn job_events(
+        &self,
+        auth: ApiKeyAuth,
+        id: Path<Uuid>,
+        /// Resume after this sequence number.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<EventStream<BoxStream<'static, EventView>>, ApiError> {
+        let after = match last_event_id.0.as_deref().map(str::trim) {
+            None | Some("") => 0,
+            Some(raw) => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::BadRequest("invalid header `Last-Event-ID`: expected an event sequence number".into()))?,
+        };
+        let job = self.owned_job(&auth, id.0).await?;
+        let state = &self.state;
+        let events = JobEventStream::new(state.pool.clone(), state.hub.clone(), job.id, after, state.shutdown.clone())
+            .into_stream()
+            .map(EventView::from)
+            .boxed();
+        Ok(EventStream::new(events)
+            .keep_alive(Duration::from_secs(state.config.sse_heartbeat_secs.max(1)))
+            .to_event(|event| Event::message(event.to_json_string()).id(event.seq.to_string()).event_type(event.kind.clone())))
+    }
+}
+
+impl JobsApi {
+    async fn owned_job(&self, auth: &ApiKeyAuth, id: Uuid) -> Result<db::jobs::Job, ApiError> {
+        db::jobs::get_owned(&self.state.pool, id, auth.0.user_id).await?.ok_or(ApiError::NotFound("job not found"))
+    }
+}
+
+fn step_view(step: db::steps::Step) -> StepView {
+    let usage = match (step.input_tokens, step.output_tokens) {
+        (Some(input_tokens), Some(output_tokens)) => Some(Usage { input_tokens, output_tokens }),
+        _ => None,
+    };
+    StepView {
+        stage: step.stage,
+        model: step.model,
+        status: step.status,
+        output: step.output,
+        usage,
+        started_at: step.started_at,
+        finished_at: step.finished_at,
+        error: step.error.as_ref().map(ErrorInfo::from_json),
+    }
+}

@@ -1,0 +1,24 @@
+//! Everything a request handler needs, built once per process.
+
+use std::sync::Arc;
+
+use common::{catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, Config};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::EventHub;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    /// Confirmed RabbitMQ publisher, shared by the submit fast path and the relay.
+    pub publisher: Publisher,
+    pub redis: RedisHandle,
+    /// Publishes the `queued` event live.
+    pub events: EventPublisher,
+    /// This process's one Redis subscription, fanned out to its SSE streams.
+    pub hub: Arc<EventHub>,
+    pub catalog: Catalog,
+    /// Cancelled on shutdown: open streams end so the server can stop.
+    pub shutdown: CancellationToken,
+}

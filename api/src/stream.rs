@@ -1,0 +1,128 @@
+//! A job's event stream, gapless and without duplicates: subscribe to live events
+//! first, then replay from PostgreSQL after the client's last id, then follow the live
+//! events, dropping any sequence number already sent. A gap in the live sequence, a
+//! lagging subscriber, a hub resync or a quiet interval all fall back to reading the
+//! database, so a lost Redis message delays an event but never loses it.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use common::{db, events::JobEvent};
+use futures::{stream::BoxStream, StreamExt};
+use sqlx::PgPool;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::hub::{EventHub, HubMessage, Subscription};
+
+/// Rows read from the database per replay query.
+const REPLAY_BATCH: i64 = 500;
+/// How often a stream re-reads the database while live events flow (a safety net).
+const LIVE_RECHECK: Duration = Duration::from_secs(10);
+/// How often a stream polls the database while Redis is unavailable.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct JobEventStream {
+    pool: PgPool,
+    hub: Arc<EventHub>,
+    subscription: Subscription,
+    job_id: Uuid,
+    /// The last sequence number sent to the client.
+    last_seq: i64,
+    pending: VecDeque<JobEvent>,
+    /// Replay must run before waiting for live events.
+    needs_replay: bool,
+    finished: bool,
+    shutdown: CancellationToken,
+}
+
+impl JobEventStream {
+    /// Subscribes at once, before any replay, so nothing published in between is missed.
+    pub fn new(pool: PgPool, hub: Arc<EventHub>, job_id: Uuid, after_seq: i64, shutdown: CancellationToken) -> Self {
+        let subscription = hub.subscribe(job_id);
+        Self {
+            pool,
+            hub,
+            subscription,
+            job_id,
+            last_seq: after_seq,
+            pending: VecDeque::new(),
+            needs_replay: true,
+            finished: false,
+            shutdown,
+        }
+    }
+
+    pub fn into_stream(self) -> BoxStream<'static, JobEvent> {
+        futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (e, s)) }).boxed()
+    }
+
+    /// The next event to send, or `None` once the terminal event is sent or the
+    /// server shuts down.
+    pub async fn next_event(&mut self) -> Option<JobEvent> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            while let Some(event) = self.pending.pop_front() {
+                if event.seq <= self.last_seq {
+                    continue; // already sent: replay and live overlapped
+                }
+                if event.seq != self.last_seq + 1 {
+                    self.pending.clear();
+                    self.needs_replay = true; // a gap: the database has what is missing
+                    break;
+                }
+                self.last_seq = event.seq;
+                self.finished = event.kind.is_terminal();
+                return Some(event);
+            }
+            if self.needs_replay {
+                self.needs_replay = false;
+                if !self.replay().await {
+                    self.needs_replay = true;
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                    }
+                }
+                continue;
+            }
+            let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                message = self.subscription.receiver.recv() => match message {
+                    Ok(HubMessage::Event(event)) => self.pending.push_back((*event).clone()),
+                    Ok(HubMessage::Resync) | Err(RecvError::Lagged(_)) => self.needs_replay = true,
+                    // The hub never drops a sender that has receivers; treat it as a resync.
+                    Err(RecvError::Closed) => self.needs_replay = true,
+                },
+                _ = tokio::time::sleep(quiet) => self.needs_replay = true,
+            }
+        }
+    }
+
+    /// Reads everything after `last_seq` into `pending`. Returns false if the
+    /// database could not be read (the stream stays open and retries).
+    async fn replay(&mut self) -> bool {
+        let mut after = self.pending.back().map_or(self.last_seq, |e| e.seq.max(self.last_seq));
+        loop {
+            match db::events::after(&self.pool, self.job_id, after, REPLAY_BATCH).await {
+                Ok(events) => {
+                    let full = events.len() as i64 == REPLAY_BATCH;
+                    if let Some(last) = events.last() {
+                        after = last.seq;
+                    }
+                    self.pending.extend(events);
+                    if !full {
+                        return true;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %self.job_id, error = %err, "cannot replay events; retrying");
+                    return false;
+                }
+            }
+        }
+    }
+}

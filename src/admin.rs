@@ -1,0 +1,78 @@
+//! Administrative commands: migrations, users and API keys from the command line.
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use common::{apikey, db, Config};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Create a user.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        /// Make the user an administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Create an API key for a user; prints the key (shown once) as the last line.
+    CreateApiKey {
+        #[arg(long)]
+        email: String,
+        /// A label to recognise the key by.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let pool = db::connect_and_prepare(&config.database_url, &CancellationToken::new()).await.context("migration failed")?;
+    pool.close().await;
+    println!("database is up to date");
+    Ok(())
+}
+
+pub async fn run(config: &Config, command: AdminCommand) -> anyhow::Result<()> {
+    let pool = db::connect_and_prepare(&config.database_url, &CancellationToken::new()).await.context("cannot reach the database")?;
+    let result = match command {
+        AdminCommand::CreateUser { email, admin } => create_user(&pool, &email, admin).await,
+        AdminCommand::CreateApiKey { email, name } => create_api_key(&pool, &email, &name).await,
+    };
+    pool.close().await;
+    result
+}
+
+async fn create_user(pool: &sqlx::PgPool, email: &str, admin: bool) -> anyhow::Result<()> {
+    let email = email.trim();
+    if !looks_like_email(email) {
+        bail!("`{email}` is not an email address");
+    }
+    let role = if admin { "admin" } else { "user" };
+    match db::users::create(pool, email, role).await {
+        Ok(user) => {
+            println!("created {role} {} <{}>", user.id, user.email);
+            Ok(())
+        }
+        Err(err) if db::is_unique_violation(&err) => bail!("a user with email {email} already exists"),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn create_api_key(pool: &sqlx::PgPool, email: &str, name: &str) -> anyhow::Result<()> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 100 {
+        bail!("--name must be 1 to 100 characters");
+    }
+    let Some(user) = db::users::find_by_email(pool, email).await? else {
+        bail!("no user with email {email}; create one with `ultra admin create-user --email {email}`");
+    };
+    let key = apikey::generate();
+    db::api_keys::insert(pool, user.id, name, &key.prefix, &key.hash).await?;
+    println!("API key `{name}` for {} (shown once; only its hash is stored):", user.email);
+    println!("{}", key.secret);
+    Ok(())
+}
+
+fn looks_like_email(email: &str) -> bool {
+    matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && domain.contains('.') && !email.contains(char::is_whitespace))
+}

@@ -1,0 +1,39 @@
+//! The long-running modes. Each binds its listener, then runs until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use common::{shutdown, Config};
+use tokio::net::TcpListener;
+
+pub async fn api(config: Arc<Config>) -> anyhow::Result<()> {
+    let listener = bind(config.listen).await?;
+    api::run(config, listener, shutdown::on_signal()).await
+}
+
+pub async fn worker(config: Arc<Config>) -> anyhow::Result<()> {
+    let listener = bind(config.worker_listen).await?;
+    worker::run(config, Some(listener), shutdown::on_signal()).await
+}
+
+/// Api and worker pool in one process, sharing one shutdown signal. If either fails,
+/// the other is stopped too.
+pub async fn all(config: Arc<Config>) -> anyhow::Result<()> {
+    let listener = bind(config.listen).await?;
+    let shutdown = shutdown::on_signal();
+    let stop_on_error = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    };
+    let (api, worker) = tokio::join!(
+        async { stop_on_error(api::run(config.clone(), listener, shutdown.clone()).await) },
+        async { stop_on_error(worker::run(config.clone(), None, shutdown.clone()).await) },
+    );
+    api.and(worker)
+}
+
+async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
+}

@@ -1,0 +1,126 @@
+//! Running one job. Every provider call is a step `(job, stage, model)` committed as
+//! it finishes, so a redelivered job skips what is done; the terminal status, result
+//! and event commit together, and the delivery is acked only after that commit.
+//!
+//! The `direct` pattern runs one stage: every model answers the prompt, concurrently.
+
+mod step;
+
+use std::{collections::HashMap, sync::Arc};
+
+use common::{
+    catalog::Catalog,
+    db::{self, steps::Step},
+    domain::{EventKind, JobStatus, Stage},
+    events::EventPublisher,
+};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::providers::Providers;
+
+/// What a job run needs, shared by every delivery of a worker process.
+pub struct JobContext {
+    pub pool: PgPool,
+    pub events: EventPublisher,
+    pub providers: Providers,
+    pub catalog: Catalog,
+}
+
+/// What happened to a delivery's job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job reached this terminal status now.
+    Finished(JobStatus),
+    /// Already terminal, or unknown: a duplicate delivery; nothing was done.
+    Skipped,
+}
+
+/// Failures of infrastructure (not of providers): the delivery must be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Minimum models that must answer for a job to succeed.
+const MIN_MODELS: usize = 1;
+
+pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, PipelineError> {
+    let mut tx = ctx.pool.begin().await?;
+    let Some((job, first_run)) = db::jobs::claim(&mut tx, job_id).await? else {
+        tx.rollback().await?;
+        tracing::info!(%job_id, "job already finished or unknown; dropping duplicate delivery");
+        return Ok(Outcome::Skipped);
+    };
+    let started = if first_run {
+        Some(db::events::append(&mut tx, job_id, EventKind::Started, json!({ "attempt": job.attempts })).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    if let Some(event) = started {
+        ctx.events.publish(&event).await;
+    }
+    tracing::info!(%job_id, attempt = job.attempts, "job running");
+
+    let done: HashMap<(Stage, String), Step> = db::steps::list(&ctx.pool, job_id)
+        .await?
+        .into_iter()
+        .map(|s| ((s.stage, s.model.clone()), s))
+        .collect();
+    let runs = job.models.iter().map(|model| {
+        let previous = done.get(&(Stage::Initial, model.clone()));
+        step::run(ctx, &job, Stage::Initial, model, previous)
+    });
+    let results = futures::future::join_all(runs).await;
+
+    let mut answers = Vec::new();
+    let mut failures = Vec::new();
+    for (model, result) in job.models.iter().zip(results) {
+        match result? {
+            Ok(output) => answers.push(json!({ "model": model, "output": output })),
+            Err(error) => failures.push(json!({ "model": model, "stage": Stage::Initial, "error": error })),
+        }
+    }
+    let status = if answers.len() >= MIN_MODELS { JobStatus::Succeeded } else { JobStatus::Failed };
+    let (result, error): (Option<Value>, Option<Value>) = match status {
+        JobStatus::Succeeded => (Some(json!({ "answers": answers, "failures": failures })), None),
+        _ => (
+            None,
+            Some(json!({
+                "code": "too_few_models",
+                "message": format!("{} of {} models answered; at least {MIN_MODELS} needed", answers.len(), job.models.len()),
+                "failures": failures,
+            })),
+        ),
+    };
+    finish(ctx, job_id, status, result, error).await
+}
+
+/// Commits the terminal status with its event; a no-op if another delivery got there first.
+async fn finish(
+    ctx: &JobContext,
+    job_id: Uuid,
+    status: JobStatus,
+    result: Option<Value>,
+    error: Option<Value>,
+) -> Result<Outcome, PipelineError> {
+    let mut tx = ctx.pool.begin().await?;
+    if !db::jobs::finish(&mut *tx, job_id, status, result.as_ref(), error.as_ref()).await? {
+        tx.rollback().await?;
+        return Ok(Outcome::Skipped);
+    }
+    let kind = match status {
+        JobStatus::Succeeded => EventKind::Succeeded,
+        JobStatus::Cancelled => EventKind::Cancelled,
+        _ => EventKind::Failed,
+    };
+    let data = json!({ "status": status, "result": result, "error": error });
+    let event = db::events::append(&mut tx, job_id, kind, data).await?;
+    tx.commit().await?;
+    ctx.events.publish(&event).await;
+    tracing::info!(%job_id, status = %status, "job finished");
+    Ok(Outcome::Finished(status))
+}

@@ -1,0 +1,94 @@
+//! One step: a provider call between two commits. A step that already succeeded is
+//! reused, never called again; `step.started` and `step.completed`/`step.failed`
+//! are committed with the step row they describe.
+
+use std::sync::Arc;
+
+use common::{
+    db::{
+        self,
+        jobs::Job,
+        steps::{Step, StepOutcome},
+    },
+    domain::{EventKind, Stage, StepStatus},
+};
+use serde_json::{json, Value};
+
+use super::{JobContext, PipelineError};
+use crate::providers::{CompletionRequest, ProviderError};
+
+/// The step's output, or the error (as stored) that failed it.
+pub type StepResult = Result<String, Value>;
+
+pub async fn run(
+    ctx: &Arc<JobContext>,
+    job: &Job,
+    stage: Stage,
+    model: &str,
+    previous: Option<&Step>,
+) -> Result<StepResult, PipelineError> {
+    if let Some(step) = previous.filter(|s| s.status == StepStatus::Succeeded) {
+        tracing::debug!(job_id = %job.id, %stage, model, "step already done; reusing its output");
+        return Ok(Ok(step.output.clone().unwrap_or_default()));
+    }
+
+    let mut tx = ctx.pool.begin().await?;
+    if !db::steps::start(&mut *tx, job.id, stage, model).await? {
+        // Another delivery finished it meanwhile.
+        tx.rollback().await?;
+        let steps = db::steps::list(&ctx.pool, job.id).await?;
+        let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
+        return Ok(Ok(output.unwrap_or_default()));
+    }
+    let started = db::events::append(&mut tx, job.id, EventKind::StepStarted, json!({ "stage": stage, "model": model })).await?;
+    tx.commit().await?;
+    ctx.events.publish(&started).await;
+
+    let result = call(ctx, job, model).await;
+
+    let mut tx = ctx.pool.begin().await?;
+    let (outcome, event) = match &result {
+        Ok(completion) => (
+            StepOutcome::Succeeded {
+                output: &completion.text,
+                input_tokens: completion.input_tokens,
+                output_tokens: completion.output_tokens,
+            },
+            (
+                EventKind::StepCompleted,
+                json!({
+                    "stage": stage, "model": model, "output": completion.text,
+                    "usage": { "input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens },
+                }),
+            ),
+        ),
+        Err(error) => (
+            StepOutcome::Failed { error },
+            (EventKind::StepFailed, json!({ "stage": stage, "model": model, "error": error })),
+        ),
+    };
+    db::steps::finish(&mut *tx, job.id, stage, model, &outcome).await?;
+    let event = db::events::append(&mut tx, job.id, event.0, event.1).await?;
+    tx.commit().await?;
+    ctx.events.publish(&event).await;
+    Ok(result.map(|c| c.text))
+}
+
+async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<crate::providers::Completion, Value> {
+    let Some(spec) = ctx.catalog.get(model) else {
+        return Err(json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }));
+    };
+    let Some(provider) = ctx.providers.for_model(spec) else {
+        return Err(json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }));
+    };
+    let request = CompletionRequest {
+        model: spec,
+        prompt: &job.prompt,
+        temperature: job.options.get("temperature").and_then(Value::as_f64),
+        max_tokens: job.options.get("max_tokens").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()),
+    };
+    provider.complete(&request).await.map_err(|err: ProviderError| {
+        tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
+        err.to_json()
+    })
+}
