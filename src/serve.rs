@@ -35,5 +35,7 @@ pub async fn all(config: Arc<Config>) -> anyhow::Result<()> {
 }
 
 async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
 }

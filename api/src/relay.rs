@@ -26,7 +26,9 @@ pub async fn publish_now(state: &AppState, outbox_id: i64, message: &JobMessage)
                 tracing::warn!(error = %err, outbox_id, "published, but the outbox row stays; the relay will publish again");
             }
         }
-        Err(err) => tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry"),
+        Err(err) => {
+            tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry")
+        }
     }
 }
 

@@ -32,13 +32,23 @@ pub struct JobEventStream {
     pending: VecDeque<JobEvent>,
     /// Replay must run before waiting for live events.
     needs_replay: bool,
+    /// The job had ended when the stream opened: once the database has nothing more
+    /// to replay, the client has everything (its terminal event included).
+    job_ended: bool,
     finished: bool,
     shutdown: CancellationToken,
 }
 
 impl JobEventStream {
     /// Subscribes at once, before any replay, so nothing published in between is missed.
-    pub fn new(pool: PgPool, hub: Arc<EventHub>, job_id: Uuid, after_seq: i64, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        pool: PgPool,
+        hub: Arc<EventHub>,
+        job_id: Uuid,
+        after_seq: i64,
+        job_ended: bool,
+        shutdown: CancellationToken,
+    ) -> Self {
         let subscription = hub.subscribe(job_id);
         Self {
             pool,
@@ -48,13 +58,18 @@ impl JobEventStream {
             last_seq: after_seq,
             pending: VecDeque::new(),
             needs_replay: true,
+            job_ended,
             finished: false,
             shutdown,
         }
     }
 
     pub fn into_stream(self) -> BoxStream<'static, JobEvent> {
-        futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (e, s)) }).boxed()
+        futures::stream::unfold(
+            self,
+            |mut s| async move { s.next_event().await.map(|e| (e, s)) },
+        )
+        .boxed()
     }
 
     /// The next event to send, or `None` once the terminal event is sent or the
@@ -85,10 +100,16 @@ impl JobEventStream {
                         _ = self.shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(POLL_INTERVAL) => {}
                     }
+                } else if self.pending.is_empty() && self.job_ended {
+                    return None;
                 }
                 continue;
             }
-            let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
+            let quiet = if self.hub.is_live() {
+                LIVE_RECHECK
+            } else {
+                POLL_INTERVAL
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 message = self.subscription.receiver.recv() => match message {
@@ -105,7 +126,10 @@ impl JobEventStream {
     /// Reads everything after `last_seq` into `pending`. Returns false if the
     /// database could not be read (the stream stays open and retries).
     async fn replay(&mut self) -> bool {
-        let mut after = self.pending.back().map_or(self.last_seq, |e| e.seq.max(self.last_seq));
+        let mut after = self
+            .pending
+            .back()
+            .map_or(self.last_seq, |e| e.seq.max(self.last_seq));
         loop {
             match db::events::after(&self.pool, self.job_id, after, REPLAY_BATCH).await {
                 Ok(events) => {

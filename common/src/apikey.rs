@@ -22,12 +22,20 @@ pub struct GeneratedKey {
 pub fn generate() -> GeneratedKey {
     let mut rng = rand::rng();
     let mut random = |len: usize| -> String {
-        (&mut rng).sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+        (&mut rng)
+            .sample_iter(&Alphanumeric)
+            .take(len)
+            .map(char::from)
+            .collect()
     };
     let prefix = format!("{KEY_PREFIX}{}", random(ID_LEN).to_lowercase());
     let secret = format!("{prefix}_{}", random(SECRET_LEN));
     let hash = hash(&secret);
-    GeneratedKey { secret, prefix, hash }
+    GeneratedKey {
+        secret,
+        prefix,
+        hash,
+    }
 }
 
 /// The public prefix of a well-formed key, or `None` for anything else.
@@ -36,7 +44,9 @@ pub fn prefix_of(key: &str) -> Option<&str> {
     let (id, secret) = rest.split_once('_')?;
     let well_formed = id.len() == ID_LEN
         && secret.len() == SECRET_LEN
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && secret.bytes().all(|b| b.is_ascii_alphanumeric());
     well_formed.then(|| &key[..KEY_PREFIX.len() + ID_LEN])
 }
@@ -48,7 +58,12 @@ pub fn hash(key: &str) -> Vec<u8> {
 /// Compares a presented key with a stored hash without an early exit.
 pub fn verify(key: &str, stored_hash: &[u8]) -> bool {
     let presented = hash(key);
-    presented.len() == stored_hash.len() && presented.iter().zip(stored_hash).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    presented.len() == stored_hash.len()
+        && presented
+            .iter()
+            .zip(stored_hash)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]
@@ -66,7 +81,13 @@ mod tests {
 
     #[test]
     fn malformed_keys_have_no_prefix() {
-        for bad in ["", "ultra_", "sk-abc", "ultra_abc_def", "ultra_ABCDEFGHIJKL_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        for bad in [
+            "",
+            "ultra_",
+            "sk-abc",
+            "ultra_abc_def",
+            "ultra_ABCDEFGHIJKL_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
             assert_eq!(prefix_of(bad), None, "{bad}");
         }
     }

@@ -41,7 +41,10 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     pub fn new(redis: RedisHandle, prefix: impl Into<String>) -> Self {
-        Self { redis, prefix: prefix.into() }
+        Self {
+            redis,
+            prefix: prefix.into(),
+        }
     }
 
     pub async fn publish(&self, event: &JobEvent) {

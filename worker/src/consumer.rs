@@ -18,7 +18,10 @@ use common::{
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions},
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, BasicRejectOptions,
+    },
     types::FieldTable,
 };
 use tokio::task::JoinSet;
@@ -46,7 +49,9 @@ impl Consumer {
             self.connected.store(false, Ordering::Relaxed);
             match result {
                 Ok(()) => break,
-                Err(err) => tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "consumer session ended; reconnecting"),
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "consumer session ended; reconnecting")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -63,9 +68,16 @@ impl Consumer {
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;
         // At most `concurrency` unacked deliveries: the broker does the bounding.
-        channel.basic_qos(self.config.concurrency, BasicQosOptions::default()).await?;
+        channel
+            .basic_qos(self.config.concurrency, BasicQosOptions::default())
+            .await?;
         let mut deliveries = channel
-            .basic_consume(topology.analyze_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                topology.analyze_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         self.connected.store(true, Ordering::Relaxed);
         tracing::info!(queue = %topology.analyze_queue, prefetch = self.config.concurrency, "consuming");
@@ -90,11 +102,19 @@ impl Consumer {
         // Stop new deliveries, then give in-flight jobs the grace period to finish.
         // Whatever is still unacked when the channel closes is redelivered elsewhere.
         if ended.is_ok() {
-            let _ = channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default()).await;
+            let _ = channel
+                .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
+                .await;
         }
         let drain = async { while in_flight.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.config.shutdown_grace(), drain).await.is_err() {
-            tracing::warn!(abandoned = in_flight.len(), "grace period over; unfinished jobs will be redelivered");
+        if tokio::time::timeout(self.config.shutdown_grace(), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                abandoned = in_flight.len(),
+                "grace period over; unfinished jobs will be redelivered"
+            );
             in_flight.abort_all();
         }
         let _ = channel.close(200, "shutdown".into()).await;
@@ -124,7 +144,12 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery) {
         Err(err) => {
             tracing::warn!(%job_id, error = %err, "job interrupted by an infrastructure error; requeueing");
             tokio::time::sleep(INFRA_RETRY_DELAY).await;
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
         }
     }
 }

@@ -17,7 +17,10 @@ pub struct HealthState {
 }
 
 pub fn routes(state: HealthState) -> impl poem::Endpoint {
-    Route::new().at("/health/live", get(live)).at("/health/ready", get(ready)).data(state)
+    Route::new()
+        .at("/health/live", get(live))
+        .at("/health/ready", get(ready))
+        .data(state)
 }
 
 #[handler]
@@ -30,10 +33,20 @@ async fn ready(state: poem::web::Data<&HealthState>) -> Response {
     let consuming = state.consuming.load(Ordering::Relaxed);
     let (postgres, rabbitmq, redis) = tokio::join!(
         health::probe_postgres(&state.pool),
-        health::probe(async { if consuming { Ok(()) } else { Err("not consuming") } }),
+        health::probe(async {
+            if consuming {
+                Ok(())
+            } else {
+                Err("not consuming")
+            }
+        }),
         health::probe(state.redis.ping()),
     );
     let report = health::readiness(postgres, rabbitmq, redis);
-    let status = if report.can_accept_work() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if report.can_accept_work() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     Json(report).with_status(status).into_response()
 }

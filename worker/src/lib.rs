@@ -42,7 +42,11 @@ impl Worker {
 
     /// Consumes until `shutdown`; serves health on `health_listener` if given (in
     /// `ultra all` the api's health endpoints cover the process).
-    pub async fn run(self, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        health_listener: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let config = self.config;
         let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
@@ -53,22 +57,37 @@ impl Worker {
             providers: self.providers,
             catalog: Catalog::builtin(),
         });
-        let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
+        let consumer = Consumer {
+            config: config.clone(),
+            ctx,
+            connected: connected.clone(),
+        };
 
         let health = match health_listener {
             Some(listener) => {
                 tracing::info!(address = ?listener.local_addr().ok(), "worker health listening");
-                let routes = health::routes(health::HealthState { pool: pool.clone(), redis, consuming: connected });
+                let routes = health::routes(health::HealthState {
+                    pool: pool.clone(),
+                    redis,
+                    consuming: connected,
+                });
                 let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
                 let stop = shutdown.clone();
-                Some(tokio::spawn(async move { server.run_with_graceful_shutdown(routes, stop.cancelled_owned(), None).await }))
+                Some(tokio::spawn(async move {
+                    server
+                        .run_with_graceful_shutdown(routes, stop.cancelled_owned(), None)
+                        .await
+                }))
             }
             None => None,
         };
 
         consumer.run(shutdown.clone()).await;
         if let Some(health) = health {
-            health.await.context("health server task")?.context("health server")?;
+            health
+                .await
+                .context("health server task")?
+                .context("health server")?;
         }
         pool.close().await;
         tracing::info!("worker stopped");
@@ -77,6 +96,10 @@ impl Worker {
 }
 
 /// Runs a worker with the configured providers.
-pub async fn run(config: Arc<Config>, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    health_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     Worker::new(config).run(health_listener, shutdown).await
 }

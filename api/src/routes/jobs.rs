@@ -20,7 +20,9 @@ use poem_openapi::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
+use crate::{
+    auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream,
+};
 
 /// Largest page of `GET /v1/jobs`.
 const MAX_PAGE: u32 = 100;
@@ -36,7 +38,10 @@ pub struct JobLinks {
 
 impl JobLinks {
     pub fn for_job(id: Uuid) -> Self {
-        Self { self_: format!("/v1/jobs/{id}"), events: format!("/v1/jobs/{id}/events") }
+        Self {
+            self_: format!("/v1/jobs/{id}"),
+            events: format!("/v1/jobs/{id}/events"),
+        }
     }
 }
 
@@ -55,8 +60,17 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     fn from_json(value: &Value) -> Self {
-        let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-        Self { code: text("code"), message: text("message") }
+        let text = |key: &str| {
+            value
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Self {
+            code: text("code"),
+            message: text("message"),
+        }
     }
 }
 
@@ -123,7 +137,13 @@ pub struct EventView {
 
 impl From<JobEvent> for EventView {
     fn from(e: JobEvent) -> Self {
-        Self { job_id: e.job_id, seq: e.seq, kind: e.kind.as_str().to_owned(), data: e.data, created_at: e.created_at }
+        Self {
+            job_id: e.job_id,
+            seq: e.seq,
+            kind: e.kind.as_str().to_owned(),
+            data: e.data,
+            created_at: e.created_at,
+        }
     }
 }
 
@@ -169,23 +189,40 @@ impl JobsApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<Json<JobPage>, ApiError> {
-        let status = match status.0.as_deref() {
-            None => None,
-            Some(s) => Some(s.parse::<JobStatus>().map_err(|e| ApiError::BadRequest(format!("invalid parameter `status`: {e}")))?),
-        };
+        let status =
+            match status.0.as_deref() {
+                None => None,
+                Some(s) => Some(s.parse::<JobStatus>().map_err(|e| {
+                    ApiError::BadRequest(format!("invalid parameter `status`: {e}"))
+                })?),
+            };
         let limit = limit.0.unwrap_or(20);
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::BadRequest(format!("invalid parameter `limit`: must be between 1 and {MAX_PAGE}")));
+            return Err(ApiError::BadRequest(format!(
+                "invalid parameter `limit`: must be between 1 and {MAX_PAGE}"
+            )));
         }
         let before = match cursor.0.as_deref() {
             None => None,
-            Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?),
+            Some(c) => Some(
+                Uuid::parse_str(c)
+                    .map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?,
+            ),
         };
         // One row more than asked tells whether another page exists.
-        let mut jobs = db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
+        let mut jobs = db::jobs::list_owned(
+            &self.state.pool,
+            auth.0.user_id,
+            status,
+            before,
+            i64::from(limit) + 1,
+        )
+        .await?;
         let more = jobs.len() > limit as usize;
         jobs.truncate(limit as usize);
-        let next_cursor = more.then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+        let next_cursor = more
+            .then(|| jobs.last().map(|j| j.id.to_string()))
+            .flatten();
         let jobs = jobs
             .into_iter()
             .map(|job| JobSummary {
@@ -219,33 +256,49 @@ impl JobsApi {
     ) -> Result<EventStream<BoxStream<'static, EventView>>, ApiError> {
         let after = match last_event_id.0.as_deref().map(str::trim) {
             None | Some("") => 0,
-            Some(raw) => raw
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| ApiError::BadRequest("invalid header `Last-Event-ID`: expected an event sequence number".into()))?,
+            Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::BadRequest(
+                    "invalid header `Last-Event-ID`: expected an event sequence number".into(),
+                )
+            })?,
         };
         let job = self.owned_job(&auth, id.0).await?;
         let state = &self.state;
-        let events = JobEventStream::new(state.pool.clone(), state.hub.clone(), job.id, after, state.shutdown.clone())
-            .into_stream()
-            .map(EventView::from)
-            .boxed();
+        let events = JobEventStream::new(
+            state.pool.clone(),
+            state.hub.clone(),
+            job.id,
+            after,
+            job.status.is_terminal(),
+            state.shutdown.clone(),
+        )
+        .into_stream()
+        .map(EventView::from)
+        .boxed();
         Ok(EventStream::new(events)
             .keep_alive(Duration::from_secs(state.config.sse_heartbeat_secs.max(1)))
-            .to_event(|event| Event::message(event.to_json_string()).id(event.seq.to_string()).event_type(event.kind.clone())))
+            .to_event(|event| {
+                Event::message(event.to_json_string())
+                    .id(event.seq.to_string())
+                    .event_type(event.kind.clone())
+            }))
     }
 }
 
 impl JobsApi {
     async fn owned_job(&self, auth: &ApiKeyAuth, id: Uuid) -> Result<db::jobs::Job, ApiError> {
-        db::jobs::get_owned(&self.state.pool, id, auth.0.user_id).await?.ok_or(ApiError::NotFound("job not found"))
+        db::jobs::get_owned(&self.state.pool, id, auth.0.user_id)
+            .await?
+            .ok_or(ApiError::NotFound("job not found"))
     }
 }
 
 fn step_view(step: db::steps::Step) -> StepView {
     let usage = match (step.input_tokens, step.output_tokens) {
-        (Some(input_tokens), Some(output_tokens)) => Some(Usage { input_tokens, output_tokens }),
+        (Some(input_tokens), Some(output_tokens)) => Some(Usage {
+            input_tokens,
+            output_tokens,
+        }),
         _ => None,
     };
     StepView {

@@ -9,7 +9,12 @@ use crate::{domain::EventKind, events::JobEvent};
 /// Appends an event with the job's next sequence number. Call it inside the
 /// transaction that makes the event true: the counter's row lock orders concurrent
 /// writers, so numbers are gapless and committed in order.
-pub async fn append(conn: &mut PgConnection, job_id: Uuid, kind: EventKind, data: Value) -> Result<JobEvent, sqlx::Error> {
+pub async fn append(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    kind: EventKind,
+    data: Value,
+) -> Result<JobEvent, sqlx::Error> {
     sqlx::query_as(
         "WITH next AS (
             UPDATE jobs SET last_event_seq = last_event_seq + 1 WHERE id = $1 RETURNING last_event_seq
@@ -26,7 +31,12 @@ pub async fn append(conn: &mut PgConnection, job_id: Uuid, kind: EventKind, data
 }
 
 /// Events after `after_seq`, oldest first, at most `limit`.
-pub async fn after(ex: impl PgExecutor<'_>, job_id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<JobEvent>, sqlx::Error> {
+pub async fn after(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<JobEvent>, sqlx::Error> {
     sqlx::query_as(
         "SELECT job_id, seq, kind, data, created_at FROM job_events
           WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",

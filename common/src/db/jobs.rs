@@ -7,7 +7,8 @@ use uuid::Uuid;
 
 use crate::domain::JobStatus;
 
-const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
+const COLUMNS: &str =
+    "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
                        created_at, started_at, finished_at";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -61,12 +62,18 @@ pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx:
 }
 
 /// The job if `user_id` owns it. Someone else's job and a missing one look the same.
-pub async fn get_owned(ex: impl PgExecutor<'_>, id: Uuid, user_id: Uuid) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2"))
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(ex)
-        .await
+pub async fn get_owned(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(ex)
+    .await
 }
 
 /// One page of a user's jobs, newest first; `before` is the last id of the previous page.
@@ -95,7 +102,10 @@ pub async fn list_owned(
 /// now, or `None` if it is terminal or missing.
 pub async fn claim(conn: &mut PgConnection, id: Uuid) -> Result<Option<(Job, bool)>, sqlx::Error> {
     let before: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *conn).await?;
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(before) = before.filter(|s| !s.is_terminal()) else {
         return Ok(None);
     };

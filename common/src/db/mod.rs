@@ -36,7 +36,8 @@ pub async fn prepare(database_url: &str, pool: &PgPool) -> Result<(), sqlx::Erro
     if !Postgres::database_exists(database_url).await? {
         if let Err(err) = Postgres::create_database(database_url).await {
             // 42P04 duplicate_database: another process created it first.
-            let raced = matches!(&err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"));
+            let raced =
+                matches!(&err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"));
             if !raced {
                 return Err(err);
             }
@@ -63,7 +64,9 @@ pub async fn connect_and_prepare(
     loop {
         match prepare(database_url, &pool).await {
             Ok(()) => return Ok(pool),
-            Err(err) if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() => {
+            Err(err)
+                if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() =>
+            {
                 tracing::warn!(error = %err, "database not ready; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(err),

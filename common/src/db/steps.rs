@@ -25,15 +25,24 @@ pub struct Step {
 /// A step's outcome once its provider call has returned.
 #[derive(Debug, Clone)]
 pub enum StepOutcome<'a> {
-    Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32 },
-    Failed { error: &'a Value },
+    Succeeded {
+        output: &'a str,
+        input_tokens: i32,
+        output_tokens: i32,
+    },
+    Failed {
+        error: &'a Value,
+    },
 }
 
+/// A job's steps in pipeline order, and within a stage in the order the job names its models.
 pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT job_id, stage, model, status, output, input_tokens, output_tokens, error, started_at, finished_at
-           FROM job_steps WHERE job_id = $1
-          ORDER BY array_position(ARRAY['initial', 'meta', 'synthesis'], stage), started_at, model",
+        "SELECT s.job_id, s.stage, s.model, s.status, s.output, s.input_tokens, s.output_tokens, s.error,
+                s.started_at, s.finished_at
+           FROM job_steps s JOIN jobs j ON j.id = s.job_id
+          WHERE s.job_id = $1
+          ORDER BY array_position(ARRAY['initial', 'meta', 'synthesis'], s.stage), array_position(j.models, s.model)",
     )
     .bind(job_id)
     .fetch_all(ex)
@@ -42,7 +51,12 @@ pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sq
 
 /// Marks a step running. Returns false if it had already succeeded, in which case it
 /// must not be called again.
-pub async fn start(ex: impl PgExecutor<'_>, job_id: Uuid, stage: Stage, model: &str) -> Result<bool, sqlx::Error> {
+pub async fn start(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    stage: Stage,
+    model: &str,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
          ON CONFLICT (job_id, stage, model) DO UPDATE
@@ -66,9 +80,17 @@ pub async fn finish(
     outcome: &StepOutcome<'_>,
 ) -> Result<bool, sqlx::Error> {
     let (status, output, input_tokens, output_tokens, error) = match outcome {
-        StepOutcome::Succeeded { output, input_tokens, output_tokens } => {
-            (StepStatus::Succeeded, Some(*output), Some(*input_tokens), Some(*output_tokens), None)
-        }
+        StepOutcome::Succeeded {
+            output,
+            input_tokens,
+            output_tokens,
+        } => (
+            StepStatus::Succeeded,
+            Some(*output),
+            Some(*input_tokens),
+            Some(*output_tokens),
+            None,
+        ),
         StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error)),
     };
     let done = sqlx::query(

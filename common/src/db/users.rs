@@ -31,7 +31,10 @@ pub async fn create(ex: impl PgExecutor<'_>, email: &str, role: &str) -> Result<
     .await
 }
 
-pub async fn find_by_email(ex: impl PgExecutor<'_>, email: &str) -> Result<Option<User>, sqlx::Error> {
+pub async fn find_by_email(
+    ex: impl PgExecutor<'_>,
+    email: &str,
+) -> Result<Option<User>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, email, role, tier, disabled_at, created_at FROM users WHERE lower(email) = $1",
     )

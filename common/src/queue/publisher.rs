@@ -38,7 +38,7 @@ struct Link {
 
 enum State {
     Disconnected { retry_at: Instant },
-    Connected(Link),
+    Connected(Box<Link>),
 }
 
 pub struct Publisher {
@@ -49,7 +49,13 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(url: impl Into<String>, topology: Topology) -> Self {
-        Self { url: url.into(), topology, state: Mutex::new(State::Disconnected { retry_at: Instant::now() }) }
+        Self {
+            url: url.into(),
+            topology,
+            state: Mutex::new(State::Disconnected {
+                retry_at: Instant::now(),
+            }),
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -58,14 +64,18 @@ impl Publisher {
 
     /// Publishes one job message as persistent and waits for the broker's confirm.
     pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
-        let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent: survives a broker restart
             .with_content_type("application/json".into())
             .with_message_id(message.job_id().to_string().into());
         // mandatory: an unroutable message comes back instead of vanishing.
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let result = async {
             let confirm = channel
                 .basic_publish(
@@ -80,13 +90,20 @@ impl Publisher {
                 Err(_) => Err(PublishError::ConfirmTimeout),
                 Ok(Err(err)) => Err(err.into()),
                 Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(self.topology.analyze_queue.clone())),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(
+                    self.topology.analyze_queue.clone(),
+                )),
                 Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unavailable("confirms not enabled".into())),
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    Err(PublishError::Unavailable("confirms not enabled".into()))
+                }
             }
         }
         .await;
-        if matches!(result, Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)) {
+        if matches!(
+            result,
+            Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)
+        ) {
             self.reset().await;
         }
         result
@@ -106,17 +123,21 @@ impl Publisher {
         }
         if let State::Disconnected { retry_at } = &*state {
             if Instant::now() < *retry_at {
-                return Err(PublishError::Unavailable("backing off after a failed connection".into()));
+                return Err(PublishError::Unavailable(
+                    "backing off after a failed connection".into(),
+                ));
             }
         }
         match self.open().await {
             Ok(link) => {
                 let channel = link.channel.clone();
-                *state = State::Connected(link);
+                *state = State::Connected(Box::new(link));
                 Ok(channel)
             }
             Err(err) => {
-                *state = State::Disconnected { retry_at: Instant::now() + RECONNECT_BACKOFF };
+                *state = State::Disconnected {
+                    retry_at: Instant::now() + RECONNECT_BACKOFF,
+                };
                 Err(PublishError::Unavailable(err.to_string()))
             }
         }
@@ -126,12 +147,19 @@ impl Publisher {
         let connection = connect(&self.url, "ultra-publisher").await?;
         let channel = connection.create_channel().await?;
         self.topology.declare(&channel).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Link { connection, channel })
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Link {
+            connection,
+            channel,
+        })
     }
 
     async fn reset(&self) {
-        *self.state.lock().await = State::Disconnected { retry_at: Instant::now() };
+        *self.state.lock().await = State::Disconnected {
+            retry_at: Instant::now(),
+        };
     }
 
     /// Closes the connection cleanly (shutdown).
@@ -140,6 +168,8 @@ impl Publisher {
         if let State::Connected(link) = &*state {
             let _ = link.connection.close(200, "shutdown".into()).await;
         }
-        *state = State::Disconnected { retry_at: Instant::now() };
+        *state = State::Disconnected {
+            retry_at: Instant::now(),
+        };
     }
 }

@@ -37,10 +37,19 @@ pub async fn run(
         // Another delivery finished it meanwhile.
         tx.rollback().await?;
         let steps = db::steps::list(&ctx.pool, job.id).await?;
-        let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
+        let output = steps
+            .into_iter()
+            .find(|s| s.stage == stage && s.model == model)
+            .and_then(|s| s.output);
         return Ok(Ok(output.unwrap_or_default()));
     }
-    let started = db::events::append(&mut tx, job.id, EventKind::StepStarted, json!({ "stage": stage, "model": model })).await?;
+    let started = db::events::append(
+        &mut tx,
+        job.id,
+        EventKind::StepStarted,
+        json!({ "stage": stage, "model": model }),
+    )
+    .await?;
     tx.commit().await?;
     ctx.events.publish(&started).await;
 
@@ -64,7 +73,10 @@ pub async fn run(
         ),
         Err(error) => (
             StepOutcome::Failed { error },
-            (EventKind::StepFailed, json!({ "stage": stage, "model": model, "error": error })),
+            (
+                EventKind::StepFailed,
+                json!({ "stage": stage, "model": model, "error": error }),
+            ),
         ),
     };
     db::steps::finish(&mut *tx, job.id, stage, model, &outcome).await?;
@@ -74,21 +86,36 @@ pub async fn run(
     Ok(result.map(|c| c.text))
 }
 
-async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<crate::providers::Completion, Value> {
+async fn call(
+    ctx: &JobContext,
+    job: &Job,
+    model: &str,
+) -> Result<crate::providers::Completion, Value> {
     let Some(spec) = ctx.catalog.get(model) else {
-        return Err(json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }));
+        return Err(
+            json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
+        );
     };
     let Some(provider) = ctx.providers.for_model(spec) else {
-        return Err(json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }));
+        return Err(
+            json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }),
+        );
     };
     let request = CompletionRequest {
         model: spec,
         prompt: &job.prompt,
         temperature: job.options.get("temperature").and_then(Value::as_f64),
-        max_tokens: job.options.get("max_tokens").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()),
+        max_tokens: job
+            .options
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .and_then(|m| u32::try_from(m).ok()),
     };
-    provider.complete(&request).await.map_err(|err: ProviderError| {
-        tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
-        err.to_json()
-    })
+    provider
+        .complete(&request)
+        .await
+        .map_err(|err: ProviderError| {
+            tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
+            err.to_json()
+        })
 }

@@ -1,0 +1,13 @@
+//! End-to-end tests of Ultra against real PostgreSQL, RabbitMQ and Redis. The only
+//! fake is the LLM: the deterministic mock provider.
+
+mod auth;
+mod delivery;
+mod events;
+mod health;
+mod jobs;
+mod processes;
+mod services;
+mod sse;
+mod submit;
+mod support;

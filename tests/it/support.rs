@@ -1,0 +1,272 @@
+//! `TestApp`: the real api and worker, in this process, on a free port, with their
+//! own database, queue names and Redis prefix — and a client whose helpers speak
+//! the api as a user would.
+
+use std::{sync::Arc, time::Duration};
+
+use common::{apikey, db, Config};
+use reqwest::{header::CONTENT_TYPE, Response, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use worker::providers::{MockProvider, Providers};
+
+use crate::services;
+
+/// How long a test waits for anything before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Options {
+    /// Run a worker in-process.
+    pub worker: bool,
+    pub mock_latency_ms: u64,
+    pub concurrency: u16,
+    pub amqp_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub sse_heartbeat_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            worker: true,
+            mock_latency_ms: 50,
+            concurrency: 4,
+            amqp_url: None,
+            redis_url: None,
+            sse_heartbeat_secs: 10,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub config: Arc<Config>,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub pool: PgPool,
+    pub mock: Arc<MockProvider>,
+    db_name: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        if std::env::var_os("ULTRA_TEST_LOG").is_some() {
+            common::telemetry::init(Some(common::config::LogFormat::Pretty));
+        }
+        services::require_all().await;
+        let (database_url, db_name) = services::create_database().await;
+        let prefix = services::unique_prefix();
+        let mut config = Config::from_env().expect("default configuration");
+        config.database_url = database_url;
+        config.amqp_url = options.amqp_url.clone().unwrap_or_else(services::amqp_url);
+        config.redis_url = options
+            .redis_url
+            .clone()
+            .unwrap_or_else(services::redis_url);
+        config.queue_prefix = format!("{prefix}.");
+        config.redis_prefix = prefix;
+        config.mock_latency_ms = options.mock_latency_ms;
+        config.concurrency = options.concurrency;
+        config.sse_heartbeat_secs = options.sse_heartbeat_secs;
+        config.relay_interval_ms = 200;
+        config.shutdown_grace_secs = 5;
+        let config = Arc::new(config);
+
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free port");
+        let base = format!("http://{}", listener.local_addr().expect("local address"));
+        let mock = Arc::new(MockProvider::new(config.mock_latency()));
+        let mut tasks = vec![tokio::spawn(api::run(
+            config.clone(),
+            listener,
+            shutdown.clone(),
+        ))];
+        if options.worker {
+            let worker =
+                worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone()));
+            tasks.push(tokio::spawn(worker.run(None, shutdown.clone())));
+        }
+        let pool = db::connect_lazy(&config.database_url).expect("test pool");
+        let app = Self {
+            config,
+            base,
+            http: reqwest::Client::new(),
+            pool,
+            mock,
+            db_name,
+            shutdown,
+            tasks,
+        };
+        app.wait_until_serving().await;
+        app
+    }
+
+    async fn wait_until_serving(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(response) = self.http.get(self.url("/health/live")).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the api did not start");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A new user and an API key for them.
+    pub async fn user_with_key(&self) -> (Uuid, String) {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let user = db::users::create(&self.pool, &email, "user")
+            .await
+            .expect("create user");
+        let key = apikey::generate();
+        db::api_keys::insert(&self.pool, user.id, "test", &key.prefix, &key.hash)
+            .await
+            .expect("create key");
+        (user.id, key.secret)
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn submit(&self, key: &str, body: &Value) -> Response {
+        self.http
+            .post(self.url("/v1/analyze"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/analyze")
+    }
+
+    /// Submits a valid job and returns its id.
+    pub async fn submit_ok(&self, key: &str, models: &[&str]) -> Uuid {
+        let response = self
+            .submit(
+                key,
+                &json!({ "prompt": "Why is the sky blue?", "models": models }),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.expect("JSON body");
+        body["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("job id")
+    }
+
+    pub async fn job(&self, key: &str, id: Uuid) -> Value {
+        let response = self.get(key, &format!("/v1/jobs/{id}")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("JSON body")
+    }
+
+    /// Polls the job until it is terminal.
+    pub async fn wait_for_terminal(&self, key: &str, id: Uuid) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let job = self.job(key, id).await;
+            if ["succeeded", "failed", "cancelled"]
+                .contains(&job["status"].as_str().unwrap_or_default())
+            {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} did not finish: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens a job's event stream.
+    pub async fn events(&self, key: &str, id: Uuid, last_event_id: Option<&str>) -> Response {
+        let mut request = self
+            .http
+            .get(self.url(&format!("/v1/jobs/{id}/events")))
+            .bearer_auth(key);
+        if let Some(last) = last_event_id {
+            request = request.header("Last-Event-ID", last);
+        }
+        request.send().await.expect("GET events")
+    }
+
+    pub async fn count(&self, sql: &str, job_id: Uuid) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
+    /// Stops the app and removes its database, queues and exchanges.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            match tokio::time::timeout(PATIENCE, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(err))) => panic!("a component failed: {err:#}"),
+                Ok(Err(err)) => panic!("a component panicked: {err}"),
+                Err(_) => panic!("a component did not shut down"),
+            }
+        }
+        self.pool.close().await;
+        services::drop_database(&self.db_name).await;
+        services::delete_topology(&self.config.queue_prefix).await;
+    }
+}
+
+/// Asserts a problem+json response and returns its body.
+pub async fn problem(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.expect("problem JSON");
+    assert_eq!(body["status"], status.as_u16());
+    assert!(
+        body["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("https://")),
+        "{body}"
+    );
+    body
+}
+
+/// The fields a validation problem names.
+pub fn fields(problem: &Value) -> Vec<String> {
+    problem["errors"]
+        .as_array()
+        .map_or_else(Vec::new, |errors| {
+            errors
+                .iter()
+                .filter_map(|e| e["field"].as_str().map(str::to_owned))
+                .collect()
+        })
+}
