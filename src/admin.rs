@@ -26,9 +26,8 @@ pub enum AdminCommand {
 }
 
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pool = db::connect_and_prepare(&config.database_url, &CancellationToken::new())
-        .await
-        .context("migration failed")?;
+    let pool =
+        db::connect_and_prepare(&config.database_url, &CancellationToken::new()).await.context("migration failed")?;
     pool.close().await;
     println!("database is up to date");
     Ok(())
@@ -70,16 +69,11 @@ async fn create_api_key(pool: &sqlx::PgPool, email: &str, name: &str) -> anyhow:
         bail!("--name must be 1 to 100 characters");
     }
     let Some(user) = db::users::find_by_email(pool, email).await? else {
-        bail!(
-            "no user with email {email}; create one with `ultra admin create-user --email {email}`"
-        );
+        bail!("no user with email {email}; create one with `ultra admin create-user --email {email}`");
     };
     let key = apikey::generate();
     db::api_keys::insert(pool, user.id, name, &key.prefix, &key.hash).await?;
-    println!(
-        "API key `{name}` for {} (shown once; only its hash is stored):",
-        user.email
-    );
+    println!("API key `{name}` for {} (shown once; only its hash is stored):", user.email);
     println!("{}", key.secret);
     Ok(())
 }

@@ -10,11 +10,7 @@ use clap::{Parser, Subcommand};
 use common::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "ultra",
-    version,
-    about = "Ultra: an LLM orchestrator on PostgreSQL, RabbitMQ and Redis"
-)]
+#[command(name = "ultra", version, about = "Ultra: an LLM orchestrator on PostgreSQL, RabbitMQ and Redis")]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -43,14 +39,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        mut config,
-        command,
-    } = Cli::parse();
-    if let Command::Worker {
-        concurrency: Some(n),
-    } = command
-    {
+    let Cli { mut config, command } = Cli::parse();
+    if let Command::Worker { concurrency: Some(n) } = command {
         config.concurrency = n;
     }
     common::telemetry::init(config.log_format);

@@ -12,7 +12,7 @@ pub async fn api(config: Arc<Config>) -> anyhow::Result<()> {
 }
 
 pub async fn worker(config: Arc<Config>) -> anyhow::Result<()> {
-    let listener = bind(config.worker_listen).await?;
+    let listener = bind_health(config.worker_listen).await?;
     worker::run(config, Some(listener), shutdown::on_signal()).await
 }
 
@@ -27,15 +27,26 @@ pub async fn all(config: Arc<Config>) -> anyhow::Result<()> {
         }
         result
     };
-    let (api, worker) = tokio::join!(
-        async { stop_on_error(api::run(config.clone(), listener, shutdown.clone()).await) },
-        async { stop_on_error(worker::run(config.clone(), None, shutdown.clone()).await) },
-    );
+    let (api, worker) =
+        tokio::join!(async { stop_on_error(api::run(config.clone(), listener, shutdown.clone()).await) }, async {
+            stop_on_error(worker::run(config.clone(), None, shutdown.clone()).await)
+        },);
     api.and(worker)
 }
 
+/// Several workers may share a host: if the health port is taken, take a free one on
+/// the same interface (and say which) rather than refuse to start.
+async fn bind_health(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(address).await {
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = bind(std::net::SocketAddr::new(address.ip(), 0)).await?;
+            tracing::warn!(wanted = %address, using = ?listener.local_addr().ok(), "health port in use; serving health on a free port");
+            Ok(listener)
+        }
+        other => other.with_context(|| format!("cannot listen on {address}")),
+    }
+}
+
 async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))
+    TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
 }

@@ -22,11 +22,7 @@ pub struct Principal {
 
 /// An Ultra API key (`ultra_…`), sent as a bearer token.
 #[derive(SecurityScheme)]
-#[oai(
-    ty = "bearer",
-    bearer_format = "ultra API key",
-    checker = "authenticate"
-)]
+#[oai(ty = "bearer", bearer_format = "ultra API key", checker = "authenticate")]
 pub struct ApiKeyAuth(pub Principal);
 
 async fn authenticate(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
@@ -34,19 +30,10 @@ async fn authenticate(req: &Request, bearer: Bearer) -> poem::Result<Principal> 
         .data::<Arc<AppState>>()
         .ok_or_else(|| ApiError::Internal("application state missing from request".into()))?;
     let prefix = apikey::prefix_of(&bearer.token).ok_or(ApiError::Unauthorized)?;
-    let key = db::api_keys::find_active(&state.pool, prefix)
-        .await
-        .map_err(ApiError::from)?;
-    let key = key
-        .filter(|k| apikey::verify(&bearer.token, &k.key_hash))
-        .ok_or(ApiError::Unauthorized)?;
+    let key = db::api_keys::find_active(&state.pool, prefix).await.map_err(ApiError::from)?;
+    let key = key.filter(|k| apikey::verify(&bearer.token, &k.key_hash)).ok_or(ApiError::Unauthorized)?;
     if let Err(err) = db::api_keys::touch(&state.pool, key.key_id).await {
         tracing::warn!(error = %err, "could not record API key use");
     }
-    Ok(Principal {
-        user_id: key.user_id,
-        role: key.role,
-        tier: key.tier,
-        key_id: key.key_id,
-    })
+    Ok(Principal { user_id: key.user_id, role: key.role, tier: key.tier, key_id: key.key_id })
 }

@@ -37,10 +37,7 @@ where
     fn request_meta() -> Option<MetaRequest> {
         Some(MetaRequest {
             description: None,
-            content: vec![MetaMediaType {
-                content_type: "application/json",
-                schema: T::schema_ref(),
-            }],
+            content: vec![MetaMediaType { content_type: "application/json", schema: T::schema_ref() }],
             required: true,
         })
     }
@@ -52,43 +49,27 @@ where
     ) -> poem::Result<Self> {
         let content_type = request.content_type().unwrap_or_default();
         if !is_json(content_type) {
-            let shown = if content_type.is_empty() {
-                "none".to_owned()
-            } else {
-                format!("`{content_type}`")
-            };
+            let shown = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };
             return Err(ApiError::UnsupportedMediaType(format!(
                 "Content-Type {shown} is not supported; send application/json"
             ))
             .into());
         }
-        let limit = request
-            .data::<BodyLimit>()
-            .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
-        let bytes = body
-            .take()?
-            .into_bytes_limit(limit)
-            .await
-            .map_err(|err| match err {
-                poem::error::ReadBodyError::PayloadTooLarge => {
-                    ApiError::PayloadTooLarge(format!("request body exceeds {limit} bytes"), None)
-                }
-                other => ApiError::BadRequest(format!("cannot read request body: {other}")),
-            })?;
+        let limit = request.data::<BodyLimit>().map_or(DEFAULT_BODY_LIMIT, |l| l.0);
+        let bytes = body.take()?.into_bytes_limit(limit).await.map_err(|err| match err {
+            poem::error::ReadBodyError::PayloadTooLarge => {
+                ApiError::PayloadTooLarge(format!("request body exceeds {limit} bytes"), None)
+            }
+            other => ApiError::BadRequest(format!("cannot read request body: {other}")),
+        })?;
         parse(&bytes).map(JsonBody).map_err(Into::into)
     }
 }
 
 /// `application/json` or `application/*+json`, with optional parameters (`; charset=utf-8`).
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Malformed JSON is a 400; well-formed JSON of the wrong shape is a 422 naming the field.
@@ -101,15 +82,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             ApiError::BadRequest(format!("malformed JSON: {inner}"))
         } else {
             let field = if path == "." { "body".to_owned() } else { path };
-            ApiError::Validation(vec![FieldError::new(
-                field,
-                strip_position(&inner.to_string()),
-            )])
+            ApiError::Validation(vec![FieldError::new(field, strip_position(&inner.to_string()))])
         }
     })?;
     // Trailing data after the document is malformed JSON, not a second request.
-    de.end()
-        .map_err(|err| ApiError::BadRequest(format!("malformed JSON: {err}")))?;
+    de.end().map_err(|err| ApiError::BadRequest(format!("malformed JSON: {err}")))?;
     Ok(value)
 }
 
@@ -154,22 +131,13 @@ mod tests {
             parse::<Sample>(br#"{"name": "a", "tags": [], "tier": "pro"}"#),
             Err(ApiError::Validation(_))
         ));
-        assert!(matches!(
-            parse::<Sample>(br#"{"name": "a"}"#),
-            Err(ApiError::Validation(_))
-        ));
+        assert!(matches!(parse::<Sample>(br#"{"name": "a"}"#), Err(ApiError::Validation(_))));
     }
 
     #[test]
     fn malformed_json_is_400() {
-        assert!(matches!(
-            parse::<Sample>(br#"{"name": "a""#),
-            Err(ApiError::BadRequest(_))
-        ));
-        assert!(matches!(
-            parse::<Sample>(br#"{"name": "a", "tags": []} trailing"#),
-            Err(ApiError::BadRequest(_))
-        ));
+        assert!(matches!(parse::<Sample>(br#"{"name": "a""#), Err(ApiError::BadRequest(_))));
+        assert!(matches!(parse::<Sample>(br#"{"name": "a", "tags": []} trailing"#), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse::<Sample>(b""), Err(ApiError::BadRequest(_))));
     }
 

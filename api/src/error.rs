@@ -32,11 +32,7 @@ pub struct Problem {
 
 impl poem_openapi::types::Example for Problem {
     fn example() -> Self {
-        ApiError::validation(vec![FieldError::new(
-            "models[1]",
-            "unknown model `mock/omega`",
-        )])
-        .problem()
+        ApiError::validation(vec![FieldError::new("models[1]", "unknown model `mock/omega`")]).problem()
     }
 }
 
@@ -49,10 +45,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -108,9 +101,7 @@ impl ApiError {
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
             ApiError::PayloadTooLarge(..) => ("payload-too-large", "Payload too large"),
-            ApiError::UnsupportedMediaType(_) => {
-                ("unsupported-media-type", "Unsupported media type")
-            }
+            ApiError::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             ApiError::Validation(_) => ("validation-error", "Validation failed"),
             ApiError::Unavailable(_) => ("service-unavailable", "Service unavailable"),
             ApiError::Internal(_) => ("internal-error", "Internal server error"),
@@ -125,11 +116,9 @@ impl ApiError {
             _ => None,
         };
         let detail = match self {
-            ApiError::Validation(errors) => errors
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect::<Vec<_>>()
-                .join("; "),
+            ApiError::Validation(errors) => {
+                errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
+            }
             other => other.to_string(),
         };
         Problem {
@@ -146,10 +135,15 @@ impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         match err {
             // The database is away or saturated: the client should retry, nothing is lost.
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolClosed => ApiError::Unavailable(Box::new(err)),
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable(Box::new(err))
+            }
+            // Connection exceptions (08), insufficient resources (53), shutting down (57P0x).
+            sqlx::Error::Database(ref db)
+                if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")) =>
+            {
+                ApiError::Unavailable(Box::new(err))
+            }
             other => ApiError::Internal(Box::new(other)),
         }
     }
@@ -162,9 +156,7 @@ impl poem::error::ResponseError for ApiError {
 
     fn as_response(&self) -> Response {
         if self.status().is_server_error() {
-            let source = std::error::Error::source(self)
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let source = std::error::Error::source(self).map(ToString::to_string).unwrap_or_default();
             tracing::error!(status = self.status().as_u16(), error = %self, cause = %source, "request failed");
         }
         let mut response = Response::builder()
@@ -172,10 +164,7 @@ impl poem::error::ResponseError for ApiError {
             .content_type(PROBLEM_CONTENT_TYPE)
             .body(self.problem().to_json_string());
         if matches!(self, ApiError::Unauthorized) {
-            response.headers_mut().insert(
-                "WWW-Authenticate",
-                poem::http::HeaderValue::from_static("Bearer"),
-            );
+            response.headers_mut().insert("WWW-Authenticate", poem::http::HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -189,10 +178,7 @@ impl ApiResponse for ApiError {
             description,
             status: Some(status),
             status_range: None,
-            content: vec![MetaMediaType {
-                content_type: PROBLEM_CONTENT_TYPE,
-                schema: Problem::schema_ref(),
-            }],
+            content: vec![MetaMediaType { content_type: PROBLEM_CONTENT_TYPE, schema: Problem::schema_ref() }],
             headers: vec![],
         };
         MetaResponses {
@@ -202,14 +188,9 @@ impl ApiResponse for ApiError {
                 problem(404, "No such resource visible to the caller."),
                 problem(413, "Request body or prompt too large."),
                 problem(415, "Content-Type is not application/json."),
-                problem(
-                    422,
-                    "The request is well-formed but invalid; `errors` names each field.",
-                ),
-                problem(
-                    503,
-                    "A dependency (PostgreSQL) is unavailable; retry later.",
-                ),
+                problem(422, "The request is well-formed but invalid; `errors` names each field."),
+                problem(500, "An unexpected error; the details are in the server log."),
+                problem(503, "A dependency (PostgreSQL) is unavailable; retry later."),
             ],
         }
     }
@@ -222,9 +203,7 @@ impl ApiResponse for ApiError {
 /// Turns any error escaping an endpoint — ours, poem's or poem-openapi's — into a
 /// problem document, so not even a router 404 answers in plain text.
 pub async fn into_problem(err: poem::Error) -> Response {
-    use poem_openapi::error::{
-        AuthorizationError, ContentTypeError, ParseParamError, ParsePathError,
-    };
+    use poem_openapi::error::{AuthorizationError, ContentTypeError, ParseParamError, ParsePathError};
 
     if let Some(api) = err.downcast_ref::<ApiError>() {
         return poem::error::ResponseError::as_response(api);
@@ -235,19 +214,14 @@ pub async fn into_problem(err: poem::Error) -> Response {
         // An id that cannot exist answers like one that does not.
         ApiError::NotFound("not found")
     } else if let Some(param) = err.downcast_ref::<ParseParamError>() {
-        ApiError::BadRequest(format!(
-            "invalid parameter `{}`: {}",
-            param.name, param.reason
-        ))
+        ApiError::BadRequest(format!("invalid parameter `{}`: {}", param.name, param.reason))
     } else if let Some(content_type) = err.downcast_ref::<ContentTypeError>() {
         ApiError::UnsupportedMediaType(format!("{content_type}; send application/json"))
     } else {
         match err.status() {
             StatusCode::NOT_FOUND => ApiError::NotFound("not found"),
             StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge("request body too large".into(), None)
-            }
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge("request body too large".into(), None),
             StatusCode::UNAUTHORIZED => ApiError::Unauthorized,
             status if status.is_client_error() => ApiError::BadRequest(err.to_string()),
             _ => ApiError::Internal(err.to_string().into()),

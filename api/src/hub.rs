@@ -45,10 +45,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut subscribers = self.hub.lock();
         // Our receiver still counts here: the last one out removes the channel.
-        if subscribers
-            .get(&self.job_id)
-            .is_some_and(|tx| tx.receiver_count() <= 1)
-        {
+        if subscribers.get(&self.job_id).is_some_and(|tx| tx.receiver_count() <= 1) {
             subscribers.remove(&self.job_id);
         }
     }
@@ -56,16 +53,8 @@ impl Drop for Subscription {
 
 impl EventHub {
     pub fn subscribe(self: &Arc<Self>, job_id: Uuid) -> Subscription {
-        let receiver = self
-            .lock()
-            .entry(job_id)
-            .or_insert_with(|| broadcast::channel(PER_JOB_BUFFER).0)
-            .subscribe();
-        Subscription {
-            hub: self.clone(),
-            job_id,
-            receiver,
-        }
+        let receiver = self.lock().entry(job_id).or_insert_with(|| broadcast::channel(PER_JOB_BUFFER).0).subscribe();
+        Subscription { hub: self.clone(), job_id, receiver }
     }
 
     /// Whether live events are flowing now; streams poll the database when not.
@@ -75,9 +64,7 @@ impl EventHub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, broadcast::Sender<HubMessage>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.subscribers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn dispatch(&self, job_id: Uuid, message: HubMessage) {
@@ -93,12 +80,7 @@ impl EventHub {
     }
 
     /// Keeps the subscription up until shutdown, reconnecting with back-off.
-    pub async fn run(
-        self: Arc<Self>,
-        client: redis::Client,
-        redis_prefix: String,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self: Arc<Self>, client: redis::Client, redis_prefix: String, shutdown: CancellationToken) {
         let pattern = channel_pattern(&redis_prefix);
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
@@ -125,9 +107,9 @@ impl EventHub {
         shutdown: &CancellationToken,
     ) -> redis::RedisResult<()> {
         let connect = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub());
-        let mut pubsub = connect.await.map_err(|_| {
-            redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting to redis"))
-        })??;
+        let mut pubsub = connect
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out connecting to redis")))??;
         pubsub.psubscribe(pattern).await?;
         self.live.store(true, Ordering::Relaxed);
         self.resync_all();

@@ -35,11 +35,7 @@ use crate::{body::BodyLimit, hub::EventHub, state::AppState};
 /// Serves the api on `listener` until `shutdown` is cancelled, then stops accepting,
 /// ends open streams, lets in-flight requests finish (up to the grace period) and
 /// closes its connections.
-pub async fn run(
-    config: Arc<Config>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
     let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
     // Background tasks stop with their own token, after the server has drained.
@@ -56,11 +52,7 @@ pub async fn run(
     });
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(state.hub.clone().run(
-        state.redis.client().clone(),
-        config.redis_prefix.clone(),
-        background.clone(),
-    ));
+    tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));
     tasks.spawn(relay::run(state.clone(), background.clone()));
 
     let address = listener.local_addr().ok();
@@ -76,11 +68,7 @@ pub async fn run(
         .catch_all_error(error::into_problem);
     tracing::info!(address = ?address, "api listening");
     let served = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
-        .run_with_graceful_shutdown(
-            app,
-            shutdown.cancelled_owned(),
-            Some(config.shutdown_grace()),
-        )
+        .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
         .await;
 
     background.cancel();
@@ -93,10 +81,7 @@ pub async fn run(
 
 /// A prompt at the character limit, JSON-escaped at worst, plus room for the rest.
 fn body_limit(config: &Config) -> usize {
-    config
-        .max_prompt_chars
-        .saturating_mul(6)
-        .saturating_add(64 * 1024)
+    config.max_prompt_chars.saturating_mul(6).saturating_add(64 * 1024)
 }
 
 fn security_headers() -> SetHeader {

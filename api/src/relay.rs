@@ -3,7 +3,10 @@
 //! in every api process, publishes whatever the fast path missed — an api that died
 //! between commit and publish, or a broker that was down. Rows are taken with
 //! `FOR UPDATE SKIP LOCKED`, so relays in several processes share the work.
-//! A job may be published twice (fast path and relay racing); workers are idempotent.
+//! The fast path locks its row while it publishes, so the two never publish one job
+//! at the same time; a job can still be published twice after a crash between the
+//! broker's confirm and the row's deletion, and a duplicate delivery of a finished
+//! job is dropped by the worker.
 
 use std::sync::Arc;
 
@@ -12,24 +15,34 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
 
-/// Outbox rows younger than this belong to a fast path that may still be publishing.
+/// Outbox rows younger than this belong to a fast path that may not have locked its
+/// row yet (it does so right after the job's commit).
 const MIN_AGE_MS: i64 = 2_000;
 /// Rows published per relay transaction.
 const BATCH: i64 = 100;
 
-/// Publishes one job now and clears its outbox row on confirm. A failure is only
-/// logged: the row stays, and the relay retries it.
+/// Publishes one job now and clears its outbox row on confirm. The row stays locked
+/// while publishing, so a relay never publishes the same job at the same time (it
+/// skips locked rows). A failure is only logged: the row stays for the relay.
 pub async fn publish_now(state: &AppState, outbox_id: i64, message: &JobMessage) {
-    match state.publisher.publish(message).await {
-        Ok(()) => {
-            if let Err(err) = db::outbox::delete(&state.pool, outbox_id).await {
-                tracing::warn!(error = %err, outbox_id, "published, but the outbox row stays; the relay will publish again");
-            }
-        }
-        Err(err) => {
-            tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry")
-        }
+    if let Err(err) = try_publish_now(state, outbox_id, message).await {
+        tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry");
     }
+}
+
+async fn try_publish_now(
+    state: &AppState,
+    outbox_id: i64,
+    message: &JobMessage,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut tx = state.pool.begin().await?;
+    if !db::outbox::lock(&mut tx, outbox_id).await? {
+        return Ok(()); // a relay holds it (or already published it)
+    }
+    state.publisher.publish(message).await?;
+    db::outbox::delete(&mut *tx, outbox_id).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {

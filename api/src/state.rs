@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use common::{
-    catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, Config,
-};
+use common::{catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, Config};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

@@ -65,11 +65,7 @@ impl JobEventStream {
     }
 
     pub fn into_stream(self) -> BoxStream<'static, JobEvent> {
-        futures::stream::unfold(
-            self,
-            |mut s| async move { s.next_event().await.map(|e| (e, s)) },
-        )
-        .boxed()
+        futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (e, s)) }).boxed()
     }
 
     /// The next event to send, or `None` once the terminal event is sent or the
@@ -81,6 +77,9 @@ impl JobEventStream {
             }
             while let Some(event) = self.pending.pop_front() {
                 if event.seq <= self.last_seq {
+                    if event.kind.is_terminal() {
+                        return None; // the client already has the end of the story
+                    }
                     continue; // already sent: replay and live overlapped
                 }
                 if event.seq != self.last_seq + 1 {
@@ -105,11 +104,7 @@ impl JobEventStream {
                 }
                 continue;
             }
-            let quiet = if self.hub.is_live() {
-                LIVE_RECHECK
-            } else {
-                POLL_INTERVAL
-            };
+            let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 message = self.subscription.receiver.recv() => match message {
@@ -126,10 +121,7 @@ impl JobEventStream {
     /// Reads everything after `last_seq` into `pending`. Returns false if the
     /// database could not be read (the stream stays open and retries).
     async fn replay(&mut self) -> bool {
-        let mut after = self
-            .pending
-            .back()
-            .map_or(self.last_seq, |e| e.seq.max(self.last_seq));
+        let mut after = self.pending.back().map_or(self.last_seq, |e| e.seq.max(self.last_seq));
         loop {
             match db::events::after(&self.pool, self.job_id, after, REPLAY_BATCH).await {
                 Ok(events) => {

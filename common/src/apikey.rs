@@ -21,21 +21,12 @@ pub struct GeneratedKey {
 
 pub fn generate() -> GeneratedKey {
     let mut rng = rand::rng();
-    let mut random = |len: usize| -> String {
-        (&mut rng)
-            .sample_iter(&Alphanumeric)
-            .take(len)
-            .map(char::from)
-            .collect()
-    };
+    let mut random =
+        |len: usize| -> String { (&mut rng).sample_iter(&Alphanumeric).take(len).map(char::from).collect() };
     let prefix = format!("{KEY_PREFIX}{}", random(ID_LEN).to_lowercase());
     let secret = format!("{prefix}_{}", random(SECRET_LEN));
     let hash = hash(&secret);
-    GeneratedKey {
-        secret,
-        prefix,
-        hash,
-    }
+    GeneratedKey { secret, prefix, hash }
 }
 
 /// The public prefix of a well-formed key, or `None` for anything else.
@@ -44,9 +35,7 @@ pub fn prefix_of(key: &str) -> Option<&str> {
     let (id, secret) = rest.split_once('_')?;
     let well_formed = id.len() == ID_LEN
         && secret.len() == SECRET_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && secret.bytes().all(|b| b.is_ascii_alphanumeric());
     well_formed.then(|| &key[..KEY_PREFIX.len() + ID_LEN])
 }
@@ -59,11 +48,7 @@ pub fn hash(key: &str) -> Vec<u8> {
 pub fn verify(key: &str, stored_hash: &[u8]) -> bool {
     let presented = hash(key);
     presented.len() == stored_hash.len()
-        && presented
-            .iter()
-            .zip(stored_hash)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        && presented.iter().zip(stored_hash).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 #[cfg(test)]
@@ -81,13 +66,7 @@ mod tests {
 
     #[test]
     fn malformed_keys_have_no_prefix() {
-        for bad in [
-            "",
-            "ultra_",
-            "sk-abc",
-            "ultra_abc_def",
-            "ultra_ABCDEFGHIJKL_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-        ] {
+        for bad in ["", "ultra_", "sk-abc", "ultra_abc_def", "ultra_ABCDEFGHIJKL_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
             assert_eq!(prefix_of(bad), None, "{bad}");
         }
     }

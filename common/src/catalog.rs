@@ -31,10 +31,7 @@ impl Catalog {
         };
         Self {
             models: vec![
-                mock(
-                    "alpha",
-                    "Deterministic mock model for development and tests.",
-                ),
+                mock("alpha", "Deterministic mock model for development and tests."),
                 mock("beta", "Deterministic mock model with a different seed."),
                 mock("gamma", "Deterministic mock model with a third seed."),
             ],

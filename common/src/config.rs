@@ -24,22 +24,18 @@ pub enum LogFormat {
     Pretty,
 }
 
-#[derive(Debug, Clone, Args)]
+/// Deliberately not `Debug`: the URLs carry passwords, and nothing should print them.
+#[derive(Clone, Args)]
 pub struct Config {
     /// `development` or `production` (production refuses unsafe settings).
-    #[arg(
-        long = "env",
-        env = "ULTRA_ENV",
-        value_enum,
-        default_value = "development",
-        global = true
-    )]
+    #[arg(long = "env", env = "ULTRA_ENV", value_enum, default_value = "development", global = true)]
     pub environment: Environment,
 
     /// PostgreSQL, the system of record. The database is created if it is missing.
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/ultra",
         global = true
     )]
@@ -49,45 +45,26 @@ pub struct Config {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         global = true
     )]
     pub amqp_url: String,
 
     /// Redis, for live event fan-out (losing it loses no data).
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        global = true
-    )]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379", global = true)]
     pub redis_url: String,
 
     /// Address the api listens on.
-    #[arg(
-        long,
-        env = "ULTRA_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
 
     /// Address a standalone worker serves its health checks on.
-    #[arg(
-        long,
-        env = "ULTRA_WORKER_LISTEN",
-        default_value = "127.0.0.1:8081",
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_WORKER_LISTEN", default_value = "127.0.0.1:8081", global = true)]
     pub worker_listen: SocketAddr,
 
     /// Jobs one worker process runs at once; also its RabbitMQ prefetch.
-    #[arg(
-        long,
-        env = "ULTRA_WORKER_CONCURRENCY",
-        default_value_t = 16,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_WORKER_CONCURRENCY", default_value_t = 16, global = true)]
     pub concurrency: u16,
 
     /// Prefix for every exchange and queue name (lets tests and tenants share a broker).
@@ -95,66 +72,31 @@ pub struct Config {
     pub queue_prefix: String,
 
     /// Prefix for every Redis key and channel.
-    #[arg(
-        long,
-        env = "ULTRA_REDIS_PREFIX",
-        default_value = "ultra",
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_REDIS_PREFIX", default_value = "ultra", global = true)]
     pub redis_prefix: String,
 
     /// Simulated latency of the mock provider, per call.
-    #[arg(
-        long,
-        env = "ULTRA_MOCK_LATENCY_MS",
-        default_value_t = 250,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_MOCK_LATENCY_MS", default_value_t = 250, global = true)]
     pub mock_latency_ms: u64,
 
     /// Longest prompt accepted, in characters.
-    #[arg(
-        long,
-        env = "ULTRA_MAX_PROMPT_CHARS",
-        default_value_t = 32_768,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_MAX_PROMPT_CHARS", default_value_t = 32_768, global = true)]
     pub max_prompt_chars: usize,
 
     /// Most models one job may name.
-    #[arg(
-        long,
-        env = "ULTRA_MAX_MODELS_PER_JOB",
-        default_value_t = 5,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_MAX_MODELS_PER_JOB", default_value_t = 5, global = true)]
     pub max_models_per_job: usize,
 
     /// How long in-flight jobs may finish after SIGTERM before they are left for redelivery.
-    #[arg(
-        long,
-        env = "ULTRA_SHUTDOWN_GRACE_SECS",
-        default_value_t = 30,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_SHUTDOWN_GRACE_SECS", default_value_t = 30, global = true)]
     pub shutdown_grace_secs: u64,
 
     /// How often the outbox relay looks for jobs the fast-path publish missed.
-    #[arg(
-        long,
-        env = "ULTRA_RELAY_INTERVAL_MS",
-        default_value_t = 1_000,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_RELAY_INTERVAL_MS", default_value_t = 1_000, global = true)]
     pub relay_interval_ms: u64,
 
     /// Longest silence on an event stream before a heartbeat comment is sent.
-    #[arg(
-        long,
-        env = "ULTRA_SSE_HEARTBEAT_SECS",
-        default_value_t = 10,
-        global = true
-    )]
+    #[arg(long, env = "ULTRA_SSE_HEARTBEAT_SECS", default_value_t = 10, global = true)]
     pub sse_heartbeat_secs: u64,
 
     /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
@@ -205,8 +147,7 @@ impl Config {
             }
             // Until real providers are configured the catalog holds only mock models,
             // and the mock provider must never answer production traffic.
-            problems
-                .push("the mock provider is enabled and no real provider is configured".to_owned());
+            problems.push("the mock provider is enabled and no real provider is configured".to_owned());
         }
         if problems.is_empty() {
             Ok(())
@@ -242,9 +183,7 @@ mod tests {
         config.environment = Environment::Production;
         config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
         config.database_url = "postgres://postgres@127.0.0.1/ultra".to_owned();
-        let err = config
-            .validate()
-            .expect_err("defaults are unsafe in production");
+        let err = config.validate().expect_err("defaults are unsafe in production");
         assert_eq!(err.problems.len(), 3, "{err}");
         assert!(err.to_string().contains("guest credentials"));
     }

@@ -64,10 +64,7 @@ string_enum! {
 
 impl JobStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
-        )
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
     }
 }
 
@@ -114,10 +111,7 @@ string_enum! {
 impl EventKind {
     /// A terminal event is the last one of its job: streams end after it.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled
-        )
+        matches!(self, EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled)
     }
 }
 
@@ -138,11 +132,6 @@ mod tests {
 
     #[test]
     fn serde_uses_the_canonical_spelling() {
-        assert_eq!(
-            serde_json::to_string(&EventKind::StepCompleted)
-                .ok()
-                .as_deref(),
-            Some("\"step.completed\"")
-        );
+        assert_eq!(serde_json::to_string(&EventKind::StepCompleted).ok().as_deref(), Some("\"step.completed\""));
     }
 }

@@ -41,10 +41,7 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     pub fn new(redis: RedisHandle, prefix: impl Into<String>) -> Self {
-        Self {
-            redis,
-            prefix: prefix.into(),
-        }
+        Self { redis, prefix: prefix.into() }
     }
 
     pub async fn publish(&self, event: &JobEvent) {

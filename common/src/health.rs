@@ -69,15 +69,7 @@ pub async fn probe<E: std::fmt::Display>(check: impl Future<Output = Result<(), 
         }
         Err(_) => Some("timed out".to_owned()),
     };
-    Check {
-        status: if error.is_none() {
-            Status::Ok
-        } else {
-            Status::Down
-        },
-        latency_ms,
-        error,
-    }
+    Check { status: if error.is_none() { Status::Ok } else { Status::Down }, latency_ms, error }
 }
 
 pub async fn probe_postgres(pool: &PgPool) -> Check {
@@ -93,12 +85,5 @@ pub fn readiness(postgres: Check, rabbitmq: Check, redis: Check) -> Readiness {
     } else {
         Status::Ok
     };
-    Readiness {
-        status,
-        checks: Checks {
-            postgres,
-            rabbitmq,
-            redis,
-        },
-    }
+    Readiness { status, checks: Checks { postgres, rabbitmq, redis } }
 }

@@ -47,12 +47,7 @@ impl RedisHandle {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(Self {
-            client,
-            manager,
-            started: Instant::now(),
-            unavailable_until_ms: Arc::new(AtomicU64::new(0)),
-        })
+        Ok(Self { client, manager, started: Instant::now(), unavailable_until_ms: Arc::new(AtomicU64::new(0)) })
     }
 
     /// The client, for connections the manager cannot serve (pub/sub).
@@ -61,19 +56,15 @@ impl RedisHandle {
     }
 
     pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), RedisUnavailable> {
-        self.guarded(|mut conn| async move { conn.publish::<_, _, ()>(channel, payload).await })
-            .await
+        self.guarded(|mut conn| async move { conn.publish::<_, _, ()>(channel, payload).await }).await
     }
 
     pub async fn ping(&self) -> Result<(), RedisUnavailable> {
         // The readiness probe must see the truth now, not the back-off's memory of it.
         let mut conn = self.manager.clone();
-        let pong = tokio::time::timeout(
-            Duration::from_secs(1),
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await
-        .map_err(|_| RedisUnavailable::Timeout)?;
+        let pong = tokio::time::timeout(Duration::from_secs(1), redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| RedisUnavailable::Timeout)?;
         self.record(pong.map(drop).map_err(RedisUnavailable::from))
     }
 
@@ -85,11 +76,10 @@ impl RedisHandle {
         if self.now_ms() < self.unavailable_until_ms.load(Ordering::Relaxed) {
             return Err(RedisUnavailable::BackingOff);
         }
-        let result =
-            match tokio::time::timeout(Duration::from_secs(1), op(self.manager.clone())).await {
-                Ok(result) => result.map_err(RedisUnavailable::from),
-                Err(_) => Err(RedisUnavailable::Timeout),
-            };
+        let result = match tokio::time::timeout(Duration::from_secs(1), op(self.manager.clone())).await {
+            Ok(result) => result.map_err(RedisUnavailable::from),
+            Err(_) => Err(RedisUnavailable::Timeout),
+        };
         self.record(result)
     }
 

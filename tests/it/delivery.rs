@@ -20,87 +20,41 @@ async fn the_relay_publishes_a_job_whose_fast_path_publish_never_happened() {
     let id = Uuid::now_v7();
     let models = vec!["mock/alpha".to_owned()];
     let mut tx = app.pool.begin().await.expect("begin");
-    let new_job = db::jobs::NewJob {
-        id,
-        user_id,
-        pattern: "direct",
-        prompt: "hello",
-        models: &models,
-        options: &json!({}),
-    };
-    db::jobs::insert(&mut tx, &new_job)
-        .await
-        .expect("insert job");
-    db::events::append(&mut tx, id, EventKind::Queued, json!({}))
-        .await
-        .expect("queued event");
-    db::outbox::insert(&mut *tx, id, 1)
-        .await
-        .expect("outbox row");
+    let new_job =
+        db::jobs::NewJob { id, user_id, pattern: "direct", prompt: "hello", models: &models, options: &json!({}) };
+    db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
+    db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued event");
+    db::outbox::insert(&mut *tx, id, 1).await.expect("outbox row");
     tx.commit().await.expect("commit");
 
     let job = app.wait_for_terminal(&key, id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(
-        app.count("SELECT count(*) FROM outbox WHERE job_id = $1", id)
-            .await,
-        0
-    );
+    assert_eq!(app.count("SELECT count(*) FROM outbox WHERE job_id = $1", id).await, 0);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn a_duplicate_delivery_of_a_finished_job_changes_nothing() {
     // One delivery at a time: the duplicate is fully handled before the next job starts.
-    let app = TestApp::spawn_with(Options {
-        concurrency: 1,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(Options { concurrency: 1, ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
     let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
     let before = app.wait_for_terminal(&key, id).await;
     assert_eq!(before["status"], "succeeded");
     let calls = app.mock.calls();
-    let events = app
-        .count("SELECT count(*) FROM job_events WHERE job_id = $1", id)
-        .await;
+    let events = app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id).await;
 
-    let publisher = Publisher::new(
-        app.config.amqp_url.clone(),
-        Topology::new(&app.config.queue_prefix),
-    );
-    publisher
-        .publish(&JobMessage::new(id, 1))
-        .await
-        .expect("publish duplicate");
-    publisher
-        .publish(&JobMessage::new(id, 2))
-        .await
-        .expect("publish duplicate");
+    let publisher = Publisher::new(app.config.amqp_url.clone(), Topology::new(&app.config.queue_prefix));
+    publisher.publish(&JobMessage::new(id, 1)).await.expect("publish duplicate");
+    publisher.publish(&JobMessage::new(id, 2)).await.expect("publish duplicate");
     let marker = app.submit_ok(&key, &["mock/gamma"]).await;
     app.wait_for_terminal(&key, marker).await;
     publisher.close().await;
 
-    assert_eq!(
-        app.mock.calls(),
-        calls + 1,
-        "only the marker job may call a provider"
-    );
+    assert_eq!(app.mock.calls(), calls + 1, "only the marker job may call a provider");
     let after = app.job(&key, id).await;
-    assert_eq!(
-        after, before,
-        "a duplicate delivery must not change the job"
-    );
-    assert_eq!(
-        app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id)
-            .await,
-        events
-    );
-    assert_eq!(
-        app.count("SELECT count(*) FROM job_steps WHERE job_id = $1", id)
-            .await,
-        2
-    );
+    assert_eq!(after, before, "a duplicate delivery must not change the job");
+    assert_eq!(app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id).await, events);
+    assert_eq!(app.count("SELECT count(*) FROM job_steps WHERE job_id = $1", id).await, 2);
     app.stop().await;
 }

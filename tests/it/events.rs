@@ -8,48 +8,25 @@ use crate::{
     support::{problem, Options, TestApp},
 };
 
-const STORY: [&str; 7] = [
-    "queued",
-    "started",
-    "step.started",
-    "step.started",
-    "step.completed",
-    "step.completed",
-    "succeeded",
-];
+const STORY: [&str; 7] =
+    ["queued", "started", "step.started", "step.started", "step.completed", "step.completed", "succeeded"];
 
 fn kinds(events: &[crate::sse::SseEvent]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e.event.clone().unwrap_or_default())
-        .collect()
+    events.iter().map(|e| e.event.clone().unwrap_or_default()).collect()
 }
 
 fn ids(events: &[crate::sse::SseEvent]) -> Vec<i64> {
-    events
-        .iter()
-        .map(|e| {
-            e.id.as_deref()
-                .and_then(|id| id.parse().ok())
-                .expect("numeric id")
-        })
-        .collect()
+    events.iter().map(|e| e.id.as_deref().and_then(|id| id.parse().ok()).expect("numeric id")).collect()
 }
 
 #[tokio::test]
 async fn a_live_stream_tells_the_whole_story_and_ends() {
-    let app = TestApp::spawn_with(Options {
-        mock_latency_ms: 300,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(Options { mock_latency_ms: 300, ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
     let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
 
     // Opened while the job runs: replay and live events must join without a seam.
-    let events = SseReader::new(app.events(&key, id, None).await)
-        .collect_events()
-        .await;
+    let events = SseReader::new(app.events(&key, id, None).await).collect_events().await;
     let mut kinds = kinds(&events);
     kinds[2..6].sort(); // the two models run concurrently
     let mut story = STORY.map(str::to_owned).to_vec();
@@ -58,18 +35,10 @@ async fn a_live_stream_tells_the_whole_story_and_ends() {
     assert_eq!(ids(&events), (1..=7).collect::<Vec<_>>());
     for event in &events {
         assert_eq!(event.data["job_id"], Value::String(id.to_string()));
-        assert_eq!(
-            event.data["seq"].as_i64(),
-            event.id.as_deref().and_then(|i| i.parse().ok())
-        );
+        assert_eq!(event.data["seq"].as_i64(), event.id.as_deref().and_then(|i| i.parse().ok()));
     }
-    let completed = events
-        .iter()
-        .find(|e| e.event.as_deref() == Some("step.completed"))
-        .expect("a completed step");
-    assert!(completed.data["data"]["output"]
-        .as_str()
-        .is_some_and(|o| o.starts_with("[mock/")));
+    let completed = events.iter().find(|e| e.event.as_deref() == Some("step.completed")).expect("a completed step");
+    assert!(completed.data["data"]["output"].as_str().is_some_and(|o| o.starts_with("[mock/")));
     app.stop().await;
 }
 
@@ -80,43 +49,24 @@ async fn last_event_id_resumes_with_nothing_missed_or_repeated() {
     let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
     app.wait_for_terminal(&key, id).await;
 
-    let all = SseReader::new(app.events(&key, id, None).await)
-        .collect_events()
-        .await;
+    let all = SseReader::new(app.events(&key, id, None).await).collect_events().await;
     assert_eq!(ids(&all), (1..=7).collect::<Vec<_>>());
 
     for resume_after in [0, 1, 3, 6] {
-        let rest = SseReader::new(app.events(&key, id, Some(&resume_after.to_string())).await)
-            .collect_events()
-            .await;
-        assert_eq!(
-            ids(&rest),
-            ((resume_after + 1)..=7).collect::<Vec<_>>(),
-            "after {resume_after}"
-        );
+        let rest = SseReader::new(app.events(&key, id, Some(&resume_after.to_string())).await).collect_events().await;
+        assert_eq!(ids(&rest), ((resume_after + 1)..=7).collect::<Vec<_>>(), "after {resume_after}");
         assert_eq!(kinds(&rest), kinds(&all[resume_after as usize..]));
     }
     // After the terminal event there is nothing more: the stream ends at once.
-    assert!(SseReader::new(app.events(&key, id, Some("7")).await)
-        .collect_events()
-        .await
-        .is_empty());
-    problem(
-        app.events(&key, id, Some("seven")).await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
+    assert!(SseReader::new(app.events(&key, id, Some("7")).await).collect_events().await.is_empty());
+    problem(app.events(&key, id, Some("seven")).await, StatusCode::BAD_REQUEST).await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn an_idle_stream_gets_heartbeats() {
-    let app = TestApp::spawn_with(Options {
-        mock_latency_ms: 4_000,
-        sse_heartbeat_secs: 1,
-        ..Default::default()
-    })
-    .await;
+    let app =
+        TestApp::spawn_with(Options { mock_latency_ms: 4_000, sse_heartbeat_secs: 1, ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
     let id = app.submit_ok(&key, &["mock/alpha"]).await;
     let mut reader = SseReader::new(app.events(&key, id, None).await);
@@ -128,10 +78,7 @@ async fn an_idle_stream_gets_heartbeats() {
             Frame::Event(event) => kinds.push(event.event.unwrap_or_default()),
         }
     }
-    assert!(
-        heartbeats >= 2,
-        "expected heartbeats during a 4 s step, got {heartbeats}"
-    );
+    assert!(heartbeats >= 2, "expected heartbeats during a 4 s step, got {heartbeats}");
     assert_eq!(kinds.last().map(String::as_str), Some("succeeded"));
     app.stop().await;
 }

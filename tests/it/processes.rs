@@ -17,9 +17,7 @@ struct WorkerProcess {
 }
 
 async fn free_port() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("address").port()
 }
 
@@ -52,11 +50,7 @@ async fn spawn_worker(app: &TestApp) -> WorkerProcess {
         }
         all
     });
-    WorkerProcess {
-        child,
-        health: format!("http://127.0.0.1:{port}/health/ready"),
-        log,
-    }
+    WorkerProcess { child, health: format!("http://127.0.0.1:{port}/health/ready"), log }
 }
 
 async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
@@ -68,10 +62,7 @@ async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
                 return;
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "worker never became ready"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "worker never became ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -79,25 +70,16 @@ async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
 /// SIGTERM, then the exit status and the log lines.
 async fn terminate(mut worker: WorkerProcess) -> (std::process::ExitStatus, Vec<String>) {
     let pid = worker.child.id().expect("pid").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(sent.success());
-    let status = tokio::time::timeout(PATIENCE, worker.child.wait())
-        .await
-        .expect("worker exits on SIGTERM")
-        .expect("wait");
+    let status =
+        tokio::time::timeout(PATIENCE, worker.child.wait()).await.expect("worker exits on SIGTERM").expect("wait");
     (status, worker.log.await.expect("log reader"))
 }
 
 #[tokio::test]
 async fn two_worker_processes_share_one_queue() {
-    let app = TestApp::spawn_with(Options {
-        worker: false,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
     let workers = [spawn_worker(&app).await, spawn_worker(&app).await];
     for worker in &workers {
         wait_ready(&app, worker).await;
@@ -109,18 +91,10 @@ async fn two_worker_processes_share_one_queue() {
         ids.push(app.submit_ok(&key, &["mock/alpha"]).await);
     }
     // A stream on this process sees every event the other processes write.
-    let events = crate::sse::SseReader::new(app.events(&key, ids[5], None).await)
-        .collect_events()
-        .await;
-    assert_eq!(
-        events.last().and_then(|e| e.event.as_deref()),
-        Some("succeeded")
-    );
+    let events = crate::sse::SseReader::new(app.events(&key, ids[5], None).await).collect_events().await;
+    assert_eq!(events.last().and_then(|e| e.event.as_deref()), Some("succeeded"));
     for id in &ids {
-        assert_eq!(
-            app.wait_for_terminal(&key, *id).await["status"],
-            "succeeded"
-        );
+        assert_eq!(app.wait_for_terminal(&key, *id).await["status"], "succeeded");
     }
 
     let [first, second] = workers;
@@ -128,16 +102,9 @@ async fn two_worker_processes_share_one_queue() {
         let (status, log) = terminate(worker).await;
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
         let finished = log.iter().filter(|l| l.contains("job finished")).count();
-        assert!(
-            finished >= 1,
-            "each worker should have run a share of the jobs; log: {log:#?}"
-        );
+        assert!(finished >= 1, "each worker should have run a share of the jobs; log: {log:#?}");
         assert!(log.iter().any(|l| l.contains("worker stopped")));
     }
-    assert_eq!(
-        app.mock.calls(),
-        0,
-        "the in-process mock must not have been used"
-    );
+    assert_eq!(app.mock.calls(), 0, "the in-process mock must not have been used");
     app.stop().await;
 }

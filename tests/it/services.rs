@@ -12,8 +12,7 @@ use sqlx::{postgres::PgConnectOptions, ConnectOptions, Connection, Executor, PgC
 use uuid::Uuid;
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 pub fn amqp_url() -> String {
@@ -36,11 +35,7 @@ pub async fn require_all() {
     if let Err(err) = admin_connection().await {
         unreachable("PostgreSQL", "DATABASE_URL", err);
     }
-    let amqp = tokio::time::timeout(
-        Duration::from_secs(5),
-        common::queue::connect(&amqp_url(), "ultra-tests"),
-    )
-    .await;
+    let amqp = tokio::time::timeout(Duration::from_secs(5), common::queue::connect(&amqp_url(), "ultra-tests")).await;
     match amqp {
         Ok(Ok(conn)) => {
             let _ = conn.close(200, "ok".into()).await;
@@ -48,8 +43,7 @@ pub async fn require_all() {
         Ok(Err(err)) => unreachable("RabbitMQ", "AMQP_URL", err),
         Err(_) => unreachable("RabbitMQ", "AMQP_URL", "timed out"),
     }
-    let redis = common::redis::RedisHandle::new(&redis_url())
-        .unwrap_or_else(|e| unreachable("Redis", "REDIS_URL", e));
+    let redis = common::redis::RedisHandle::new(&redis_url()).unwrap_or_else(|e| unreachable("Redis", "REDIS_URL", e));
     if let Err(err) = redis.ping().await {
         unreachable("Redis", "REDIS_URL", err);
     }
@@ -72,62 +66,33 @@ fn template_name() -> String {
         sums.extend_from_slice(&migration.checksum);
     }
     let digest = Sha256::digest(&sums);
-    format!(
-        "ultra_tpl_{}",
-        digest
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
+    format!("ultra_tpl_{}", digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// Creates this test's database from the template (making the template first if
 /// needed) and returns its URL and name.
 pub async fn create_database() -> (String, String) {
     let template = template_name();
-    let mut admin = admin_connection()
-        .await
-        .unwrap_or_else(|e| unreachable("PostgreSQL", "DATABASE_URL", e));
+    let mut admin = admin_connection().await.unwrap_or_else(|e| unreachable("PostgreSQL", "DATABASE_URL", e));
     // One test process builds the template; the others wait on this lock.
-    admin
-        .execute("SELECT pg_advisory_lock(727274)")
+    admin.execute("SELECT pg_advisory_lock(727274)").await.expect("advisory lock");
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&template)
+        .fetch_one(&mut admin)
         .await
-        .expect("advisory lock");
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&template)
-            .fetch_one(&mut admin)
-            .await
-            .expect("query pg_database");
+        .expect("query pg_database");
     if !exists {
         // Built under a temporary name and renamed when complete, so a crash never
         // leaves a half-migrated template behind.
         let building = format!("{template}_building");
-        admin
-            .execute(format!(r#"DROP DATABASE IF EXISTS "{building}" WITH (FORCE)"#).as_str())
-            .await
-            .expect("drop");
-        admin
-            .execute(format!(r#"CREATE DATABASE "{building}""#).as_str())
-            .await
-            .expect("create template");
-        let mut conn = server_options()
-            .database(&building)
-            .connect()
-            .await
-            .expect("connect to template");
+        admin.execute(format!(r#"DROP DATABASE IF EXISTS "{building}" WITH (FORCE)"#).as_str()).await.expect("drop");
+        admin.execute(format!(r#"CREATE DATABASE "{building}""#).as_str()).await.expect("create template");
+        let mut conn = server_options().database(&building).connect().await.expect("connect to template");
         MIGRATOR.run(&mut conn).await.expect("migrate template");
         conn.close().await.expect("close template connection");
-        admin
-            .execute(format!(r#"ALTER DATABASE "{building}" RENAME TO "{template}""#).as_str())
-            .await
-            .expect("rename");
+        admin.execute(format!(r#"ALTER DATABASE "{building}" RENAME TO "{template}""#).as_str()).await.expect("rename");
     }
-    admin
-        .execute("SELECT pg_advisory_unlock(727274)")
-        .await
-        .expect("advisory unlock");
+    admin.execute("SELECT pg_advisory_unlock(727274)").await.expect("advisory unlock");
 
     let name = format!("ultra_t_{}", Uuid::new_v4().simple());
     let create = format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#);
@@ -144,9 +109,7 @@ pub async fn create_database() -> (String, String) {
 
 pub async fn drop_database(name: &str) {
     if let Ok(mut admin) = admin_connection().await {
-        let _ = admin
-            .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-            .await;
+        let _ = admin.execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str()).await;
     }
 }
 
@@ -164,14 +127,10 @@ pub async fn delete_topology(prefix: &str) {
     };
     if let Ok(channel) = conn.create_channel().await {
         for queue in [&topology.analyze_queue, &topology.dead_queue] {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
         for exchange in [&topology.jobs_exchange, &topology.dead_exchange] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
     }
     let _ = conn.close(200, "done".into()).await;

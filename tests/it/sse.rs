@@ -27,19 +27,9 @@ pub struct SseReader {
 impl SseReader {
     pub fn new(response: reqwest::Response) -> Self {
         assert_eq!(response.status(), reqwest::StatusCode::OK);
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        assert!(
-            content_type.starts_with("text/event-stream"),
-            "content-type {content_type}"
-        );
-        Self {
-            body: response.bytes_stream().boxed(),
-            buffer: String::new(),
-        }
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert!(content_type.starts_with("text/event-stream"), "content-type {content_type}");
+        Self { body: response.bytes_stream().boxed(), buffer: String::new() }
     }
 
     /// The next frame, `None` when the server ends the stream.
@@ -49,11 +39,8 @@ impl SseReader {
                 let block: String = self.buffer.drain(..end + 2).collect();
                 return Some(parse_block(&block));
             }
-            let chunk = tokio::time::timeout(PATIENCE, self.body.next())
-                .await
-                .expect("stream stalled")?;
-            self.buffer
-                .push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
+            let chunk = tokio::time::timeout(PATIENCE, self.body.next()).await.expect("stream stalled")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
         }
     }
 
@@ -77,9 +64,7 @@ fn parse_block(block: &str) -> Frame {
             continue;
         }
         comment = false;
-        let (field, value) = line
-            .split_once(':')
-            .map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+        let (field, value) = line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
         match field {
             "id" => id = Some(value.to_owned()),
             "event" => event = Some(value.to_owned()),
@@ -90,9 +75,5 @@ fn parse_block(block: &str) -> Frame {
     if comment {
         return Frame::Comment;
     }
-    Frame::Event(SseEvent {
-        id,
-        event,
-        data: serde_json::from_str(&data).unwrap_or(Value::Null),
-    })
+    Frame::Event(SseEvent { id, event, data: serde_json::from_str(&data).unwrap_or(Value::Null) })
 }

@@ -10,17 +10,10 @@ async fn a_two_model_job_runs_to_success() {
     let app = TestApp::spawn().await;
     let (_, key) = app.user_with_key().await;
 
-    let response = app
-        .submit(
-            &key,
-            &json!({ "prompt": "Why is the sky blue?", "models": ["mock/alpha", "mock/beta"] }),
-        )
-        .await;
+    let response =
+        app.submit(&key, &json!({ "prompt": "Why is the sky blue?", "models": ["mock/alpha", "mock/beta"] })).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let location = response.headers()["location"]
-        .to_str()
-        .expect("Location")
-        .to_owned();
+    let location = response.headers()["location"].to_str().expect("Location").to_owned();
     let accepted: Value = response.json().await.expect("JSON");
     let id = accepted["id"].as_str().expect("id").to_owned();
     assert_eq!(accepted["status"], "queued");
@@ -59,39 +52,16 @@ async fn a_two_model_job_runs_to_success() {
 
 #[tokio::test]
 async fn every_kind_of_bad_input_is_refused_naming_the_field() {
-    let app = TestApp::spawn_with(crate::support::Options {
-        worker: false,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(crate::support::Options { worker: false, ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
     let too_long = "a".repeat(app.config.max_prompt_chars + 1);
     let cases: Vec<(Value, StatusCode, &[&str])> = vec![
-        (
-            json!({ "prompt": "", "models": ["mock/alpha"] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["prompt"],
-        ),
-        (
-            json!({ "prompt": "   \n", "models": ["mock/alpha"] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["prompt"],
-        ),
-        (
-            json!({ "prompt": too_long, "models": ["mock/alpha"] }),
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &["prompt"],
-        ),
-        (
-            json!({ "prompt": "hi", "models": [] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["models"],
-        ),
-        (
-            json!({ "prompt": "hi", "models": ["mock/omega"] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["models[0]"],
-        ),
+        (json!({ "prompt": "", "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["prompt"]),
+        (json!({ "prompt": "   \n", "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["prompt"]),
+        (json!({ "prompt": "a\u{0}b", "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["prompt"]),
+        (json!({ "prompt": too_long, "models": ["mock/alpha"] }), StatusCode::PAYLOAD_TOO_LARGE, &["prompt"]),
+        (json!({ "prompt": "hi", "models": [] }), StatusCode::UNPROCESSABLE_ENTITY, &["models"]),
+        (json!({ "prompt": "hi", "models": ["mock/omega"] }), StatusCode::UNPROCESSABLE_ENTITY, &["models[0]"]),
         (
             json!({ "prompt": "hi", "models": ["mock/alpha", "mock/alpha"] }),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -107,21 +77,9 @@ async fn every_kind_of_bad_input_is_refused_naming_the_field() {
             StatusCode::UNPROCESSABLE_ENTITY,
             &["pattern"],
         ),
-        (
-            json!({ "prompt": 42, "models": ["mock/alpha"] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["prompt"],
-        ),
-        (
-            json!({ "prompt": "hi", "models": "mock/alpha" }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["models"],
-        ),
-        (
-            json!({ "models": ["mock/alpha"] }),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["body"],
-        ),
+        (json!({ "prompt": 42, "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["prompt"]),
+        (json!({ "prompt": "hi", "models": "mock/alpha" }), StatusCode::UNPROCESSABLE_ENTITY, &["models"]),
+        (json!({ "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["body"]),
         (
             json!({ "prompt": "hi", "models": ["mock/alpha"], "tier": "enterprise" }),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -142,60 +100,27 @@ async fn every_kind_of_bad_input_is_refused_naming_the_field() {
             StatusCode::UNPROCESSABLE_ENTITY,
             &["options.seed"],
         ),
-        (
-            json!(["prompt"]),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &["body"],
-        ),
+        (json!(["prompt"]), StatusCode::UNPROCESSABLE_ENTITY, &["body"]),
     ];
     for (body, status, expected) in cases {
         let problem = problem(app.submit(&key, &body).await, status).await;
-        assert_eq!(
-            fields(&problem),
-            expected.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            "{body} -> {problem}"
-        );
+        assert_eq!(fields(&problem), expected.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "{body} -> {problem}");
     }
 
     let raw = |content_type: &'static str, body: &'static str| {
-        app.http
-            .post(app.url("/v1/analyze"))
-            .bearer_auth(&key)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+        app.http.post(app.url("/v1/analyze")).bearer_auth(&key).header("content-type", content_type).body(body).send()
     };
     let malformed = problem(
-        raw("application/json", r#"{"prompt": "hi", "models": [#"#)
-            .await
-            .expect("send"),
+        raw("application/json", r#"{"prompt": "hi", "models": [#"#).await.expect("send"),
         StatusCode::BAD_REQUEST,
     )
     .await;
-    assert!(
-        malformed["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("malformed JSON")),
-        "{malformed}"
-    );
-    problem(
-        raw("application/json", "").await.expect("send"),
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    let wrong_type = problem(
-        raw("text/plain", r#"{"prompt": "hi"}"#)
-            .await
-            .expect("send"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-    )
-    .await;
-    assert!(
-        wrong_type["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("text/plain")),
-        "{wrong_type}"
-    );
+    assert!(malformed["detail"].as_str().is_some_and(|d| d.contains("malformed JSON")), "{malformed}");
+    problem(raw("application/json", "").await.expect("send"), StatusCode::BAD_REQUEST).await;
+    let wrong_type =
+        problem(raw("text/plain", r#"{"prompt": "hi"}"#).await.expect("send"), StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            .await;
+    assert!(wrong_type["detail"].as_str().is_some_and(|d| d.contains("text/plain")), "{wrong_type}");
     let huge_body = "x".repeat(8 * 1024 * 1024);
     let response = app
         .http
@@ -210,10 +135,7 @@ async fn every_kind_of_bad_input_is_refused_naming_the_field() {
         problem(response, StatusCode::PAYLOAD_TOO_LARGE).await;
     }
 
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(&app.pool)
-        .await
-        .expect("count");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&app.pool).await.expect("count");
     assert_eq!(jobs, 0, "no refused request may create a job");
     app.stop().await;
 }

@@ -68,10 +68,7 @@ impl TestApp {
         let mut config = Config::from_env().expect("default configuration");
         config.database_url = database_url;
         config.amqp_url = options.amqp_url.clone().unwrap_or_else(services::amqp_url);
-        config.redis_url = options
-            .redis_url
-            .clone()
-            .unwrap_or_else(services::redis_url);
+        config.redis_url = options.redis_url.clone().unwrap_or_else(services::redis_url);
         config.queue_prefix = format!("{prefix}.");
         config.redis_prefix = prefix;
         config.mock_latency_ms = options.mock_latency_ms;
@@ -82,32 +79,16 @@ impl TestApp {
         let config = Arc::new(config);
 
         let shutdown = CancellationToken::new();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a free port");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let base = format!("http://{}", listener.local_addr().expect("local address"));
         let mock = Arc::new(MockProvider::new(config.mock_latency()));
-        let mut tasks = vec![tokio::spawn(api::run(
-            config.clone(),
-            listener,
-            shutdown.clone(),
-        ))];
+        let mut tasks = vec![tokio::spawn(api::run(config.clone(), listener, shutdown.clone()))];
         if options.worker {
-            let worker =
-                worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone()));
+            let worker = worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone()));
             tasks.push(tokio::spawn(worker.run(None, shutdown.clone())));
         }
         let pool = db::connect_lazy(&config.database_url).expect("test pool");
-        let app = Self {
-            config,
-            base,
-            http: reqwest::Client::new(),
-            pool,
-            mock,
-            db_name,
-            shutdown,
-            tasks,
-        };
+        let app = Self { config, base, http: reqwest::Client::new(), pool, mock, db_name, shutdown, tasks };
         app.wait_until_serving().await;
         app
     }
@@ -132,49 +113,26 @@ impl TestApp {
     /// A new user and an API key for them.
     pub async fn user_with_key(&self) -> (Uuid, String) {
         let email = format!("{}@example.com", Uuid::new_v4().simple());
-        let user = db::users::create(&self.pool, &email, "user")
-            .await
-            .expect("create user");
+        let user = db::users::create(&self.pool, &email, "user").await.expect("create user");
         let key = apikey::generate();
-        db::api_keys::insert(&self.pool, user.id, "test", &key.prefix, &key.hash)
-            .await
-            .expect("create key");
+        db::api_keys::insert(&self.pool, user.id, "test", &key.prefix, &key.hash).await.expect("create key");
         (user.id, key.secret)
     }
 
     pub async fn get(&self, key: &str, path: &str) -> Response {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("GET")
+        self.http.get(self.url(path)).bearer_auth(key).send().await.expect("GET")
     }
 
     pub async fn submit(&self, key: &str, body: &Value) -> Response {
-        self.http
-            .post(self.url("/v1/analyze"))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .expect("POST /v1/analyze")
+        self.http.post(self.url("/v1/analyze")).bearer_auth(key).json(body).send().await.expect("POST /v1/analyze")
     }
 
     /// Submits a valid job and returns its id.
     pub async fn submit_ok(&self, key: &str, models: &[&str]) -> Uuid {
-        let response = self
-            .submit(
-                key,
-                &json!({ "prompt": "Why is the sky blue?", "models": models }),
-            )
-            .await;
+        let response = self.submit(key, &json!({ "prompt": "Why is the sky blue?", "models": models })).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         let body: Value = response.json().await.expect("JSON body");
-        body["id"]
-            .as_str()
-            .and_then(|id| id.parse().ok())
-            .expect("job id")
+        body["id"].as_str().and_then(|id| id.parse().ok()).expect("job id")
     }
 
     pub async fn job(&self, key: &str, id: Uuid) -> Value {
@@ -188,25 +146,17 @@ impl TestApp {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let job = self.job(key, id).await;
-            if ["succeeded", "failed", "cancelled"]
-                .contains(&job["status"].as_str().unwrap_or_default())
-            {
+            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or_default()) {
                 return job;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "job {id} did not finish: {job}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "job {id} did not finish: {job}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Opens a job's event stream.
     pub async fn events(&self, key: &str, id: Uuid, last_event_id: Option<&str>) -> Response {
-        let mut request = self
-            .http
-            .get(self.url(&format!("/v1/jobs/{id}/events")))
-            .bearer_auth(key);
+        let mut request = self.http.get(self.url(&format!("/v1/jobs/{id}/events"))).bearer_auth(key);
         if let Some(last) = last_event_id {
             request = request.header("Last-Event-ID", last);
         }
@@ -214,11 +164,7 @@ impl TestApp {
     }
 
     pub async fn count(&self, sql: &str, job_id: Uuid) -> i64 {
-        sqlx::query_scalar(sql)
-            .bind(job_id)
-            .fetch_one(&self.pool)
-            .await
-            .expect("count")
+        sqlx::query_scalar(sql).bind(job_id).fetch_one(&self.pool).await.expect("count")
     }
 
     /// Stops the app and removes its database, queues and exchanges.
@@ -241,21 +187,12 @@ impl TestApp {
 /// Asserts a problem+json response and returns its body.
 pub async fn problem(response: Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type =
+        response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     assert_eq!(content_type, "application/problem+json");
     let body: Value = response.json().await.expect("problem JSON");
     assert_eq!(body["status"], status.as_u16());
-    assert!(
-        body["type"]
-            .as_str()
-            .is_some_and(|t| t.starts_with("https://")),
-        "{body}"
-    );
+    assert!(body["type"].as_str().is_some_and(|t| t.starts_with("https://")), "{body}");
     body
 }
 
@@ -263,10 +200,5 @@ pub async fn problem(response: Response, status: StatusCode) -> Value {
 pub fn fields(problem: &Value) -> Vec<String> {
     problem["errors"]
         .as_array()
-        .map_or_else(Vec::new, |errors| {
-            errors
-                .iter()
-                .filter_map(|e| e["field"].as_str().map(str::to_owned))
-                .collect()
-        })
+        .map_or_else(Vec::new, |errors| errors.iter().filter_map(|e| e["field"].as_str().map(str::to_owned)).collect())
 }

@@ -4,6 +4,7 @@
 //! job's terminal commit.
 
 use std::{
+    panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -15,12 +16,11 @@ use common::{
     queue::{self, JobMessage, Topology},
     Config,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, BasicRejectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
     },
     types::FieldTable,
 };
@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, JobContext};
 
-/// Pause before handing back a delivery whose job hit an infrastructure error
-/// (database away), so an outage does not spin through the delivery limit.
-const INFRA_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Longest a session set-up, cancel or close may take before the broker counts as
+/// unresponsive.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Consumer {
     pub config: Arc<Config>,
@@ -64,21 +64,29 @@ impl Consumer {
     /// One connection's life. Returns `Ok` only on shutdown.
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
         let topology = Topology::new(&self.config.queue_prefix);
-        let connection = queue::connect(&self.config.amqp_url, "ultra-worker").await?;
-        let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
-        // At most `concurrency` unacked deliveries: the broker does the bounding.
-        channel
-            .basic_qos(self.config.concurrency, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                topology.analyze_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // A broker that accepts TCP but stalls must not hang the worker.
+        let setup = async {
+            let connection = queue::connect(&self.config.amqp_url, "ultra-worker").await?;
+            let channel = connection.create_channel().await?;
+            topology.declare(&channel).await?;
+            // At most `concurrency` unacked deliveries: the broker does the bounding.
+            channel.basic_qos(self.config.concurrency, BasicQosOptions::default()).await?;
+            let deliveries = channel
+                .basic_consume(
+                    topology.analyze_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((connection, channel, deliveries))
+        };
+        let (connection, channel, mut deliveries) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            setup = tokio::time::timeout(SETUP_TIMEOUT, setup) => {
+                setup.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "RabbitMQ session set-up timed out"))??
+            }
+        };
         self.connected.store(true, Ordering::Relaxed);
         tracing::info!(queue = %topology.analyze_queue, prefetch = self.config.concurrency, "consuming");
 
@@ -88,42 +96,51 @@ impl Consumer {
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Err(err) = joined {
-                        tracing::error!(error = %err, "delivery handler panicked; the message will be redelivered");
+                        tracing::error!(error = %err, "delivery handler failed");
                     }
                 }
                 delivery = deliveries.next() => match delivery {
-                    Some(Ok(delivery)) => { in_flight.spawn(handle(self.ctx.clone(), delivery)); }
+                    Some(Ok(delivery)) => { in_flight.spawn(handle(self.ctx.clone(), delivery, shutdown.clone())); }
                     Some(Err(err)) => break Err(err),
                     None => break Err(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer"))),
                 },
             }
         };
 
-        // Stop new deliveries, then give in-flight jobs the grace period to finish.
-        // Whatever is still unacked when the channel closes is redelivered elsewhere.
-        if ended.is_ok() {
-            let _ = channel
-                .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
-                .await;
+        match &ended {
+            // Shutdown: stop new deliveries, give in-flight jobs the grace period, and
+            // leave whatever is unfinished unacked, for redelivery elsewhere.
+            Ok(()) => {
+                let cancel = channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default());
+                let _ = tokio::time::timeout(SETUP_TIMEOUT, cancel).await;
+                let drain = async { while in_flight.join_next().await.is_some() {} };
+                if tokio::time::timeout(self.config.shutdown_grace(), drain).await.is_err() {
+                    tracing::warn!(
+                        abandoned = in_flight.len(),
+                        "grace period over; unfinished jobs will be redelivered"
+                    );
+                }
+            }
+            // Connection lost: the broker is already redelivering these messages, so
+            // finishing them here could run a job twice at once. Stop them now.
+            Err(_) => {
+                tracing::warn!(abandoned = in_flight.len(), "connection lost; in-flight jobs will be redelivered")
+            }
         }
-        let drain = async { while in_flight.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.config.shutdown_grace(), drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                abandoned = in_flight.len(),
-                "grace period over; unfinished jobs will be redelivered"
-            );
-            in_flight.abort_all();
-        }
-        let _ = channel.close(200, "shutdown".into()).await;
-        let _ = connection.close(200, "shutdown".into()).await;
+        in_flight.abort_all();
+        let close = async {
+            let _ = channel.close(200, "shutdown".into()).await;
+            let _ = connection.close(200, "shutdown".into()).await;
+        };
+        let _ = tokio::time::timeout(SETUP_TIMEOUT, close).await;
         ended
     }
 }
 
-async fn handle(ctx: Arc<JobContext>, delivery: Delivery) {
+/// Runs one delivery's job and settles the delivery: ack after the job's terminal
+/// commit. While the database is unavailable the job is retried here with back-off
+/// rather than requeued, which would spend the message's delivery limit on an outage.
+async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: CancellationToken) {
     let message: JobMessage = match serde_json::from_slice(&delivery.data) {
         Ok(message) => message,
         Err(err) => {
@@ -134,22 +151,33 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery) {
         }
     };
     let job_id = message.job_id();
-    match pipeline::run(&ctx, job_id).await {
-        Ok(_) => {
-            if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
-                // The job is committed; the redelivery will find it finished and drop it.
-                tracing::warn!(%job_id, error = %err, "ack failed after commit");
+    let mut backoff = Duration::from_millis(500);
+    let done = loop {
+        match AssertUnwindSafe(pipeline::run(&ctx, job_id)).catch_unwind().await {
+            Ok(Ok(_)) => break true,
+            Ok(Err(err)) => {
+                tracing::warn!(%job_id, error = %err, retry_in_ms = backoff.as_millis() as u64, "job interrupted by an infrastructure error")
+            }
+            Err(_) => {
+                // A bug, not an outage: hand the message back; the delivery limit
+                // dead-letters it if it keeps failing.
+                tracing::error!(%job_id, "job handler panicked; requeueing");
+                break false;
             }
         }
-        Err(err) => {
-            tracing::warn!(%job_id, error = %err, "job interrupted by an infrastructure error; requeueing");
-            tokio::time::sleep(INFRA_RETRY_DELAY).await;
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break false,
+            _ = tokio::time::sleep(backoff) => {}
         }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    };
+    let settled = if done {
+        // If the ack is lost, the redelivery finds the job finished and drops it.
+        delivery.ack(BasicAckOptions::default()).await
+    } else {
+        delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+    };
+    if let Err(err) = settled {
+        tracing::warn!(%job_id, error = %err, "could not settle the delivery; the broker will redeliver it");
     }
 }

@@ -17,10 +17,7 @@ pub struct HealthState {
 }
 
 pub fn routes(state: HealthState) -> impl poem::Endpoint {
-    Route::new()
-        .at("/health/live", get(live))
-        .at("/health/ready", get(ready))
-        .data(state)
+    Route::new().at("/health/live", get(live)).at("/health/ready", get(ready)).data(state)
 }
 
 #[handler]
@@ -43,10 +40,6 @@ async fn ready(state: poem::web::Data<&HealthState>) -> Response {
         health::probe(state.redis.ping()),
     );
     let report = health::readiness(postgres, rabbitmq, redis);
-    let status = if report.can_accept_work() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if report.can_accept_work() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Json(report).with_status(status).into_response()
 }

@@ -42,11 +42,7 @@ impl Worker {
 
     /// Consumes until `shutdown`; serves health on `health_listener` if given (in
     /// `ultra all` the api's health endpoints cover the process).
-    pub async fn run(
-        self,
-        health_listener: Option<TcpListener>,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    pub async fn run(self, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
         let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
@@ -57,26 +53,16 @@ impl Worker {
             providers: self.providers,
             catalog: Catalog::builtin(),
         });
-        let consumer = Consumer {
-            config: config.clone(),
-            ctx,
-            connected: connected.clone(),
-        };
+        let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
 
         let health = match health_listener {
             Some(listener) => {
                 tracing::info!(address = ?listener.local_addr().ok(), "worker health listening");
-                let routes = health::routes(health::HealthState {
-                    pool: pool.clone(),
-                    redis,
-                    consuming: connected,
-                });
+                let routes = health::routes(health::HealthState { pool: pool.clone(), redis, consuming: connected });
                 let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
                 let stop = shutdown.clone();
                 Some(tokio::spawn(async move {
-                    server
-                        .run_with_graceful_shutdown(routes, stop.cancelled_owned(), None)
-                        .await
+                    server.run_with_graceful_shutdown(routes, stop.cancelled_owned(), None).await
                 }))
             }
             None => None,
@@ -84,10 +70,7 @@ impl Worker {
 
         consumer.run(shutdown.clone()).await;
         if let Some(health) = health {
-            health
-                .await
-                .context("health server task")?
-                .context("health server")?;
+            health.await.context("health server task")?.context("health server")?;
         }
         pool.close().await;
         tracing::info!("worker stopped");

@@ -86,16 +86,12 @@ impl AnalyzeApi {
     /// Validates the request and queues the job. The job is durable from the moment
     /// this returns 202, even while the message broker is down.
     #[oai(path = "/analyze", method = "post")]
-    async fn analyze(
-        &self,
-        auth: ApiKeyAuth,
-        body: JsonBody<AnalyzeRequest>,
-    ) -> Result<AnalyzeResponse, ApiError> {
+    async fn analyze(&self, auth: ApiKeyAuth, body: JsonBody<AnalyzeRequest>) -> Result<AnalyzeResponse, ApiError> {
         let state = &self.state;
         let request = body.0;
         let accepted = validate(state, &request)?;
-        let options = serde_json::to_value(request.options.unwrap_or_default())
-            .map_err(|e| ApiError::Internal(e.into()))?;
+        let options =
+            serde_json::to_value(request.options.unwrap_or_default()).map_err(|e| ApiError::Internal(e.into()))?;
         let id = Uuid::now_v7();
 
         let mut tx = state.pool.begin().await?;
@@ -127,14 +123,7 @@ impl AnalyzeApi {
 
         let links = JobLinks::for_job(id);
         let location = links.self_.clone();
-        Ok(AnalyzeResponse::Accepted(
-            Json(AnalyzeAccepted {
-                id,
-                status: "queued".to_owned(),
-                links,
-            }),
-            location,
-        ))
+        Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id, status: "queued".to_owned(), links }), location))
     }
 }
 
@@ -149,40 +138,29 @@ fn validate(state: &AppState, request: &AnalyzeRequest) -> Result<Accepted, ApiE
     let prompt_chars = request.prompt.chars().count();
     if prompt_chars > config.max_prompt_chars {
         return Err(ApiError::PayloadTooLarge(
-            format!(
-                "prompt has {prompt_chars} characters; the limit is {}",
-                config.max_prompt_chars
-            ),
-            Some(FieldError::new(
-                "prompt",
-                format!("at most {} characters", config.max_prompt_chars),
-            )),
+            format!("prompt has {prompt_chars} characters; the limit is {}", config.max_prompt_chars),
+            Some(FieldError::new("prompt", format!("at most {} characters", config.max_prompt_chars))),
         ));
     }
 
     let mut errors = Vec::new();
     if request.prompt.trim().is_empty() {
         errors.push(FieldError::new("prompt", "must not be empty"));
+    } else if request.prompt.contains('\0') {
+        errors.push(FieldError::new("prompt", "must not contain NUL characters"));
     }
     if request.models.is_empty() {
         errors.push(FieldError::new("models", "name at least one model"));
     } else if request.models.len() > config.max_models_per_job {
         errors.push(FieldError::new(
             "models",
-            format!(
-                "{} models named; at most {} per job",
-                request.models.len(),
-                config.max_models_per_job
-            ),
+            format!("{} models named; at most {} per job", request.models.len(), config.max_models_per_job),
         ));
     }
     let mut seen = HashMap::new();
     for (index, model) in request.models.iter().enumerate() {
         if let Some(first) = seen.insert(model.as_str(), index) {
-            errors.push(FieldError::new(
-                format!("models[{index}]"),
-                format!("duplicate of models[{first}]"),
-            ));
+            errors.push(FieldError::new(format!("models[{index}]"), format!("duplicate of models[{first}]")));
         } else if state.catalog.get(model).is_none() {
             errors.push(FieldError::new(
                 format!("models[{index}]"),
@@ -190,37 +168,23 @@ fn validate(state: &AppState, request: &AnalyzeRequest) -> Result<Accepted, ApiE
             ));
         }
     }
-    let pattern = match request
-        .pattern
-        .as_deref()
-        .unwrap_or("direct")
-        .parse::<Pattern>()
-    {
+    let pattern = match request.pattern.as_deref().unwrap_or("direct").parse::<Pattern>() {
         Ok(pattern) => Some(pattern),
         Err(err) => {
             let known: Vec<_> = Pattern::ALL.iter().map(|p| p.as_str()).collect();
-            errors.push(FieldError::new(
-                "pattern",
-                format!("{err}; known patterns: {}", known.join(", ")),
-            ));
+            errors.push(FieldError::new("pattern", format!("{err}; known patterns: {}", known.join(", "))));
             None
         }
     };
     if let Some(options) = &request.options {
         if let Some(t) = options.temperature {
             if !(0.0..=2.0).contains(&t) {
-                errors.push(FieldError::new(
-                    "options.temperature",
-                    "must be between 0 and 2",
-                ));
+                errors.push(FieldError::new("options.temperature", "must be between 0 and 2"));
             }
         }
         if let Some(m) = options.max_tokens {
             if !(1..=32_768).contains(&m) {
-                errors.push(FieldError::new(
-                    "options.max_tokens",
-                    "must be between 1 and 32768",
-                ));
+                errors.push(FieldError::new("options.max_tokens", "must be between 1 and 32768"));
             }
         }
     }

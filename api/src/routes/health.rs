@@ -44,9 +44,7 @@ impl HealthApi {
     /// The process is up; checks nothing else.
     #[oai(path = "/live", method = "get")]
     async fn live(&self) -> Json<Liveness> {
-        Json(Liveness {
-            status: "ok".to_owned(),
-        })
+        Json(Liveness { status: "ok".to_owned() })
     }
 
     /// Readiness

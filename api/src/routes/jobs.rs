@@ -20,9 +20,7 @@ use poem_openapi::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{
-    auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream,
-};
+use crate::{auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
 
 /// Largest page of `GET /v1/jobs`.
 const MAX_PAGE: u32 = 100;
@@ -38,10 +36,7 @@ pub struct JobLinks {
 
 impl JobLinks {
     pub fn for_job(id: Uuid) -> Self {
-        Self {
-            self_: format!("/v1/jobs/{id}"),
-            events: format!("/v1/jobs/{id}/events"),
-        }
+        Self { self_: format!("/v1/jobs/{id}"), events: format!("/v1/jobs/{id}/events") }
     }
 }
 
@@ -56,21 +51,15 @@ pub struct Usage {
 pub struct ErrorInfo {
     pub code: String,
     pub message: String,
+    /// For a failed job: each model that failed, at which stage, and why.
+    #[oai(skip_serializing_if_is_none)]
+    pub failures: Option<Value>,
 }
 
 impl ErrorInfo {
     fn from_json(value: &Value) -> Self {
-        let text = |key: &str| {
-            value
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        Self {
-            code: text("code"),
-            message: text("message"),
-        }
+        let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+        Self { code: text("code"), message: text("message"), failures: value.get("failures").cloned() }
     }
 }
 
@@ -87,21 +76,16 @@ pub struct StepView {
     pub error: Option<ErrorInfo>,
 }
 
+/// A job with its steps and outcome.
 #[derive(Debug, Object)]
 pub struct JobView {
-    pub id: Uuid,
-    pub status: JobStatus,
-    pub pattern: String,
-    pub models: Vec<String>,
-    pub created_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
+    #[oai(flatten)]
+    pub summary: JobSummary,
     /// Once succeeded: `answers` (each model's output) and `failures` (models that failed).
     pub result: Option<Value>,
     pub steps: Vec<StepView>,
     /// Once failed: why.
     pub error: Option<ErrorInfo>,
-    pub links: JobLinks,
 }
 
 /// A job in a list (without its steps).
@@ -115,6 +99,22 @@ pub struct JobSummary {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub links: JobLinks,
+}
+
+impl JobSummary {
+    /// Takes what a summary shows; the caller keeps the rest of the job.
+    fn of(job: &mut db::jobs::Job) -> Self {
+        Self {
+            id: job.id,
+            status: job.status,
+            pattern: std::mem::take(&mut job.pattern),
+            models: std::mem::take(&mut job.models),
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            links: JobLinks::for_job(job.id),
+        }
+    }
 }
 
 #[derive(Debug, Object)]
@@ -137,13 +137,7 @@ pub struct EventView {
 
 impl From<JobEvent> for EventView {
     fn from(e: JobEvent) -> Self {
-        Self {
-            job_id: e.job_id,
-            seq: e.seq,
-            kind: e.kind.as_str().to_owned(),
-            data: e.data,
-            created_at: e.created_at,
-        }
+        Self { job_id: e.job_id, seq: e.seq, kind: e.kind.as_str().to_owned(), data: e.data, created_at: e.created_at }
     }
 }
 
@@ -158,20 +152,13 @@ impl JobsApi {
     /// The job's status, its steps so far and, once finished, its result or error.
     #[oai(path = "/jobs/:id", method = "get")]
     async fn get_job(&self, auth: ApiKeyAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
-        let job = self.owned_job(&auth, id.0).await?;
+        let mut job = self.owned_job(&auth, id.0).await?;
         let steps = db::steps::list(&self.state.pool, job.id).await?;
         Ok(Json(JobView {
-            id: job.id,
-            status: job.status,
-            pattern: job.pattern,
-            models: job.models,
-            created_at: job.created_at,
-            started_at: job.started_at,
-            finished_at: job.finished_at,
+            summary: JobSummary::of(&mut job),
             result: job.result,
             steps: steps.into_iter().map(step_view).collect(),
             error: job.error.as_ref().map(ErrorInfo::from_json),
-            links: JobLinks::for_job(job.id),
         }))
     }
 
@@ -189,53 +176,27 @@ impl JobsApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<Json<JobPage>, ApiError> {
-        let status =
-            match status.0.as_deref() {
-                None => None,
-                Some(s) => Some(s.parse::<JobStatus>().map_err(|e| {
-                    ApiError::BadRequest(format!("invalid parameter `status`: {e}"))
-                })?),
-            };
+        let status = match status.0.as_deref() {
+            None => None,
+            Some(s) => Some(
+                s.parse::<JobStatus>().map_err(|e| ApiError::BadRequest(format!("invalid parameter `status`: {e}")))?,
+            ),
+        };
         let limit = limit.0.unwrap_or(20);
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::BadRequest(format!(
-                "invalid parameter `limit`: must be between 1 and {MAX_PAGE}"
-            )));
+            return Err(ApiError::BadRequest(format!("invalid parameter `limit`: must be between 1 and {MAX_PAGE}")));
         }
         let before = match cursor.0.as_deref() {
             None => None,
-            Some(c) => Some(
-                Uuid::parse_str(c)
-                    .map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?,
-            ),
+            Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?),
         };
         // One row more than asked tells whether another page exists.
-        let mut jobs = db::jobs::list_owned(
-            &self.state.pool,
-            auth.0.user_id,
-            status,
-            before,
-            i64::from(limit) + 1,
-        )
-        .await?;
+        let mut jobs =
+            db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
         let more = jobs.len() > limit as usize;
         jobs.truncate(limit as usize);
-        let next_cursor = more
-            .then(|| jobs.last().map(|j| j.id.to_string()))
-            .flatten();
-        let jobs = jobs
-            .into_iter()
-            .map(|job| JobSummary {
-                links: JobLinks::for_job(job.id),
-                id: job.id,
-                status: job.status,
-                pattern: job.pattern,
-                models: job.models,
-                created_at: job.created_at,
-                started_at: job.started_at,
-                finished_at: job.finished_at,
-            })
-            .collect();
+        let next_cursor = more.then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+        let jobs = jobs.iter_mut().map(JobSummary::of).collect();
         Ok(Json(JobPage { jobs, next_cursor }))
     }
 
@@ -257,9 +218,7 @@ impl JobsApi {
         let after = match last_event_id.0.as_deref().map(str::trim) {
             None | Some("") => 0,
             Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::BadRequest(
-                    "invalid header `Last-Event-ID`: expected an event sequence number".into(),
-                )
+                ApiError::BadRequest("invalid header `Last-Event-ID`: expected an event sequence number".into())
             })?,
         };
         let job = self.owned_job(&auth, id.0).await?;
@@ -275,30 +234,21 @@ impl JobsApi {
         .into_stream()
         .map(EventView::from)
         .boxed();
-        Ok(EventStream::new(events)
-            .keep_alive(Duration::from_secs(state.config.sse_heartbeat_secs.max(1)))
-            .to_event(|event| {
-                Event::message(event.to_json_string())
-                    .id(event.seq.to_string())
-                    .event_type(event.kind.clone())
-            }))
+        Ok(EventStream::new(events).keep_alive(Duration::from_secs(state.config.sse_heartbeat_secs.max(1))).to_event(
+            |event| Event::message(event.to_json_string()).id(event.seq.to_string()).event_type(event.kind.clone()),
+        ))
     }
 }
 
 impl JobsApi {
     async fn owned_job(&self, auth: &ApiKeyAuth, id: Uuid) -> Result<db::jobs::Job, ApiError> {
-        db::jobs::get_owned(&self.state.pool, id, auth.0.user_id)
-            .await?
-            .ok_or(ApiError::NotFound("job not found"))
+        db::jobs::get_owned(&self.state.pool, id, auth.0.user_id).await?.ok_or(ApiError::NotFound("job not found"))
     }
 }
 
 fn step_view(step: db::steps::Step) -> StepView {
     let usage = match (step.input_tokens, step.output_tokens) {
-        (Some(input_tokens), Some(output_tokens)) => Some(Usage {
-            input_tokens,
-            output_tokens,
-        }),
+        (Some(input_tokens), Some(output_tokens)) => Some(Usage { input_tokens, output_tokens }),
         _ => None,
     };
     StepView {

@@ -21,25 +21,14 @@ pub enum ApiTags {
     Health,
 }
 
-pub type Apis = (
-    analyze::AnalyzeApi,
-    jobs::JobsApi,
-    models::ModelsApi,
-    health::HealthApi,
-);
+pub type Apis = (analyze::AnalyzeApi, jobs::JobsApi, models::ModelsApi, health::HealthApi);
 
 /// The OpenAPI service: every route, documented.
 pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     let apis = (
-        analyze::AnalyzeApi {
-            state: state.clone(),
-        },
-        jobs::JobsApi {
-            state: state.clone(),
-        },
-        models::ModelsApi {
-            state: state.clone(),
-        },
+        analyze::AnalyzeApi { state: state.clone() },
+        jobs::JobsApi { state: state.clone() },
+        models::ModelsApi { state: state.clone() },
         health::HealthApi { state },
     );
     OpenApiService::new(apis, "Ultra", env!("CARGO_PKG_VERSION")).description(

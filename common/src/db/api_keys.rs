@@ -21,24 +21,19 @@ pub async fn insert(
     key_hash: &[u8],
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO api_keys (id, user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id)
-    .bind(user_id)
-    .bind(name)
-    .bind(prefix)
-    .bind(key_hash)
-    .execute(ex)
-    .await?;
+    sqlx::query("INSERT INTO api_keys (id, user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(user_id)
+        .bind(name)
+        .bind(prefix)
+        .bind(key_hash)
+        .execute(ex)
+        .await?;
     Ok(id)
 }
 
 /// The unrevoked key with this prefix, if its owner is not disabled.
-pub async fn find_active(
-    ex: impl PgExecutor<'_>,
-    prefix: &str,
-) -> Result<Option<ActiveKey>, sqlx::Error> {
+pub async fn find_active(ex: impl PgExecutor<'_>, prefix: &str) -> Result<Option<ActiveKey>, sqlx::Error> {
     sqlx::query_as(
         "SELECT k.id AS key_id, k.key_hash, u.id AS user_id, u.role, u.tier
            FROM api_keys k JOIN users u ON u.id = k.user_id
@@ -63,10 +58,9 @@ pub async fn touch(ex: impl PgExecutor<'_>, key_id: Uuid) -> Result<(), sqlx::Er
 }
 
 pub async fn revoke(ex: impl PgExecutor<'_>, key_id: Uuid) -> Result<bool, sqlx::Error> {
-    let done =
-        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-            .bind(key_id)
-            .execute(ex)
-            .await?;
+    let done = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind(key_id)
+        .execute(ex)
+        .await?;
     Ok(done.rows_affected() == 1)
 }

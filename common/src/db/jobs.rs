@@ -7,8 +7,7 @@ use uuid::Uuid;
 
 use crate::domain::JobStatus;
 
-const COLUMNS: &str =
-    "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
+const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
                        created_at, started_at, finished_at";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -55,25 +54,16 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sq
 }
 
 pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(ex).await
 }
 
 /// The job if `user_id` owns it. Someone else's job and a missing one look the same.
-pub async fn get_owned(
-    ex: impl PgExecutor<'_>,
-    id: Uuid,
-    user_id: Uuid,
-) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2"
-    ))
-    .bind(id)
-    .bind(user_id)
-    .fetch_optional(ex)
-    .await
+pub async fn get_owned(ex: impl PgExecutor<'_>, id: Uuid, user_id: Uuid) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND user_id = $2"))
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(ex)
+        .await
 }
 
 /// One page of a user's jobs, newest first; `before` is the last id of the previous page.
@@ -101,11 +91,10 @@ pub async fn list_owned(
 /// `running` with one more attempt. Returns the job and whether it was queued until
 /// now, or `None` if it is terminal or missing.
 pub async fn claim(conn: &mut PgConnection, id: Uuid) -> Result<Option<(Job, bool)>, sqlx::Error> {
-    let before: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let before: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(before) = before.filter(|s| !s.is_terminal()) else {
         return Ok(None);
     };

@@ -23,10 +23,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// away, and lost connections are replaced on the next acquire.
 pub fn connect_lazy(database_url: &str) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(database_url)?.application_name("ultra");
-    Ok(PgPoolOptions::new()
-        .max_connections(20)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options))
+    Ok(PgPoolOptions::new().max_connections(20).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options))
 }
 
 /// Creates the database if it does not exist, then applies pending migrations.
@@ -36,8 +33,7 @@ pub async fn prepare(database_url: &str, pool: &PgPool) -> Result<(), sqlx::Erro
     if !Postgres::database_exists(database_url).await? {
         if let Err(err) = Postgres::create_database(database_url).await {
             // 42P04 duplicate_database: another process created it first.
-            let raced =
-                matches!(&err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"));
+            let raced = matches!(&err, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"));
             if !raced {
                 return Err(err);
             }
@@ -64,9 +60,7 @@ pub async fn connect_and_prepare(
     loop {
         match prepare(database_url, &pool).await {
             Ok(()) => return Ok(pool),
-            Err(err)
-                if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() =>
-            {
+            Err(err) if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %err, "database not ready; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(err),

@@ -10,11 +10,7 @@ pub struct Pending {
     pub attempt: i32,
 }
 
-pub async fn insert(
-    ex: impl PgExecutor<'_>,
-    job_id: Uuid,
-    attempt: i32,
-) -> Result<i64, sqlx::Error> {
+pub async fn insert(ex: impl PgExecutor<'_>, job_id: Uuid, attempt: i32) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("INSERT INTO outbox (job_id, attempt) VALUES ($1, $2) RETURNING id")
         .bind(job_id)
         .bind(attempt)
@@ -22,21 +18,23 @@ pub async fn insert(
         .await
 }
 
-pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM outbox WHERE id = $1")
+/// Locks one row for publishing; false if a relay holds it or it is gone.
+pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let row: Option<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE id = $1 FOR UPDATE SKIP LOCKED")
         .bind(id)
-        .execute(ex)
+        .fetch_optional(conn)
         .await?;
+    Ok(row.is_some())
+}
+
+pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(ex).await?;
     Ok(())
 }
 
 /// Locks up to `limit` rows older than `min_age_ms` that no other relay holds. The
 /// age keeps the relay from racing the fast path for a job being published right now.
-pub async fn lock_batch(
-    conn: &mut PgConnection,
-    min_age_ms: i64,
-    limit: i64,
-) -> Result<Vec<Pending>, sqlx::Error> {
+pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, job_id, attempt FROM outbox
           WHERE created_at < now() - make_interval(secs => $1::float8 / 1000)
@@ -49,7 +47,5 @@ pub async fn lock_batch(
 }
 
 pub async fn backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(ex)
-        .await
+    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(ex).await
 }

@@ -25,14 +25,8 @@ pub struct Step {
 /// A step's outcome once its provider call has returned.
 #[derive(Debug, Clone)]
 pub enum StepOutcome<'a> {
-    Succeeded {
-        output: &'a str,
-        input_tokens: i32,
-        output_tokens: i32,
-    },
-    Failed {
-        error: &'a Value,
-    },
+    Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32 },
+    Failed { error: &'a Value },
 }
 
 /// A job's steps in pipeline order, and within a stage in the order the job names its models.
@@ -51,12 +45,7 @@ pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sq
 
 /// Marks a step running. Returns false if it had already succeeded, in which case it
 /// must not be called again.
-pub async fn start(
-    ex: impl PgExecutor<'_>,
-    job_id: Uuid,
-    stage: Stage,
-    model: &str,
-) -> Result<bool, sqlx::Error> {
+pub async fn start(ex: impl PgExecutor<'_>, job_id: Uuid, stage: Stage, model: &str) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
          ON CONFLICT (job_id, stage, model) DO UPDATE
@@ -80,17 +69,9 @@ pub async fn finish(
     outcome: &StepOutcome<'_>,
 ) -> Result<bool, sqlx::Error> {
     let (status, output, input_tokens, output_tokens, error) = match outcome {
-        StepOutcome::Succeeded {
-            output,
-            input_tokens,
-            output_tokens,
-        } => (
-            StepStatus::Succeeded,
-            Some(*output),
-            Some(*input_tokens),
-            Some(*output_tokens),
-            None,
-        ),
+        StepOutcome::Succeeded { output, input_tokens, output_tokens } => {
+            (StepStatus::Succeeded, Some(*output), Some(*input_tokens), Some(*output_tokens), None)
+        }
         StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error)),
     };
     let done = sqlx::query(

@@ -31,14 +31,9 @@ pub async fn create(ex: impl PgExecutor<'_>, email: &str, role: &str) -> Result<
     .await
 }
 
-pub async fn find_by_email(
-    ex: impl PgExecutor<'_>,
-    email: &str,
-) -> Result<Option<User>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, email, role, tier, disabled_at, created_at FROM users WHERE lower(email) = $1",
-    )
-    .bind(normalize_email(email))
-    .fetch_optional(ex)
-    .await
+pub async fn find_by_email(ex: impl PgExecutor<'_>, email: &str) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as("SELECT id, email, role, tier, disabled_at, created_at FROM users WHERE lower(email) = $1")
+        .bind(normalize_email(email))
+        .fetch_optional(ex)
+        .await
 }

@@ -58,10 +58,7 @@ impl Topology {
     /// Declares everything; safe to repeat (same names, same arguments).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         // Durable: the topology survives a broker restart (https://www.rabbitmq.com/docs/queues#durability).
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
             .exchange_declare(
                 self.jobs_exchange.as_str().into(),
@@ -81,58 +78,31 @@ impl Topology {
 
         let mut work_args = quorum_args();
         // Poison messages stop after this many deliveries (https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling).
-        work_args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(DELIVERY_LIMIT),
-        );
+        work_args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
         // Rejected and over-limit messages go to the dead-letter queue, not the void.
-        work_args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_exchange.as_str().into()),
-        );
-        channel
-            .queue_declare(
-                self.analyze_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                work_args,
-            )
-            .await?;
-        channel
-            .queue_declare(
-                self.dead_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                quorum_args(),
-            )
-            .await?;
+        work_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange.as_str().into()));
+        channel.queue_declare(self.analyze_queue.as_str().into(), QueueDeclareOptions::durable(), work_args).await?;
+        channel.queue_declare(self.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum_args()).await?;
 
-        channel
-            .queue_bind(
-                self.analyze_queue.as_str().into(),
-                self.jobs_exchange.as_str().into(),
-                ANALYZE_ROUTING_KEY.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.dead_queue.as_str().into(),
-                self.dead_exchange.as_str().into(),
-                ANALYZE_ROUTING_KEY.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        for (queue, exchange) in [(&self.analyze_queue, &self.jobs_exchange), (&self.dead_queue, &self.dead_exchange)] {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    ANALYZE_ROUTING_KEY.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 }
 
 /// Quorum queues: replicated, and they count deliveries (https://www.rabbitmq.com/docs/quorum-queues).
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
 }
 
@@ -141,11 +111,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
         Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out connecting to RabbitMQ",
-        )
-        .into()),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out connecting to RabbitMQ").into()),
     }
 }
 
@@ -165,11 +131,7 @@ pub enum JobMessage {
 
 impl JobMessage {
     pub fn new(job_id: Uuid, attempt: i32) -> Self {
-        JobMessage::V1 {
-            job_id,
-            attempt,
-            traceparent: None,
-        }
+        JobMessage::V1 { job_id, attempt, traceparent: None }
     }
 
     pub fn job_id(&self) -> Uuid {
@@ -187,10 +149,7 @@ mod tests {
     fn message_wire_format_is_stable() {
         let id = Uuid::nil();
         let json = serde_json::to_value(JobMessage::new(id, 1)).expect("serialises");
-        assert_eq!(
-            json,
-            serde_json::json!({"v": "1", "job_id": id, "attempt": 1})
-        );
+        assert_eq!(json, serde_json::json!({"v": "1", "job_id": id, "attempt": 1}));
         let back: JobMessage = serde_json::from_value(json).expect("parses");
         assert_eq!(back.job_id(), id);
     }

@@ -10,7 +10,7 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-use super::{connect, JobMessage, Topology, ANALYZE_ROUTING_KEY};
+use super::{connect, JobMessage, Topology, ANALYZE_ROUTING_KEY, CONNECT_TIMEOUT};
 
 /// How long after a failed connection attempt the publisher fails without retrying.
 const RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
@@ -49,13 +49,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(url: impl Into<String>, topology: Topology) -> Self {
-        Self {
-            url: url.into(),
-            topology,
-            state: Mutex::new(State::Disconnected {
-                retry_at: Instant::now(),
-            }),
-        }
+        Self { url: url.into(), topology, state: Mutex::new(State::Disconnected { retry_at: Instant::now() }) }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -64,18 +58,14 @@ impl Publisher {
 
     /// Publishes one job message as persistent and waits for the broker's confirm.
     pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
-        let payload =
-            serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent: survives a broker restart
             .with_content_type("application/json".into())
             .with_message_id(message.job_id().to_string().into());
         // mandatory: an unroutable message comes back instead of vanishing.
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let result = async {
             let confirm = channel
                 .basic_publish(
@@ -90,20 +80,15 @@ impl Publisher {
                 Err(_) => Err(PublishError::ConfirmTimeout),
                 Ok(Err(err)) => Err(err.into()),
                 Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(
-                    self.topology.analyze_queue.clone(),
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Err(PublishError::Unavailable("confirms not enabled".into()))
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    Err(PublishError::Unroutable(self.topology.analyze_queue.clone()))
                 }
+                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unavailable("confirms not enabled".into())),
             }
         }
         .await;
-        if matches!(
-            result,
-            Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)
-        ) {
+        if matches!(result, Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)) {
             self.reset().await;
         }
         result
@@ -123,9 +108,7 @@ impl Publisher {
         }
         if let State::Disconnected { retry_at } = &*state {
             if Instant::now() < *retry_at {
-                return Err(PublishError::Unavailable(
-                    "backing off after a failed connection".into(),
-                ));
+                return Err(PublishError::Unavailable("backing off after a failed connection".into()));
             }
         }
         match self.open().await {
@@ -135,31 +118,30 @@ impl Publisher {
                 Ok(channel)
             }
             Err(err) => {
-                *state = State::Disconnected {
-                    retry_at: Instant::now() + RECONNECT_BACKOFF,
-                };
+                *state = State::Disconnected { retry_at: Instant::now() + RECONNECT_BACKOFF };
                 Err(PublishError::Unavailable(err.to_string()))
             }
         }
     }
 
+    /// Connects, declares and enables confirms, bounded in time: a broker that accepts
+    /// TCP but stalls must not hold every submit behind this lock.
     async fn open(&self) -> Result<Link, lapin::Error> {
-        let connection = connect(&self.url, "ultra-publisher").await?;
-        let channel = connection.create_channel().await?;
-        self.topology.declare(&channel).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Link {
-            connection,
-            channel,
-        })
+        let open = async {
+            let connection = connect(&self.url, "ultra-publisher").await?;
+            let channel = connection.create_channel().await?;
+            self.topology.declare(&channel).await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok(Link { connection, channel })
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, open).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "RabbitMQ set-up timed out").into()),
+        }
     }
 
     async fn reset(&self) {
-        *self.state.lock().await = State::Disconnected {
-            retry_at: Instant::now(),
-        };
+        *self.state.lock().await = State::Disconnected { retry_at: Instant::now() };
     }
 
     /// Closes the connection cleanly (shutdown).
@@ -168,8 +150,6 @@ impl Publisher {
         if let State::Connected(link) = &*state {
             let _ = link.connection.close(200, "shutdown".into()).await;
         }
-        *state = State::Disconnected {
-            retry_at: Instant::now(),
-        };
+        *state = State::Disconnected { retry_at: Instant::now() };
     }
 }

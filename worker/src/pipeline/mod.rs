@@ -55,15 +55,7 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
         return Ok(Outcome::Skipped);
     };
     let started = if first_run {
-        Some(
-            db::events::append(
-                &mut tx,
-                job_id,
-                EventKind::Started,
-                json!({ "attempt": job.attempts }),
-            )
-            .await?,
-        )
+        Some(db::events::append(&mut tx, job_id, EventKind::Started, json!({ "attempt": job.attempts })).await?)
     } else {
         None
     };
@@ -73,11 +65,8 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     }
     tracing::info!(%job_id, attempt = job.attempts, "job running");
 
-    let done: HashMap<(Stage, String), Step> = db::steps::list(&ctx.pool, job_id)
-        .await?
-        .into_iter()
-        .map(|s| ((s.stage, s.model.clone()), s))
-        .collect();
+    let done: HashMap<(Stage, String), Step> =
+        db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
     let runs = job.models.iter().map(|model| {
         let previous = done.get(&(Stage::Initial, model.clone()));
         step::run(ctx, &job, Stage::Initial, model, previous)
@@ -89,21 +78,12 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     for (model, result) in job.models.iter().zip(results) {
         match result? {
             Ok(output) => answers.push(json!({ "model": model, "output": output })),
-            Err(error) => {
-                failures.push(json!({ "model": model, "stage": Stage::Initial, "error": error }))
-            }
+            Err(error) => failures.push(json!({ "model": model, "stage": Stage::Initial, "error": error })),
         }
     }
-    let status = if answers.len() >= MIN_MODELS {
-        JobStatus::Succeeded
-    } else {
-        JobStatus::Failed
-    };
+    let status = if answers.len() >= MIN_MODELS { JobStatus::Succeeded } else { JobStatus::Failed };
     let (result, error): (Option<Value>, Option<Value>) = match status {
-        JobStatus::Succeeded => (
-            Some(json!({ "answers": answers, "failures": failures })),
-            None,
-        ),
+        JobStatus::Succeeded => (Some(json!({ "answers": answers, "failures": failures })), None),
         _ => (
             None,
             Some(json!({

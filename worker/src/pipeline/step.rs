@@ -2,7 +2,7 @@
 //! reused, never called again; `step.started` and `step.completed`/`step.failed`
 //! are committed with the step row they describe.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use common::{
     db::{
@@ -37,26 +37,17 @@ pub async fn run(
         // Another delivery finished it meanwhile.
         tx.rollback().await?;
         let steps = db::steps::list(&ctx.pool, job.id).await?;
-        let output = steps
-            .into_iter()
-            .find(|s| s.stage == stage && s.model == model)
-            .and_then(|s| s.output);
+        let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
         return Ok(Ok(output.unwrap_or_default()));
     }
-    let started = db::events::append(
-        &mut tx,
-        job.id,
-        EventKind::StepStarted,
-        json!({ "stage": stage, "model": model }),
-    )
-    .await?;
+    let started =
+        db::events::append(&mut tx, job.id, EventKind::StepStarted, json!({ "stage": stage, "model": model })).await?;
     tx.commit().await?;
     ctx.events.publish(&started).await;
 
     let result = call(ctx, job, model).await;
 
-    let mut tx = ctx.pool.begin().await?;
-    let (outcome, event) = match &result {
+    let (outcome, (kind, data)) = match &result {
         Ok(completion) => (
             StepOutcome::Succeeded {
                 output: &completion.text,
@@ -73,49 +64,70 @@ pub async fn run(
         ),
         Err(error) => (
             StepOutcome::Failed { error },
-            (
-                EventKind::StepFailed,
-                json!({ "stage": stage, "model": model, "error": error }),
-            ),
+            (EventKind::StepFailed, json!({ "stage": stage, "model": model, "error": error })),
         ),
     };
-    db::steps::finish(&mut *tx, job.id, stage, model, &outcome).await?;
-    let event = db::events::append(&mut tx, job.id, event.0, event.1).await?;
-    tx.commit().await?;
-    ctx.events.publish(&event).await;
+    // The call is paid for: a brief database hiccup must not throw its answer away.
+    let mut backoff = Duration::from_millis(100);
+    let recorded = loop {
+        match record(ctx, job.id, stage, model, &outcome, kind, &data).await {
+            Ok(recorded) => break recorded,
+            Err(err) if backoff < RECORD_PATIENCE => {
+                tracing::warn!(job_id = %job.id, model, error = %err, "cannot record step yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    if let Some(event) = recorded {
+        ctx.events.publish(&event).await;
+    }
     Ok(result.map(|c| c.text))
 }
 
-async fn call(
+/// How long a finished step's result is retried against the database (doubling
+/// back-off from 100 ms) before the job is handed back for redelivery.
+const RECORD_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Commits a step's outcome with its event. `None` if the step had already
+/// succeeded (another delivery recorded it): no second event is written.
+async fn record(
     ctx: &JobContext,
-    job: &Job,
+    job_id: uuid::Uuid,
+    stage: Stage,
     model: &str,
-) -> Result<crate::providers::Completion, Value> {
+    outcome: &StepOutcome<'_>,
+    kind: EventKind,
+    data: &Value,
+) -> Result<Option<common::events::JobEvent>, sqlx::Error> {
+    let mut tx = ctx.pool.begin().await?;
+    if !db::steps::finish(&mut *tx, job_id, stage, model, outcome).await? {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let event = db::events::append(&mut tx, job_id, kind, data.clone()).await?;
+    tx.commit().await?;
+    Ok(Some(event))
+}
+
+async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<crate::providers::Completion, Value> {
     let Some(spec) = ctx.catalog.get(model) else {
         return Err(
             json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
         );
     };
     let Some(provider) = ctx.providers.for_model(spec) else {
-        return Err(
-            json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }),
-        );
+        return Err(json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }));
     };
     let request = CompletionRequest {
         model: spec,
         prompt: &job.prompt,
         temperature: job.options.get("temperature").and_then(Value::as_f64),
-        max_tokens: job
-            .options
-            .get("max_tokens")
-            .and_then(Value::as_u64)
-            .and_then(|m| u32::try_from(m).ok()),
+        max_tokens: job.options.get("max_tokens").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()),
     };
-    provider
-        .complete(&request)
-        .await
-        .map_err(|err: ProviderError| {
-            tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
-            err.to_json()
-        })
+    provider.complete(&request).await.map_err(|err: ProviderError| {
+        tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
+        err.to_json()
+    })
 }

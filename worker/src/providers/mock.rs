@@ -54,10 +54,7 @@ pub struct MockProvider {
 
 impl MockProvider {
     pub fn new(latency: Duration) -> Self {
-        Self {
-            latency,
-            calls: AtomicU64::new(0),
-        }
+        Self { latency, calls: AtomicU64::new(0) }
     }
 
     /// Provider calls made so far by this process.
@@ -67,15 +64,11 @@ impl MockProvider {
 
     /// The answer `model` gives to `prompt`: always the same for the same pair.
     pub fn answer(model: &str, prompt: &str) -> String {
-        let seed = Sha256::new()
-            .chain_update(model.as_bytes())
-            .chain_update([0])
-            .chain_update(prompt.as_bytes())
-            .finalize();
+        let seed =
+            Sha256::new().chain_update(model.as_bytes()).chain_update([0]).chain_update(prompt.as_bytes()).finalize();
         let count = 12 + usize::from(seed[0]) % 24;
-        let words: Vec<&str> = (0..count)
-            .map(|i| WORDS[usize::from(seed[(i + 1) % seed.len()] ^ i as u8) % WORDS.len()])
-            .collect();
+        let words: Vec<&str> =
+            (0..count).map(|i| WORDS[usize::from(seed[(i + 1) % seed.len()] ^ i as u8) % WORDS.len()]).collect();
         format!("[{model}] {}.", words.join(" "))
     }
 }
@@ -89,11 +82,7 @@ impl Provider for MockProvider {
         let mut output_tokens = text.split_whitespace().count();
         if let Some(max) = request.max_tokens.map(|m| m as usize) {
             if output_tokens > max {
-                text = text
-                    .split_whitespace()
-                    .take(max)
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                text = text.split_whitespace().take(max).collect::<Vec<_>>().join(" ");
                 output_tokens = max;
             }
         }
@@ -111,17 +100,8 @@ mod tests {
 
     #[test]
     fn answers_are_deterministic_and_differ_by_model() {
-        assert_eq!(
-            MockProvider::answer("mock/alpha", "hi"),
-            MockProvider::answer("mock/alpha", "hi")
-        );
-        assert_ne!(
-            MockProvider::answer("mock/alpha", "hi"),
-            MockProvider::answer("mock/beta", "hi")
-        );
-        assert_ne!(
-            MockProvider::answer("mock/alpha", "hi"),
-            MockProvider::answer("mock/alpha", "hello")
-        );
+        assert_eq!(MockProvider::answer("mock/alpha", "hi"), MockProvider::answer("mock/alpha", "hi"));
+        assert_ne!(MockProvider::answer("mock/alpha", "hi"), MockProvider::answer("mock/beta", "hi"));
+        assert_ne!(MockProvider::answer("mock/alpha", "hi"), MockProvider::answer("mock/alpha", "hello"));
     }
 }

@@ -43,8 +43,7 @@ impl ProviderError {
     /// The `{code, message}` stored on a failed step.
     pub fn to_json(&self) -> Value {
         let (code, message) = match self {
-            ProviderError::Transient { code, message }
-            | ProviderError::Permanent { code, message } => (code, message),
+            ProviderError::Transient { code, message } | ProviderError::Permanent { code, message } => (code, message),
         };
         json!({ "code": code, "message": message })
     }
