@@ -58,3 +58,32 @@ async fn a_duplicate_delivery_of_a_finished_job_changes_nothing() {
     assert_eq!(app.count("SELECT count(*) FROM job_steps WHERE job_id = $1", id).await, 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn jobs_accepted_while_rabbitmq_is_down_run_when_it_returns() {
+    let app = TestApp::spawn_with(Options { proxied: true, ..Default::default() }).await;
+    let broker = &app.proxies.as_ref().expect("proxied").rabbitmq;
+    let (_, key) = app.user_with_key().await;
+    let first = app.submit_ok(&key, &["mock/alpha"]).await;
+    assert_eq!(app.wait_for_terminal(&key, first).await["status"], "succeeded");
+
+    // The broker goes away: the worker loses its consumer, the api its publisher.
+    broker.cut();
+    let mut accepted = Vec::new();
+    for _ in 0..3 {
+        accepted.push(app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await);
+    }
+    for id in &accepted {
+        assert_eq!(app.job(&key, *id).await["status"], "queued");
+        assert_eq!(app.count("SELECT count(*) FROM outbox WHERE job_id = $1", *id).await, 1);
+    }
+
+    // It comes back: the relay publishes, the worker reconnects, nothing was lost.
+    broker.restore();
+    for id in &accepted {
+        let job = app.wait_for_terminal(&key, *id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(app.count("SELECT count(*) FROM outbox WHERE job_id = $1", *id).await, 0);
+    }
+    app.stop().await;
+}

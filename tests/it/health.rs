@@ -60,3 +60,51 @@ async fn redis_down_is_degraded_and_jobs_still_run() {
     assert_eq!(events.len(), 5);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn postgres_down_is_down_and_requests_get_503_not_500() {
+    let app = TestApp::spawn_with(Options { proxied: true, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let postgres = &app.proxies.as_ref().expect("proxied").postgres;
+
+    postgres.cut();
+    let (status, body) = readiness(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "down", "{body}");
+    assert_eq!(body["checks"]["postgres"]["status"], "down");
+    let refused = app.submit(&key, &serde_json::json!({ "prompt": "hi", "models": ["mock/alpha"] })).await;
+    crate::support::problem(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+
+    // Back again: the pool replaces its dead connections without a restart.
+    postgres.restore();
+    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    assert_eq!(app.wait_for_terminal(&key, id).await["status"], "succeeded");
+    assert_eq!(readiness(&app).await.0, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn streams_survive_losing_redis_mid_job() {
+    let app = TestApp::spawn_with(Options { proxied: true, mock_latency_ms: 1_500, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let redis = &app.proxies.as_ref().expect("proxied").redis;
+    let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
+    let mut reader = crate::sse::SseReader::new(app.events(&key, id, None).await);
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        if let Some(crate::sse::Frame::Event(event)) = reader.next_frame().await {
+            ids.push(event.id.and_then(|i| i.parse::<i64>().ok()).expect("id"));
+        }
+    }
+    // Live fan-out dies while the models are still answering.
+    redis.cut();
+    while let Some(frame) = reader.next_frame().await {
+        if let crate::sse::Frame::Event(event) = frame {
+            ids.push(event.id.and_then(|i| i.parse::<i64>().ok()).expect("id"));
+        }
+    }
+    assert_eq!(ids, (1..=7).collect::<Vec<_>>(), "every event, once, in order");
+    let (_, body) = readiness(&app).await;
+    assert_eq!(body["checks"]["redis"]["status"], "down");
+    app.stop().await;
+}

@@ -7,6 +7,7 @@ mod events;
 mod health;
 mod jobs;
 mod processes;
+mod proxy;
 mod services;
 mod sse;
 mod submit;

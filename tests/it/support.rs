@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use worker::providers::{MockProvider, Providers};
 
-use crate::services;
+use crate::{proxy::Proxy, services};
 
 /// How long a test waits for anything before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -27,6 +27,8 @@ pub struct Options {
     pub amqp_url: Option<String>,
     pub redis_url: Option<String>,
     pub sse_heartbeat_secs: u64,
+    /// Reach PostgreSQL, RabbitMQ and Redis through proxies the test can cut.
+    pub proxied: bool,
 }
 
 impl Default for Options {
@@ -38,8 +40,15 @@ impl Default for Options {
             amqp_url: None,
             redis_url: None,
             sse_heartbeat_secs: 10,
+            proxied: false,
         }
     }
+}
+
+pub struct Proxies {
+    pub postgres: Proxy,
+    pub rabbitmq: Proxy,
+    pub redis: Proxy,
 }
 
 pub struct TestApp {
@@ -48,6 +57,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub pool: PgPool,
     pub mock: Arc<MockProvider>,
+    /// With `Options::proxied`: the app's own routes to each service.
+    pub proxies: Option<Proxies>,
     db_name: String,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -66,9 +77,18 @@ impl TestApp {
         let (database_url, db_name) = services::create_database().await;
         let prefix = services::unique_prefix();
         let mut config = Config::from_env().expect("default configuration");
-        config.database_url = database_url;
+        config.database_url = database_url.clone();
         config.amqp_url = options.amqp_url.clone().unwrap_or_else(services::amqp_url);
         config.redis_url = options.redis_url.clone().unwrap_or_else(services::redis_url);
+        let proxies = if options.proxied {
+            let (postgres, database_url) = Proxy::start_for_url(&config.database_url).await;
+            let (rabbitmq, amqp_url) = Proxy::start_for_url(&config.amqp_url).await;
+            let (redis, redis_url) = Proxy::start_for_url(&config.redis_url).await;
+            (config.database_url, config.amqp_url, config.redis_url) = (database_url, amqp_url, redis_url);
+            Some(Proxies { postgres, rabbitmq, redis })
+        } else {
+            None
+        };
         config.queue_prefix = format!("{prefix}.");
         config.redis_prefix = prefix;
         config.mock_latency_ms = options.mock_latency_ms;
@@ -87,8 +107,9 @@ impl TestApp {
             let worker = worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone()));
             tasks.push(tokio::spawn(worker.run(None, shutdown.clone())));
         }
-        let pool = db::connect_lazy(&config.database_url).expect("test pool");
-        let app = Self { config, base, http: reqwest::Client::new(), pool, mock, db_name, shutdown, tasks };
+        // The test's own pool goes straight to the database, whatever the proxies do.
+        let pool = db::connect_lazy(&database_url).expect("test pool");
+        let app = Self { config, base, http: reqwest::Client::new(), pool, mock, proxies, db_name, shutdown, tasks };
         app.wait_until_serving().await;
         app
     }
@@ -181,6 +202,7 @@ impl TestApp {
         self.pool.close().await;
         services::drop_database(&self.db_name).await;
         services::delete_topology(&self.config.queue_prefix).await;
+        drop(self.proxies);
     }
 }
 
