@@ -55,7 +55,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
     tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));
     tasks.spawn(relay::run(state.clone(), background.clone()));
 
-    let address = listener.local_addr().ok();
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let service = routes::service(state.clone());
     let app = Route::new()
         .nest("/docs", service.swagger_ui())
@@ -66,7 +66,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);
-    tracing::info!(address = ?address, "api listening");
+    tracing::info!(%address, "api listening");
     let served = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
         .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
         .await;

@@ -43,10 +43,19 @@ pub struct Checks {
 }
 
 #[derive(Debug, Clone, Serialize, Object)]
+#[oai(example)]
 pub struct Readiness {
     /// `ok`, `degraded` (RabbitMQ or Redis down) or `down` (PostgreSQL down).
     pub status: Status,
     pub checks: Checks,
+}
+
+impl poem_openapi::types::Example for Readiness {
+    fn example() -> Self {
+        let up = |latency_ms| Check { status: Status::Ok, latency_ms, error: None };
+        let down = Check { status: Status::Down, latency_ms: 2, error: Some("unavailable".to_owned()) };
+        readiness(up(1), down, up(0))
+    }
 }
 
 impl Readiness {

@@ -57,7 +57,8 @@ impl Worker {
 
         let health = match health_listener {
             Some(listener) => {
-                tracing::info!(address = ?listener.local_addr().ok(), "worker health listening");
+                let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(%address, "worker health listening");
                 let routes = health::routes(health::HealthState { pool: pool.clone(), redis, consuming: connected });
                 let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
                 let stop = shutdown.clone();

@@ -61,11 +61,19 @@ pub struct AnalyzeOptions {
 
 /// The job was accepted; it runs in the background.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct AnalyzeAccepted {
     pub id: Uuid,
     /// Always `queued`.
     pub status: String,
     pub links: JobLinks,
+}
+
+impl poem_openapi::types::Example for AnalyzeAccepted {
+    fn example() -> Self {
+        let id = Uuid::from_u128(0x0190_1234_5678_7abc_8def_0123_4567_89ab);
+        Self { id, status: "queued".to_owned(), links: JobLinks::for_job(id) }
+    }
 }
 
 #[derive(ApiResponse)]

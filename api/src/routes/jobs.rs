@@ -127,12 +127,28 @@ pub struct JobPage {
 
 /// A job event as streamed: the SSE `id:` is `seq`, `event:` is `kind`.
 #[derive(Debug, Clone, Object)]
+#[oai(example)]
 pub struct EventView {
     pub job_id: Uuid,
     pub seq: i64,
     pub kind: String,
     pub data: Value,
     pub created_at: DateTime<Utc>,
+}
+
+impl poem_openapi::types::Example for EventView {
+    fn example() -> Self {
+        Self {
+            job_id: Uuid::from_u128(0x0190_1234_5678_7abc_8def_0123_4567_89ab),
+            seq: 5,
+            kind: "step.completed".to_owned(),
+            data: serde_json::json!({
+                "stage": "initial", "model": "mock/alpha", "output": "[mock/alpha] …",
+                "usage": { "input_tokens": 5, "output_tokens": 16 },
+            }),
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
 }
 
 impl From<JobEvent> for EventView {

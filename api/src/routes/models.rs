@@ -19,8 +19,22 @@ pub struct ModelView {
 }
 
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct ModelList {
     pub models: Vec<ModelView>,
+}
+
+impl poem_openapi::types::Example for ModelList {
+    fn example() -> Self {
+        let model = ModelView {
+            id: "mock/alpha".to_owned(),
+            provider: "mock".to_owned(),
+            upstream: "alpha".to_owned(),
+            description: "Deterministic mock model for development and tests.".to_owned(),
+            available: true,
+        };
+        Self { models: vec![model] }
+    }
 }
 
 pub struct ModelsApi {
