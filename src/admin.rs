@@ -47,7 +47,7 @@ pub async fn run(config: &Config, command: AdminCommand) -> anyhow::Result<()> {
 
 async fn create_user(pool: &sqlx::PgPool, email: &str, admin: bool) -> anyhow::Result<()> {
     let email = email.trim();
-    if !looks_like_email(email) {
+    if !db::users::is_plausible_email(&db::users::normalize_email(email)) {
         bail!("`{email}` is not an email address");
     }
     let role = if admin { "admin" } else { "user" };
@@ -76,8 +76,4 @@ async fn create_api_key(pool: &sqlx::PgPool, email: &str, name: &str) -> anyhow:
     println!("API key `{name}` for {} (shown once; only its hash is stored):", user.email);
     println!("{}", key.secret);
     Ok(())
-}
-
-fn looks_like_email(email: &str) -> bool {
-    matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && domain.contains('.') && !email.contains(char::is_whitespace))
 }

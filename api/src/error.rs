@@ -65,6 +65,19 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many requests for a rate-limit policy; `retry_after` in whole seconds.
+    #[error("rate limit `{policy}` exceeded; retry in {retry_after} s")]
+    RateLimited { policy: &'static str, retry_after: u64 },
+    #[error("{0}")]
+    BudgetExceeded(String),
+    #[error("{0}")]
+    TooManyJobs(String),
+    #[error("the request took too long")]
+    Timeout,
     #[error("a dependency is unavailable; retry shortly")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("internal error")]
@@ -89,6 +102,12 @@ impl ApiError {
             ApiError::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } | ApiError::BudgetExceeded(_) | ApiError::TooManyJobs(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,6 +122,12 @@ impl ApiError {
             ApiError::PayloadTooLarge(..) => ("payload-too-large", "Payload too large"),
             ApiError::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
             ApiError::Validation(_) => ("validation-error", "Validation failed"),
+            ApiError::Forbidden(_) => ("forbidden", "Forbidden"),
+            ApiError::Conflict(_) => ("conflict", "Conflict"),
+            ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
+            ApiError::BudgetExceeded(_) => ("budget-exceeded", "Daily token budget exceeded"),
+            ApiError::TooManyJobs(_) => ("concurrency-limit", "Too many jobs in progress"),
+            ApiError::Timeout => ("timeout", "Request timed out"),
             ApiError::Unavailable(_) => ("service-unavailable", "Service unavailable"),
             ApiError::Internal(_) => ("internal-error", "Internal server error"),
         }
@@ -166,6 +191,9 @@ impl poem::error::ResponseError for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             response.headers_mut().insert("WWW-Authenticate", poem::http::HeaderValue::from_static("Bearer"));
         }
+        if let ApiError::RateLimited { retry_after, .. } = self {
+            response.headers_mut().insert("Retry-After", poem::http::HeaderValue::from(*retry_after));
+        }
         response
     }
 }
@@ -183,14 +211,24 @@ impl ApiResponse for ApiError {
         };
         MetaResponses {
             responses: vec![
-                problem(400, "Malformed request: invalid JSON or parameter."),
-                problem(401, "Missing, malformed, unknown or revoked API key."),
-                problem(404, "No such resource visible to the caller."),
-                problem(413, "Request body or prompt too large."),
-                problem(415, "Content-Type is not application/json."),
-                problem(422, "The request is well-formed but invalid; `errors` names each field."),
-                problem(500, "An unexpected error; the details are in the server log."),
-                problem(503, "A dependency (PostgreSQL) is unavailable; retry later."),
+                problem(400, "Malformed request: invalid JSON or parameter (type `malformed-request`)."),
+                problem(401, "Missing, malformed, unknown, expired or revoked credentials (type `unauthorized`)."),
+                problem(403, "The caller may not do this (type `forbidden`)."),
+                problem(404, "No such resource visible to the caller (type `not-found`)."),
+                problem(409, "Conflicts with existing state, e.g. an email already registered (type `conflict`)."),
+                problem(413, "Request body or prompt too large (type `payload-too-large`)."),
+                problem(415, "Content-Type is not application/json (type `unsupported-media-type`)."),
+                problem(422, "Well-formed but invalid; `errors` names each field (type `validation-error`)."),
+                problem(
+                    429,
+                    "Rate limit (type `rate-limited`, with `Retry-After`), daily token budget \
+                     (`budget-exceeded`) or concurrent jobs (`concurrency-limit`) exceeded.",
+                ),
+                problem(500, "An unexpected error; details are in the server log (type `internal-error`)."),
+                problem(
+                    503,
+                    "A dependency is unavailable or the request timed out (types `service-unavailable`, `timeout`).",
+                ),
             ],
         }
     }

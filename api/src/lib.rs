@@ -6,6 +6,8 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod hub;
+pub mod limits;
+pub mod middleware;
 pub mod relay;
 pub mod routes;
 pub mod state;
@@ -20,17 +22,23 @@ use common::{
     events::EventPublisher,
     queue::{Publisher, Topology},
     redis::RedisHandle,
+    tiers::Tiers,
     Config,
 };
-use poem::{
-    listener::TcpAcceptor,
-    middleware::{SetHeader, Tracing},
-    EndpointExt, Route, Server,
-};
+use poem::{listener::TcpAcceptor, middleware::Tracing, EndpointExt, Route, Server};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{body::BodyLimit, hub::EventHub, state::AppState};
+use crate::{
+    auth::{jwt::JwtService, middleware::Gate, password::Passwords},
+    body::BodyLimit,
+    hub::EventHub,
+    limits::RateLimiter,
+    state::AppState,
+};
+
+/// Password hashes computed at once (each holds ~19 MiB for a moment).
+const PASSWORD_HASHES_AT_ONCE: usize = 4;
 
 /// Serves the api on `listener` until `shutdown` is cancelled, then stops accepting,
 /// ends open streams, lets in-flight requests finish (up to the grace period) and
@@ -45,8 +53,17 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
         events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
         hub: Arc::new(EventHub::default()),
-        redis,
         catalog: Catalog::builtin(),
+        tiers: Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
+        jwt: JwtService::new(
+            &config.jwt_keys().map_err(anyhow::Error::msg)?,
+            &config.jwt_issuer,
+            &config.jwt_audience,
+            config.access_token_ttl(),
+        ),
+        passwords: Passwords::new(PASSWORD_HASHES_AT_ONCE),
+        limiter: RateLimiter::new(redis.clone(), &config.redis_prefix),
+        redis,
         shutdown: shutdown.clone(),
         config: config.clone(),
     });
@@ -61,7 +78,10 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .nest("/docs", service.swagger_ui())
         .at("/openapi.json", service.spec_endpoint())
         .nest("/", service)
-        .with(security_headers())
+        .with(middleware::RequestTimeout(config.request_timeout()))
+        .with(Gate)
+        .with_if(!config.cors_origins.is_empty(), middleware::cors(&config.cors_origins))
+        .with(middleware::security_headers(config.environment))
         .with(Tracing)
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))
@@ -82,13 +102,4 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
 /// A prompt at the character limit, JSON-escaped at worst, plus room for the rest.
 fn body_limit(config: &Config) -> usize {
     config.max_prompt_chars.saturating_mul(6).saturating_add(64 * 1024)
-}
-
-fn security_headers() -> SetHeader {
-    SetHeader::new()
-        .overriding("X-Content-Type-Options", "nosniff")
-        .overriding("X-Frame-Options", "DENY")
-        .overriding("Referrer-Policy", "no-referrer")
-        .overriding("Content-Security-Policy", "frame-ancestors 'none'")
-        .overriding("Cross-Origin-Resource-Policy", "same-origin")
 }

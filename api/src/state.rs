@@ -2,11 +2,15 @@
 
 use std::sync::Arc;
 
-use common::{catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, Config};
+use common::{catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, tiers::Tiers, Config};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::EventHub;
+use crate::{
+    auth::{jwt::JwtService, password::Passwords},
+    hub::EventHub,
+    limits::RateLimiter,
+};
 
 pub struct AppState {
     pub config: Arc<Config>,
@@ -19,6 +23,10 @@ pub struct AppState {
     /// This process's one Redis subscription, fanned out to its SSE streams.
     pub hub: Arc<EventHub>,
     pub catalog: Catalog,
+    pub tiers: Tiers,
+    pub jwt: JwtService,
+    pub passwords: Passwords,
+    pub limiter: RateLimiter,
     /// Cancelled on shutdown: open streams end so the server can stop.
     pub shutdown: CancellationToken,
 }

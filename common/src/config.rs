@@ -102,6 +102,58 @@ pub struct Config {
     /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
     #[arg(long, env = "ULTRA_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,
+
+    /// JWT signing keys as `kid:secret` pairs separated by commas, newest first: the
+    /// newest signs, all verify (rotation). Secrets of at least 32 bytes. Unset in
+    /// development means a built-in key, which production refuses.
+    #[arg(long, env = "ULTRA_JWT_KEYS", hide_env_values = true, global = true)]
+    pub jwt_keys: Option<String>,
+
+    /// `iss` of the access tokens this deployment issues and accepts.
+    #[arg(long, env = "ULTRA_JWT_ISSUER", default_value = "ultra", global = true)]
+    pub jwt_issuer: String,
+
+    /// `aud` of the access tokens this deployment issues and accepts.
+    #[arg(long, env = "ULTRA_JWT_AUDIENCE", default_value = "ultra-api", global = true)]
+    pub jwt_audience: String,
+
+    /// Lifetime of an access token.
+    #[arg(long, env = "ULTRA_ACCESS_TOKEN_TTL_SECS", default_value_t = 900, global = true)]
+    pub access_token_ttl_secs: u64,
+
+    /// Lifetime of a refresh token (each refresh issues a new one).
+    #[arg(long, env = "ULTRA_REFRESH_TOKEN_TTL_SECS", default_value_t = 30 * 24 * 3600, global = true)]
+    pub refresh_token_ttl_secs: u64,
+
+    /// Browser origins allowed by CORS, comma-separated (none by default).
+    #[arg(long, env = "ULTRA_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<String>,
+
+    /// Longest a request handler may run before the client gets 503 (streams excepted).
+    #[arg(long, env = "ULTRA_REQUEST_TIMEOUT_SECS", default_value_t = 30, global = true)]
+    pub request_timeout_secs: u64,
+
+    /// `max_tokens` assumed for a job that sets none (its budget reservation).
+    #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
+    pub default_max_tokens: u32,
+
+    /// Optional TOML file with `[tiers.<name>]` tables overriding the built-in tiers.
+    #[arg(long, env = "ULTRA_CONFIG_FILE", global = true)]
+    pub config_file: Option<std::path::PathBuf>,
+}
+
+/// The development signing key used when `ULTRA_JWT_KEYS` is unset. Public by
+/// definition, so production refuses it.
+pub const DEVELOPMENT_JWT_KEY: (&str, &str) = ("dev", "ultra-development-signing-key-not-for-production");
+
+/// Shortest JWT secret accepted (HS256 wants at least the hash's 32 bytes).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// One JWT signing key.
+#[derive(Clone)]
+pub struct JwtKey {
+    pub kid: String,
+    pub secret: Vec<u8>,
 }
 
 impl Config {
@@ -114,6 +166,40 @@ impl Config {
             config: Config,
         }
         <Wrapper as clap::Parser>::try_parse_from(["ultra"]).map(|w| w.config)
+    }
+
+    /// The JWT keys, newest first. Errors name the problem, never a secret.
+    pub fn jwt_keys(&self) -> Result<Vec<JwtKey>, String> {
+        let Some(raw) = self.jwt_keys.as_deref().filter(|raw| !raw.trim().is_empty()) else {
+            let (kid, secret) = DEVELOPMENT_JWT_KEY;
+            return Ok(vec![JwtKey { kid: kid.to_owned(), secret: secret.as_bytes().to_vec() }]);
+        };
+        let mut keys = Vec::new();
+        for (index, entry) in raw.split(',').enumerate() {
+            let Some((kid, secret)) = entry.trim().split_once(':') else {
+                return Err(format!("ULTRA_JWT_KEYS entry {} is not `kid:secret`", index + 1));
+            };
+            if kid.is_empty() || keys.iter().any(|k: &JwtKey| k.kid == kid) {
+                return Err(format!("ULTRA_JWT_KEYS entry {} has an empty or repeated kid", index + 1));
+            }
+            if secret.len() < MIN_JWT_SECRET_BYTES {
+                return Err(format!("ULTRA_JWT_KEYS key `{kid}` is shorter than {MIN_JWT_SECRET_BYTES} bytes"));
+            }
+            keys.push(JwtKey { kid: kid.to_owned(), secret: secret.as_bytes().to_vec() });
+        }
+        Ok(keys)
+    }
+
+    pub fn access_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.access_token_ttl_secs.max(1))
+    }
+
+    pub fn refresh_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.refresh_token_ttl_secs.max(1))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -138,6 +224,12 @@ impl Config {
         if self.max_models_per_job == 0 {
             problems.push("ULTRA_MAX_MODELS_PER_JOB must be at least 1".to_owned());
         }
+        if let Err(problem) = self.jwt_keys() {
+            problems.push(problem);
+        }
+        if let Err(problem) = crate::tiers::Tiers::load(self.config_file.as_deref()) {
+            problems.push(problem);
+        }
         if self.environment == Environment::Production {
             if self.amqp_url.contains("guest:guest@") {
                 problems.push("AMQP_URL uses RabbitMQ's default guest credentials".to_owned());
@@ -148,6 +240,17 @@ impl Config {
             // Until real providers are configured the catalog holds only mock models,
             // and the mock provider must never answer production traffic.
             problems.push("the mock provider is enabled and no real provider is configured".to_owned());
+            if self.jwt_keys.as_deref().is_none_or(|k| k.trim().is_empty()) {
+                problems.push("ULTRA_JWT_KEYS is not set (the built-in development key is public)".to_owned());
+            } else if self
+                .jwt_keys()
+                .is_ok_and(|keys| keys.iter().any(|k| k.secret == DEVELOPMENT_JWT_KEY.1.as_bytes()))
+            {
+                problems.push("ULTRA_JWT_KEYS uses the known development key".to_owned());
+            }
+            if self.cors_origins.iter().any(|o| o.trim() == "*") {
+                problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -183,9 +286,21 @@ mod tests {
         config.environment = Environment::Production;
         config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
         config.database_url = "postgres://postgres@127.0.0.1/ultra".to_owned();
+        config.jwt_keys = None;
+        config.cors_origins = vec!["*".to_owned()];
         let err = config.validate().expect_err("defaults are unsafe in production");
-        assert_eq!(err.problems.len(), 3, "{err}");
-        assert!(err.to_string().contains("guest credentials"));
+        assert_eq!(err.problems.len(), 5, "{err}");
+        for expected in ["guest credentials", "no password", "mock provider", "ULTRA_JWT_KEYS is not set", "any origin"]
+        {
+            assert!(err.to_string().contains(expected), "{expected}: {err}");
+        }
+
+        config.jwt_keys = Some("k1:short".to_owned());
+        assert!(config.validate().expect_err("short").to_string().contains("shorter than 32 bytes"));
+        config.jwt_keys = Some(format!("k1:{}", DEVELOPMENT_JWT_KEY.1));
+        assert!(config.validate().expect_err("known").to_string().contains("known development key"));
+        config.jwt_keys = Some(format!("k2:{},k1:{}", "x".repeat(40), "y".repeat(32)));
+        assert_eq!(config.jwt_keys().map(|k| k.len()), Ok(2));
     }
 
     #[test]

@@ -108,6 +108,15 @@ string_enum! {
     }
 }
 
+impl Pattern {
+    /// Provider calls per model: the stages the pattern runs.
+    pub fn stages(self) -> usize {
+        match self {
+            Pattern::Direct => 1,
+        }
+    }
+}
+
 impl EventKind {
     /// A terminal event is the last one of its job: streams end after it.
     pub fn is_terminal(self) -> bool {

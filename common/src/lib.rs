@@ -15,5 +15,6 @@ pub mod queue;
 pub mod redis;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tiers;
 
 pub use config::Config;

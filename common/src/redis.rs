@@ -56,7 +56,19 @@ impl RedisHandle {
     }
 
     pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), RedisUnavailable> {
-        self.guarded(|mut conn| async move { conn.publish::<_, _, ()>(channel, payload).await }).await
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.publish::<_, _, ()>(channel, payload).await })
+            .await
+    }
+
+    /// Runs a Lua script on one key, waiting at most `within`.
+    pub async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        args: &[i64],
+        within: Duration,
+    ) -> Result<T, RedisUnavailable> {
+        self.guarded(within, |mut conn| async move { script.key(key).arg(args).invoke_async(&mut conn).await }).await
     }
 
     pub async fn ping(&self) -> Result<(), RedisUnavailable> {
@@ -68,7 +80,7 @@ impl RedisHandle {
         self.record(pong.map(drop).map_err(RedisUnavailable::from))
     }
 
-    async fn guarded<T, F, Fut>(&self, op: F) -> Result<T, RedisUnavailable>
+    async fn guarded<T, F, Fut>(&self, within: Duration, op: F) -> Result<T, RedisUnavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
@@ -76,7 +88,7 @@ impl RedisHandle {
         if self.now_ms() < self.unavailable_until_ms.load(Ordering::Relaxed) {
             return Err(RedisUnavailable::BackingOff);
         }
-        let result = match tokio::time::timeout(Duration::from_secs(1), op(self.manager.clone())).await {
+        let result = match tokio::time::timeout(within, op(self.manager.clone())).await {
             Ok(result) => result.map_err(RedisUnavailable::from),
             Err(_) => Err(RedisUnavailable::Timeout),
         };

@@ -20,8 +20,16 @@ async fn the_relay_publishes_a_job_whose_fast_path_publish_never_happened() {
     let id = Uuid::now_v7();
     let models = vec!["mock/alpha".to_owned()];
     let mut tx = app.pool.begin().await.expect("begin");
-    let new_job =
-        db::jobs::NewJob { id, user_id, pattern: "direct", prompt: "hello", models: &models, options: &json!({}) };
+    let new_job = db::jobs::NewJob {
+        id,
+        user_id,
+        pattern: "direct",
+        prompt: "hello",
+        models: &models,
+        options: &json!({}),
+        reserved_tokens: 0,
+        reserved_day: None,
+    };
     db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
     db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued event");
     db::outbox::insert(&mut *tx, id, 1).await.expect("outbox row");

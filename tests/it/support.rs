@@ -131,10 +131,16 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
-    /// A new user and an API key for them.
+    /// A new user and an API key for them, in the `enterprise` tier so that tier
+    /// limits stay out of the way of tests about something else.
     pub async fn user_with_key(&self) -> (Uuid, String) {
+        self.user_in_tier("enterprise").await
+    }
+
+    pub async fn user_in_tier(&self, tier: &str) -> (Uuid, String) {
         let email = format!("{}@example.com", Uuid::new_v4().simple());
         let user = db::users::create(&self.pool, &email, "user").await.expect("create user");
+        db::users::update_admin(&self.pool, user.id, Some(tier), None).await.expect("set tier");
         let key = apikey::generate();
         db::api_keys::insert(&self.pool, user.id, "test", &key.prefix, &key.hash).await.expect("create key");
         (user.id, key.secret)

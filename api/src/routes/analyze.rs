@@ -10,7 +10,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::{
-    auth::ApiKeyAuth,
+    auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
     relay,
@@ -94,15 +94,40 @@ impl AnalyzeApi {
     /// Validates the request and queues the job. The job is durable from the moment
     /// this returns 202, even while the message broker is down.
     #[oai(path = "/analyze", method = "post")]
-    async fn analyze(&self, auth: ApiKeyAuth, body: JsonBody<AnalyzeRequest>) -> Result<AnalyzeResponse, ApiError> {
+    async fn analyze(&self, auth: BearerAuth, body: JsonBody<AnalyzeRequest>) -> Result<AnalyzeResponse, ApiError> {
         let state = &self.state;
         let request = body.0;
-        let accepted = validate(state, &request)?;
+        let tier = state.tiers.for_user(&auth.0.tier);
+        let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
+        let accepted = validate(state, &request, models_allowed)?;
+        // The worst case: every model of every stage writes `max_tokens`.
+        let max_tokens = request.options.as_ref().and_then(|o| o.max_tokens).unwrap_or(state.config.default_max_tokens);
+        let reserve = request.models.len() as i64 * accepted.pattern.stages() as i64 * i64::from(max_tokens);
         let options =
             serde_json::to_value(request.options.unwrap_or_default()).map_err(|e| ApiError::Internal(e.into()))?;
         let id = Uuid::now_v7();
 
         let mut tx = state.pool.begin().await?;
+        // The user's row lock serialises their submissions, so the checks below and
+        // the reservation are one atomic step: racing requests cannot overspend.
+        db::usage::lock_user(&mut tx, auth.0.user_id).await?;
+        let active = db::usage::active_jobs(&mut *tx, auth.0.user_id).await?;
+        if active >= i64::from(tier.concurrent_jobs) {
+            return Err(ApiError::TooManyJobs(format!(
+                "{active} jobs in progress; your tier allows {} at once",
+                tier.concurrent_jobs
+            )));
+        }
+        let today = db::usage::today(&mut *tx).await?;
+        let usage = db::usage::get(&mut *tx, auth.0.user_id, today).await?;
+        let budget = i64::try_from(tier.daily_tokens).unwrap_or(i64::MAX);
+        if usage.used + usage.reserved + reserve > budget {
+            return Err(ApiError::BudgetExceeded(format!(
+                "this job may use up to {reserve} tokens; {} of today's {budget} remain",
+                (budget - usage.used - usage.reserved).max(0)
+            )));
+        }
+        db::usage::reserve(&mut tx, auth.0.user_id, today, reserve).await?;
         let job = db::jobs::insert(
             &mut tx,
             &db::jobs::NewJob {
@@ -112,6 +137,8 @@ impl AnalyzeApi {
                 prompt: &request.prompt,
                 models: &request.models,
                 options: &options,
+                reserved_tokens: reserve,
+                reserved_day: Some(today),
             },
         )
         .await?;
@@ -141,7 +168,7 @@ struct Accepted {
 
 /// Checks everything at once, so the client can fix every field in one round trip.
 /// An oversized prompt is a 413 of its own (it is about size, not shape).
-fn validate(state: &AppState, request: &AnalyzeRequest) -> Result<Accepted, ApiError> {
+fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -> Result<Accepted, ApiError> {
     let config = &state.config;
     let prompt_chars = request.prompt.chars().count();
     if prompt_chars > config.max_prompt_chars {
@@ -159,10 +186,10 @@ fn validate(state: &AppState, request: &AnalyzeRequest) -> Result<Accepted, ApiE
     }
     if request.models.is_empty() {
         errors.push(FieldError::new("models", "name at least one model"));
-    } else if request.models.len() > config.max_models_per_job {
+    } else if request.models.len() > models_allowed {
         errors.push(FieldError::new(
             "models",
-            format!("{} models named; at most {} per job", request.models.len(), config.max_models_per_job),
+            format!("{} models named; at most {models_allowed} per job", request.models.len()),
         ));
     }
     let mut seen = HashMap::new();

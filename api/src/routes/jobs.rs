@@ -20,7 +20,7 @@ use poem_openapi::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
+use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
 
 /// Largest page of `GET /v1/jobs`.
 const MAX_PAGE: u32 = 100;
@@ -167,7 +167,7 @@ impl JobsApi {
     ///
     /// The job's status, its steps so far and, once finished, its result or error.
     #[oai(path = "/jobs/:id", method = "get")]
-    async fn get_job(&self, auth: ApiKeyAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
+    async fn get_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
         let mut job = self.owned_job(&auth, id.0).await?;
         let steps = db::steps::list(&self.state.pool, job.id).await?;
         Ok(Json(JobView {
@@ -184,7 +184,7 @@ impl JobsApi {
     #[oai(path = "/jobs", method = "get")]
     async fn list_jobs(
         &self,
-        auth: ApiKeyAuth,
+        auth: BearerAuth,
         /// Only jobs with this status: queued, running, succeeded, failed or cancelled.
         status: Query<Option<String>>,
         /// Page size, 1 to 100 (default 20).
@@ -225,7 +225,7 @@ impl JobsApi {
     #[oai(path = "/jobs/:id/events", method = "get")]
     async fn job_events(
         &self,
-        auth: ApiKeyAuth,
+        auth: BearerAuth,
         id: Path<Uuid>,
         /// Resume after this sequence number.
         #[oai(name = "Last-Event-ID")]
@@ -257,7 +257,7 @@ impl JobsApi {
 }
 
 impl JobsApi {
-    async fn owned_job(&self, auth: &ApiKeyAuth, id: Uuid) -> Result<db::jobs::Job, ApiError> {
+    async fn owned_job(&self, auth: &BearerAuth, id: Uuid) -> Result<db::jobs::Job, ApiError> {
         db::jobs::get_owned(&self.state.pool, id, auth.0.user_id).await?.ok_or(ApiError::NotFound("job not found"))
     }
 }

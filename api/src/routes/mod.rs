@@ -1,6 +1,9 @@
 //! The HTTP surface, one module per resource.
 
+pub mod admin;
 pub mod analyze;
+pub mod api_keys;
+pub mod auth;
 pub mod health;
 pub mod jobs;
 pub mod models;
@@ -17,11 +20,23 @@ pub enum ApiTags {
     Jobs,
     /// The model catalog.
     Models,
+    /// Accounts, tokens and API keys.
+    Accounts,
+    /// Administration (admins only).
+    Admin,
     /// Liveness and readiness probes.
     Health,
 }
 
-pub type Apis = (analyze::AnalyzeApi, jobs::JobsApi, models::ModelsApi, health::HealthApi);
+pub type Apis = (
+    analyze::AnalyzeApi,
+    jobs::JobsApi,
+    models::ModelsApi,
+    auth::AuthApi,
+    api_keys::ApiKeysApi,
+    admin::AdminApi,
+    health::HealthApi,
+);
 
 /// The OpenAPI service: every route, documented.
 pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
@@ -29,10 +44,18 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         analyze::AnalyzeApi { state: state.clone() },
         jobs::JobsApi { state: state.clone() },
         models::ModelsApi { state: state.clone() },
+        auth::AuthApi { state: state.clone() },
+        api_keys::ApiKeysApi { state: state.clone() },
+        admin::AdminApi { state: state.clone() },
         health::HealthApi { state },
     );
     OpenApiService::new(apis, "Ultra", env!("CARGO_PKG_VERSION")).description(
         "Ultra runs one prompt across several LLMs in the background and streams every step back. \
-         Authenticate with `Authorization: Bearer <api key>`. Errors are RFC 9457 problem documents.",
+         Authenticate with `Authorization: Bearer <api key or access token>`. Errors are RFC 9457 \
+         problem documents (`application/problem+json`) whose `type` is one of \
+         `https://ultra.dev/problems/{malformed-request, unauthorized, forbidden, not-found, conflict, \
+         payload-too-large, unsupported-media-type, validation-error, rate-limited, budget-exceeded, \
+         concurrency-limit, internal-error, service-unavailable, timeout}`. Every response carries \
+         `RateLimit-Policy` and `RateLimit` headers; a 429 carries `Retry-After`.",
     )
 }

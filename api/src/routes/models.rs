@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use poem_openapi::{payload::Json, Object, OpenApi};
 
-use crate::{auth::ApiKeyAuth, error::ApiError, routes::ApiTags, state::AppState};
+use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState};
 
 #[derive(Debug, Object)]
 pub struct ModelView {
@@ -45,7 +45,7 @@ pub struct ModelsApi {
 impl ModelsApi {
     /// List models
     #[oai(path = "/models", method = "get")]
-    async fn list_models(&self, _auth: ApiKeyAuth) -> Result<Json<ModelList>, ApiError> {
+    async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
         let models = self
             .state
             .catalog

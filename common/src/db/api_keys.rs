@@ -64,3 +64,42 @@ pub async fn revoke(ex: impl PgExecutor<'_>, key_id: Uuid) -> Result<bool, sqlx:
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// A key as its owner sees it listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeySummary {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub async fn list_live(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<Vec<KeySummary>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, prefix, created_at, last_used_at FROM api_keys
+          WHERE user_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC",
+    )
+    .bind(user_id)
+    .fetch_all(ex)
+    .await
+}
+
+pub async fn count_live(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind(user_id)
+        .fetch_one(ex)
+        .await
+}
+
+/// Revokes the key if `user_id` owns it and it is live. Someone else's key and a
+/// missing one look the same (false).
+pub async fn revoke_owned(ex: impl PgExecutor<'_>, key_id: Uuid, user_id: Uuid) -> Result<bool, sqlx::Error> {
+    let done =
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
+            .bind(key_id)
+            .bind(user_id)
+            .execute(ex)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -36,12 +36,15 @@ pub struct NewJob<'a> {
     pub prompt: &'a str,
     pub models: &'a [String],
     pub options: &'a Value,
+    /// Tokens reserved against the user's daily budget, and the day they count for.
+    pub reserved_tokens: i64,
+    pub reserved_day: Option<chrono::NaiveDate>,
 }
 
 pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
     sqlx::query_as(&format!(
-        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
+        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
     ))
     .bind(job.id)
     .bind(job.user_id)
@@ -49,6 +52,8 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sq
     .bind(job.prompt)
     .bind(job.models)
     .bind(job.options)
+    .bind(job.reserved_tokens)
+    .bind(job.reserved_day)
     .fetch_one(conn)
     .await
 }

@@ -5,7 +5,9 @@ pub mod api_keys;
 pub mod events;
 pub mod jobs;
 pub mod outbox;
+pub mod refresh_tokens;
 pub mod steps;
+pub mod usage;
 pub mod users;
 
 use std::{str::FromStr, time::Duration};

@@ -109,6 +109,8 @@ async fn finish(
         tx.rollback().await?;
         return Ok(Outcome::Skipped);
     }
+    // The budget reservation is released and actual usage booked exactly once, here.
+    db::usage::settle(&mut tx, job_id).await?;
     let kind = match status {
         JobStatus::Succeeded => EventKind::Succeeded,
         JobStatus::Cancelled => EventKind::Cancelled,

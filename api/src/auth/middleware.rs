@@ -1,0 +1,123 @@
+//! The per-request gate in front of every route: resolve the bearer credential once,
+//! then apply the rate-limit policies that fit the route and the caller, and write
+//! the `RateLimit` headers on the response. Unauthenticated routes (`register`,
+//! `login`, `refresh`) are limited per client IP, login most strictly (password
+//! guessing); authenticated ones per user, across every api replica.
+
+use std::{net::IpAddr, sync::Arc};
+
+use poem::{http::Method, Endpoint, IntoResponse, Middleware, Request, Response, Result};
+
+use super::{authenticate, Principal};
+use crate::{
+    error::ApiError,
+    limits::{Decision, Policy},
+    state::AppState,
+};
+
+/// Per-IP limits of the unauthenticated routes, per minute.
+const LOGIN_PER_MINUTE: u32 = 10;
+const REGISTER_PER_MINUTE: u32 = 10;
+const REFRESH_PER_MINUTE: u32 = 30;
+/// Per-IP limit of `/v1` requests without valid credentials (key guessing).
+const ANONYMOUS_PER_MINUTE: u32 = 60;
+
+pub struct Gate;
+
+impl<E: Endpoint> Middleware<E> for Gate {
+    type Output = GateEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        GateEndpoint { inner }
+    }
+}
+
+pub struct GateEndpoint<E> {
+    inner: E,
+}
+
+impl<E: Endpoint> Endpoint for GateEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, mut req: Request) -> Result<Self::Output> {
+        let path = req.uri().path().to_owned();
+        if !path.starts_with("/v1/") {
+            return self.inner.call(req).await.map(IntoResponse::into_response); // health, docs, spec
+        }
+        let state = req.data::<Arc<AppState>>().cloned().ok_or_else(|| ApiError::Internal("state missing".into()))?;
+        let ip = client_ip(&req);
+        let mut principal = None;
+        if let Some(token) = bearer_token(&req) {
+            match authenticate(&state, &token).await {
+                Ok(found) => principal = Some(found),
+                Err(ApiError::Unauthorized) => {} // the operation answers 401
+                Err(err) => return Err(err.into()),
+            }
+        }
+
+        let mut policies: Vec<(String, Policy)> = Vec::with_capacity(2);
+        let is_post = req.method() == Method::POST;
+        match (&principal, path.as_str()) {
+            (_, "/v1/auth/login") if is_post => {
+                policies.push((format!("ip:{ip}"), Policy::per_minute("login", LOGIN_PER_MINUTE)));
+            }
+            (_, "/v1/auth/register") if is_post => {
+                policies.push((format!("ip:{ip}"), Policy::per_minute("register", REGISTER_PER_MINUTE)));
+            }
+            (_, "/v1/auth/refresh" | "/v1/auth/logout") if is_post => {
+                policies.push((format!("ip:{ip}"), Policy::per_minute("refresh", REFRESH_PER_MINUTE)));
+            }
+            (Some(principal), _) => {
+                let tier = state.tiers.for_user(&principal.tier);
+                let user = format!("user:{}", principal.user_id);
+                policies.push((user.clone(), Policy::per_minute("general", tier.requests_per_minute)));
+                if is_post && path == "/v1/analyze" {
+                    policies.push((user, Policy::per_minute("analyze", tier.analyze_per_minute)));
+                }
+            }
+            (None, _) => policies.push((format!("ip:{ip}"), Policy::per_minute("anonymous", ANONYMOUS_PER_MINUTE))),
+        }
+
+        // Every policy counts the request; the tightest one is reported.
+        let mut tightest: Option<Decision> = None;
+        for (key, policy) in policies {
+            let decision = state.limiter.check(&key, policy).await;
+            let tighter = tightest.is_none_or(|t| {
+                (!decision.allowed && t.allowed) || (decision.allowed == t.allowed && decision.remaining < t.remaining)
+            });
+            if tighter {
+                tightest = Some(decision);
+            }
+        }
+        if let Some(principal) = principal {
+            req.extensions_mut().insert::<Principal>(principal);
+        }
+        let mut response = match tightest {
+            Some(decision) if !decision.allowed => {
+                let error =
+                    ApiError::RateLimited { policy: decision.policy.name, retry_after: decision.retry_after_secs };
+                poem::error::ResponseError::as_response(&error)
+            }
+            _ => match self.inner.call(req).await {
+                Ok(output) => output.into_response(),
+                Err(err) => crate::error::into_problem(err).await,
+            },
+        };
+        if let Some(decision) = tightest {
+            decision.write_headers(response.headers_mut());
+        }
+        Ok(response)
+    }
+}
+
+fn bearer_token(req: &Request) -> Option<String> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
+/// The peer address. Behind a reverse proxy this is the proxy; trusting
+/// `X-Forwarded-For` needs a configured list of proxies, which Ultra does not have yet.
+fn client_ip(req: &Request) -> String {
+    req.remote_addr().as_socket_addr().map(|a| a.ip()).map_or_else(|| "unknown".to_owned(), |ip: IpAddr| ip.to_string())
+}

@@ -1,0 +1,77 @@
+//! Authentication. Either credential goes in `Authorization: Bearer …`: an API key
+//! (`ultra_…`) or a JWT access token from `POST /v1/auth/login`. The `authenticate`
+//! middleware resolves it once per request — checking the user is not disabled, so
+//! disabling takes effect at once — and the `BearerAuth` scheme hands the result to
+//! the operation. Every failure is the same 401: a caller learns nothing about which
+//! keys, tokens or users exist.
+
+pub mod jwt;
+pub mod middleware;
+pub mod password;
+pub mod refresh;
+
+use std::sync::Arc;
+
+use common::{apikey, db};
+use poem::Request;
+use poem_openapi::{auth::Bearer, SecurityScheme};
+use uuid::Uuid;
+
+use crate::{error::ApiError, state::AppState};
+
+/// Which credential a request came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    ApiKey(Uuid),
+    AccessToken,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub role: String,
+    pub tier: String,
+    pub credential: Credential,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
+}
+
+/// An Ultra API key (`ultra_…`) or a JWT access token, as a bearer token.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "API key or JWT", checker = "resolved_principal")]
+pub struct BearerAuth(pub Principal);
+
+/// The principal the middleware resolved for this request.
+async fn resolved_principal(req: &Request, _bearer: Bearer) -> poem::Result<Principal> {
+    req.extensions().get::<Principal>().cloned().ok_or_else(|| ApiError::Unauthorized.into())
+}
+
+/// Resolves a bearer token to its principal. `Unauthorized` for anything invalid;
+/// `Unavailable` only when the database cannot answer.
+pub async fn authenticate(state: &Arc<AppState>, token: &str) -> Result<Principal, ApiError> {
+    if token.starts_with(apikey::KEY_PREFIX) {
+        let prefix = apikey::prefix_of(token).ok_or(ApiError::Unauthorized)?;
+        let key = db::api_keys::find_active(&state.pool, prefix).await?;
+        let key = key.filter(|k| apikey::verify(token, &k.key_hash)).ok_or(ApiError::Unauthorized)?;
+        if let Err(err) = db::api_keys::touch(&state.pool, key.key_id).await {
+            tracing::warn!(error = %err, "could not record API key use");
+        }
+        return Ok(Principal {
+            user_id: key.user_id,
+            role: key.role,
+            tier: key.tier,
+            credential: Credential::ApiKey(key.key_id),
+        });
+    }
+    let user_id = state.jwt.verify(token).map_err(|_| ApiError::Unauthorized)?;
+    let user = db::users::get(&state.pool, user_id).await?.ok_or(ApiError::Unauthorized)?;
+    if user.disabled_at.is_some() {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(Principal { user_id: user.id, role: user.role, tier: user.tier, credential: Credential::AccessToken })
+}

@@ -1,0 +1,248 @@
+//! Accounts: register, log in, refresh, log out, and who am I.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use common::{
+    db::{self, refresh_tokens::RefreshToken},
+    tiers::Tier,
+};
+use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::{
+    auth::{password, refresh, BearerAuth},
+    body::JsonBody,
+    error::{ApiError, FieldError},
+    routes::ApiTags,
+    state::AppState,
+};
+
+/// Email and password. Nothing else is accepted: fields such as `tier` or `role`
+/// are refused with 422, never applied.
+#[derive(Debug, Deserialize, Object)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub email: String,
+    /// At least 12 characters, not the email address.
+    #[oai(write_only)]
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize, Object)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    #[oai(write_only)]
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Object)]
+pub struct Tokens {
+    /// A JWT: send it as `Authorization: Bearer …`.
+    pub access_token: String,
+    /// Opaque; exchange it at `/v1/auth/refresh` for new tokens (it works once).
+    pub refresh_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+}
+
+#[derive(Debug, Object)]
+pub struct Account {
+    pub id: Uuid,
+    pub email: String,
+    pub tier: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Object)]
+pub struct TodayUsage {
+    /// Tokens used by finished jobs today (UTC).
+    pub used_tokens: i64,
+    /// Tokens held by jobs still in progress (their worst case).
+    pub reserved_tokens: i64,
+    /// Tokens still available today.
+    pub remaining_tokens: i64,
+    /// Jobs submitted today.
+    pub jobs: i64,
+    /// Jobs queued or running now.
+    pub active_jobs: i64,
+}
+
+#[derive(Debug, Object)]
+pub struct Me {
+    pub id: Uuid,
+    pub email: String,
+    pub tier: String,
+    pub role: String,
+    pub limits: Tier,
+    pub usage: TodayUsage,
+}
+
+#[derive(ApiResponse)]
+pub enum RegisterResponse {
+    /// Account created; log in to get tokens.
+    #[oai(status = 201)]
+    Created(Json<Account>),
+}
+
+#[derive(ApiResponse)]
+pub enum NoContent {
+    /// Done.
+    #[oai(status = 204)]
+    Done,
+}
+
+pub struct AuthApi {
+    pub state: Arc<AppState>,
+}
+
+#[OpenApi(prefix_path = "/v1", tag = "ApiTags::Accounts")]
+impl AuthApi {
+    /// Register
+    ///
+    /// Creates an account in the default tier with the `user` role.
+    #[oai(path = "/auth/register", method = "post")]
+    async fn register(&self, body: JsonBody<Credentials>) -> Result<RegisterResponse, ApiError> {
+        let Credentials { email, password } = body.0;
+        let email = db::users::normalize_email(&email);
+        let mut errors = Vec::new();
+        if !db::users::is_plausible_email(&email) {
+            errors.push(FieldError::new("email", "not an email address"));
+        }
+        if let Err(problem) = password::check_policy(&password, &email) {
+            errors.push(FieldError::new("password", problem));
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::validation(errors));
+        }
+        let hash = self.state.passwords.hash(&password).await?;
+        let user = match db::users::create_with_password(&self.state.pool, &email, "user", Some(&hash)).await {
+            Ok(user) => user,
+            Err(err) if db::is_unique_violation(&err) => {
+                return Err(ApiError::Conflict("an account with this email already exists".into()))
+            }
+            Err(err) => return Err(err.into()),
+        };
+        tracing::info!(user_id = %user.id, "account registered");
+        Ok(RegisterResponse::Created(Json(Account {
+            id: user.id,
+            email: user.email,
+            tier: user.tier,
+            role: user.role,
+            created_at: user.created_at,
+        })))
+    }
+
+    /// Log in
+    ///
+    /// A wrong email and a wrong password get the same answer, in about the same time.
+    #[oai(path = "/auth/login", method = "post")]
+    async fn login(&self, body: JsonBody<Credentials>) -> Result<Json<Tokens>, ApiError> {
+        let Credentials { email, password } = body.0;
+        let found = db::users::find_credentials(&self.state.pool, &email).await?;
+        let (user, hash) = match found {
+            Some((user, hash)) => (Some(user), hash),
+            None => (None, None),
+        };
+        let valid = self.state.passwords.verify(&password, hash.as_deref()).await?;
+        let user = user.filter(|u| valid && u.disabled_at.is_none()).ok_or(ApiError::Unauthorized)?;
+        let family = Uuid::new_v4();
+        Ok(Json(self.issue(user.id, family).await?))
+    }
+
+    /// Refresh tokens
+    ///
+    /// Exchanges a refresh token for a new access token and a new refresh token. Each
+    /// refresh token works once: presenting one that was already exchanged revokes
+    /// every token of its login (someone else has it).
+    #[oai(path = "/auth/refresh", method = "post")]
+    async fn refresh(&self, body: JsonBody<RefreshRequest>) -> Result<Json<Tokens>, ApiError> {
+        let mut tx = self.state.pool.begin().await?;
+        let token = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?;
+        let Some(token) = token else { return Err(ApiError::Unauthorized) };
+        if token.replaced_at.is_some() {
+            let revoked = db::refresh_tokens::revoke_family(&mut *tx, token.family_id).await?;
+            tx.commit().await?;
+            tracing::warn!(user_id = %token.user_id, family = %token.family_id, revoked, "rotated refresh token reused; family revoked");
+            return Err(ApiError::Unauthorized);
+        }
+        if !usable(&token) {
+            return Err(ApiError::Unauthorized);
+        }
+        let user = db::users::get(&mut *tx, token.user_id).await?.filter(|u| u.disabled_at.is_none());
+        let Some(user) = user else { return Err(ApiError::Unauthorized) };
+        db::refresh_tokens::mark_replaced(&mut *tx, token.id).await?;
+        tx.commit().await?;
+        Ok(Json(self.issue(user.id, token.family_id).await?))
+    }
+
+    /// Log out
+    ///
+    /// Revokes the refresh token and every token of its login. Access tokens expire
+    /// on their own (they are short-lived).
+    #[oai(path = "/auth/logout", method = "post")]
+    async fn logout(&self, body: JsonBody<RefreshRequest>) -> Result<NoContent, ApiError> {
+        let mut tx = self.state.pool.begin().await?;
+        if let Some(token) = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?
+        {
+            db::refresh_tokens::revoke_family(&mut *tx, token.family_id).await?;
+        }
+        tx.commit().await?;
+        Ok(NoContent::Done)
+    }
+
+    /// Who am I
+    ///
+    /// The caller's account, tier limits and today's usage.
+    #[oai(path = "/me", method = "get")]
+    async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
+        let pool = &self.state.pool;
+        let user = db::users::get(pool, auth.0.user_id).await?.ok_or(ApiError::Unauthorized)?;
+        let limits = self.state.tiers.for_user(&user.tier).clone();
+        let today = db::usage::today(pool).await?;
+        let usage = db::usage::get(pool, user.id, today).await?;
+        let active_jobs = db::usage::active_jobs(pool, user.id).await?;
+        let remaining_tokens = (limits.daily_tokens as i64 - usage.used - usage.reserved).max(0);
+        Ok(Json(Me {
+            id: user.id,
+            email: user.email,
+            tier: user.tier,
+            role: user.role,
+            limits,
+            usage: TodayUsage {
+                used_tokens: usage.used,
+                reserved_tokens: usage.reserved,
+                remaining_tokens,
+                jobs: usage.jobs,
+                active_jobs,
+            },
+        }))
+    }
+}
+
+impl AuthApi {
+    /// A new access token, and a new refresh token in `family`.
+    async fn issue(&self, user_id: Uuid, family: Uuid) -> Result<Tokens, ApiError> {
+        let state = &self.state;
+        let access_token = state.jwt.issue(user_id).map_err(|e| ApiError::Internal(e.into()))?;
+        let refresh_token = refresh::generate();
+        let expires_at = Utc::now()
+            + chrono::Duration::from_std(state.config.refresh_token_ttl())
+                .unwrap_or_else(|_| chrono::Duration::days(30));
+        db::refresh_tokens::insert(&state.pool, user_id, family, &refresh::hash(&refresh_token), expires_at).await?;
+        Ok(Tokens {
+            access_token,
+            refresh_token,
+            token_type: "Bearer".to_owned(),
+            expires_in: state.jwt.ttl().as_secs(),
+        })
+    }
+}
+
+fn usable(token: &RefreshToken) -> bool {
+    token.revoked_at.is_none() && token.expires_at > Utc::now()
+}

@@ -1,0 +1,78 @@
+//! `usage_daily`: tokens per user per UTC day — reserved by accepted jobs (their worst
+//! case) and used by finished ones. Reservations are made in the submit transaction
+//! under the user's row lock, so concurrent submissions cannot overspend a budget.
+
+use chrono::NaiveDate;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct DailyUsage {
+    pub reserved: i64,
+    pub used: i64,
+    pub jobs: i64,
+}
+
+/// Today's date in UTC, as PostgreSQL sees it (one clock for every replica).
+pub async fn today(ex: impl PgExecutor<'_>) -> Result<NaiveDate, sqlx::Error> {
+    sqlx::query_scalar("SELECT (now() AT TIME ZONE 'utc')::date").fetch_one(ex).await
+}
+
+pub async fn get(ex: impl PgExecutor<'_>, user_id: Uuid, day: NaiveDate) -> Result<DailyUsage, sqlx::Error> {
+    let row: Option<DailyUsage> =
+        sqlx::query_as("SELECT reserved, used, jobs FROM usage_daily WHERE user_id = $1 AND day = $2")
+            .bind(user_id)
+            .bind(day)
+            .fetch_optional(ex)
+            .await?;
+    Ok(row.unwrap_or_default())
+}
+
+/// Serialises one user's submissions: the caller holds this lock until commit.
+pub async fn lock_user(conn: &mut PgConnection, user_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user_id).execute(conn).await?;
+    Ok(())
+}
+
+/// Jobs of the user that are queued or running.
+pub async fn active_jobs(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE user_id = $1 AND status IN ('queued', 'running')")
+        .bind(user_id)
+        .fetch_one(ex)
+        .await
+}
+
+pub async fn reserve(conn: &mut PgConnection, user_id: Uuid, day: NaiveDate, tokens: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO usage_daily (user_id, day, reserved, jobs) VALUES ($1, $2, $3, 1)
+         ON CONFLICT (user_id, day) DO UPDATE
+            SET reserved = usage_daily.reserved + EXCLUDED.reserved, jobs = usage_daily.jobs + 1",
+    )
+    .bind(user_id)
+    .bind(day)
+    .bind(tokens)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Releases a finished job's reservation and books what it really used. Call it in
+/// the transaction that ends the job, so it happens exactly once.
+pub async fn settle(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH job AS (
+            SELECT user_id, reserved_day, reserved_tokens FROM jobs WHERE id = $1 AND reserved_day IS NOT NULL
+         ), spent AS (
+            SELECT coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), 0)::bigint AS tokens
+              FROM job_steps WHERE job_id = $1
+         )
+         UPDATE usage_daily u
+            SET reserved = greatest(u.reserved - job.reserved_tokens, 0), used = u.used + spent.tokens
+           FROM job, spent
+          WHERE u.user_id = job.user_id AND u.day = job.reserved_day",
+    )
+    .bind(job_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Subscription tiers: what each tier may do. Built in, and overridable per tier
+//! from the optional TOML file (`ULTRA_CONFIG_FILE`, tables `[tiers.<name>]`).
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// The limits of one tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, poem_openapi::Object)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Requests per minute on any `/v1` route.
+    pub requests_per_minute: u32,
+    /// Submissions per minute (`POST /v1/analyze`).
+    pub analyze_per_minute: u32,
+    /// Jobs queued or running at once.
+    pub concurrent_jobs: u32,
+    /// Models one job may name.
+    pub models_per_job: u32,
+    /// Tokens per UTC day, counted as each job's worst case until it ends.
+    pub daily_tokens: u64,
+}
+
+/// The tier a user starts in.
+pub const DEFAULT_TIER: &str = "free";
+
+#[derive(Debug, Clone)]
+pub struct Tiers(BTreeMap<String, Tier>);
+
+impl Tiers {
+    pub fn builtin() -> Self {
+        let tier = |requests_per_minute, analyze_per_minute, concurrent_jobs, models_per_job, daily_tokens| Tier {
+            requests_per_minute,
+            analyze_per_minute,
+            concurrent_jobs,
+            models_per_job,
+            daily_tokens,
+        };
+        Self(BTreeMap::from([
+            ("free".to_owned(), tier(60, 10, 2, 3, 100_000)),
+            ("basic".to_owned(), tier(300, 60, 5, 5, 1_000_000)),
+            ("premium".to_owned(), tier(1_000, 120, 20, 8, 10_000_000)),
+            ("enterprise".to_owned(), tier(5_000, 600, 100, 10, 100_000_000)),
+        ]))
+    }
+
+    /// The built-in tiers, with those the file defines replaced or added.
+    pub fn load(file: Option<&Path>) -> Result<Self, String> {
+        let mut tiers = Self::builtin();
+        let Some(path) = file else { return Ok(tiers) };
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(default)]
+            tiers: BTreeMap<String, Tier>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: File = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        tiers.0.extend(file.tiers);
+        if !tiers.0.contains_key(DEFAULT_TIER) {
+            return Err(format!("{}: the `{DEFAULT_TIER}` tier must exist", path.display()));
+        }
+        Ok(tiers)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tier> {
+        self.0.get(name)
+    }
+
+    /// A user's tier; one that was removed from configuration falls back to the default.
+    pub fn for_user(&self, name: &str) -> &Tier {
+        self.0
+            .get(name)
+            .or_else(|| self.0.get(DEFAULT_TIER))
+            .unwrap_or_else(|| unreachable!("the default tier always exists"))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_and_adds_tiers() {
+        let path = std::env::temp_dir().join(format!("ultra-tiers-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[tiers.free]\nrequests_per_minute = 5\nanalyze_per_minute = 1\nconcurrent_jobs = 1\nmodels_per_job = 1\ndaily_tokens = 10\n\
+             [tiers.team]\nrequests_per_minute = 50\nanalyze_per_minute = 5\nconcurrent_jobs = 3\nmodels_per_job = 2\ndaily_tokens = 1000\n",
+        )
+        .expect("write");
+        let tiers = Tiers::load(Some(&path)).expect("loads");
+        assert_eq!(tiers.for_user("free").requests_per_minute, 5);
+        assert_eq!(tiers.for_user("team").daily_tokens, 1000);
+        assert_eq!(tiers.for_user("premium").requests_per_minute, 1_000);
+        assert_eq!(tiers.for_user("gone").requests_per_minute, 5, "unknown tiers fall back to free");
+        std::fs::write(&path, "[tiers.free]\nrequests_per_minute = 5\n").expect("write");
+        assert!(Tiers::load(Some(&path)).is_err(), "a partial tier is an error, not a silent default");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn builtin_defaults_match_the_published_table() {
+        let tiers = Tiers::builtin();
+        let rpm: Vec<u32> =
+            ["free", "basic", "premium", "enterprise"].iter().map(|t| tiers.for_user(t).requests_per_minute).collect();
+        assert_eq!(rpm, [60, 300, 1_000, 5_000]);
+        let analyze: Vec<u32> =
+            ["free", "basic", "premium", "enterprise"].iter().map(|t| tiers.for_user(t).analyze_per_minute).collect();
+        assert_eq!(analyze, [10, 60, 120, 600]);
+    }
+}
