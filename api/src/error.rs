@@ -261,6 +261,7 @@ pub async fn into_problem(err: poem::Error) -> Response {
             StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge("request body too large".into(), None),
             StatusCode::UNAUTHORIZED => ApiError::Unauthorized,
+            StatusCode::FORBIDDEN => ApiError::Forbidden("forbidden"),
             status if status.is_client_error() => ApiError::BadRequest(err.to_string()),
             _ => ApiError::Internal(err.to_string().into()),
         }

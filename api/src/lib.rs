@@ -81,7 +81,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate)
         .with_if(!config.cors_origins.is_empty(), middleware::cors(&config.cors_origins))
-        .with(middleware::security_headers(config.environment))
+        .with(middleware::SecurityHeaders(config.environment))
         .with(Tracing)
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))

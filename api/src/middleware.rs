@@ -4,29 +4,59 @@ use std::time::Duration;
 
 use common::config::Environment;
 use poem::{
-    http::Method,
-    middleware::{Cors, SetHeader},
+    http::{HeaderValue, Method},
+    middleware::Cors,
     Endpoint, IntoResponse, Middleware, Request, Response, Result,
 };
 
 use crate::error::ApiError;
 
-/// Headers every response carries. HSTS only in production, where TLS is assumed
-/// in front of Ultra (announcing it over plain local HTTP would be a lie).
-pub fn security_headers(environment: Environment) -> SetHeader {
-    let headers = SetHeader::new()
-        .overriding("X-Content-Type-Options", "nosniff")
-        .overriding("X-Frame-Options", "DENY")
-        .overriding("Referrer-Policy", "no-referrer")
-        .overriding("Content-Security-Policy", "frame-ancestors 'none'")
-        .overriding("Cross-Origin-Resource-Policy", "same-origin")
-        // Responses are per-caller (jobs, tokens, keys): no shared cache may keep them.
-        .overriding("Cache-Control", "no-store");
-    match environment {
-        Environment::Production => {
-            headers.overriding("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+/// Headers every response carries — errors included, which is why this layer also
+/// turns errors into problem documents rather than leaving that to an outer layer.
+/// HSTS only in production, where TLS is assumed in front of Ultra (announcing it
+/// over plain local HTTP would be a lie).
+pub struct SecurityHeaders(pub Environment);
+
+const SECURITY_HEADERS: [(&str, &str); 6] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("content-security-policy", "frame-ancestors 'none'"),
+    ("cross-origin-resource-policy", "same-origin"),
+    // Responses are per caller (jobs, tokens, keys): no shared cache may keep them.
+    ("cache-control", "no-store"),
+];
+
+impl<E: Endpoint> Middleware<E> for SecurityHeaders {
+    type Output = SecurityHeadersEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        SecurityHeadersEndpoint { inner, hsts: self.0 == Environment::Production }
+    }
+}
+
+pub struct SecurityHeadersEndpoint<E> {
+    inner: E,
+    hsts: bool,
+}
+
+impl<E: Endpoint> Endpoint for SecurityHeadersEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        let mut response = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(err) => crate::error::into_problem(err).await,
+        };
+        let headers = response.headers_mut();
+        for (name, value) in SECURITY_HEADERS {
+            headers.insert(name, HeaderValue::from_static(value));
         }
-        Environment::Development => headers,
+        if self.hsts {
+            headers
+                .insert("strict-transport-security", HeaderValue::from_static("max-age=63072000; includeSubDomains"));
+        }
+        Ok(response)
     }
 }
 

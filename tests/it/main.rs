@@ -1,11 +1,14 @@
 //! End-to-end tests of Ultra against real PostgreSQL, RabbitMQ and Redis. The only
 //! fake is the LLM: the deterministic mock provider.
 
+mod accounts;
 mod auth;
 mod delivery;
 mod events;
 mod health;
 mod jobs;
+mod jwt;
+mod limits;
 mod processes;
 mod proxy;
 mod services;

@@ -108,3 +108,25 @@ async fn two_worker_processes_share_one_queue() {
     assert_eq!(app.mock.calls(), 0, "the in-process mock must not have been used");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ultra"))
+        .arg("api")
+        .env_clear()
+        .env("ULTRA_ENV", "production")
+        .env("ULTRA_JWT_KEYS", "k1:too-short")
+        .env("ULTRA_CORS_ORIGINS", "*")
+        .env("ULTRA_LOG_FORMAT", "json")
+        .output()
+        .await
+        .expect("run ultra");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for problem in
+        ["guest credentials", "DATABASE_URL has no password", "mock provider", "shorter than 32 bytes", "any origin"]
+    {
+        assert!(stderr.contains(problem), "missing `{problem}` in: {stderr}");
+    }
+    assert!(!stderr.contains("too-short"), "a secret must never be printed");
+}

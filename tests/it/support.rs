@@ -29,6 +29,9 @@ pub struct Options {
     pub sse_heartbeat_secs: u64,
     /// Reach PostgreSQL, RabbitMQ and Redis through proxies the test can cut.
     pub proxied: bool,
+    pub cors_origins: Vec<String>,
+    /// Contents of a configuration file (TOML), e.g. extra tiers.
+    pub config_toml: Option<String>,
 }
 
 impl Default for Options {
@@ -41,6 +44,8 @@ impl Default for Options {
             redis_url: None,
             sse_heartbeat_secs: 10,
             proxied: false,
+            cors_origins: Vec::new(),
+            config_toml: None,
         }
     }
 }
@@ -95,6 +100,12 @@ impl TestApp {
         config.concurrency = options.concurrency;
         config.sse_heartbeat_secs = options.sse_heartbeat_secs;
         config.relay_interval_ms = 200;
+        config.cors_origins = options.cors_origins.clone();
+        if let Some(toml) = &options.config_toml {
+            let path = std::env::temp_dir().join(format!("ultra-test-{db_name}.toml"));
+            std::fs::write(&path, toml).expect("write config file");
+            config.config_file = Some(path);
+        }
         config.shutdown_grace_secs = 5;
         let config = Arc::new(config);
 
@@ -125,6 +136,42 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the api did not start");
+    }
+
+    /// Another api process's worth of the same app: same database, broker names and
+    /// Redis prefix, its own port. Stops with the app.
+    pub async fn spawn_second_api(&mut self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
+        let base = format!("http://{}", listener.local_addr().expect("local address"));
+        self.tasks.push(tokio::spawn(api::run(self.config.clone(), listener, self.shutdown.clone())));
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.http.get(format!("{base}/health/live")).send().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "second api did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        base
+    }
+
+    /// Registers a user with a password; returns the response.
+    pub async fn register(&self, email: &str, password: &str) -> Response {
+        let body = json!({ "email": email, "password": password });
+        self.http.post(self.url("/v1/auth/register")).json(&body).send().await.expect("register")
+    }
+
+    /// Logs in; returns the response.
+    pub async fn login(&self, email: &str, password: &str) -> Response {
+        let body = json!({ "email": email, "password": password });
+        self.http.post(self.url("/v1/auth/login")).json(&body).send().await.expect("login")
+    }
+
+    /// A registered, logged-in user: (email, password, tokens).
+    pub async fn account(&self) -> (String, String, Value) {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let password = "correct horse battery staple".to_owned();
+        assert_eq!(self.register(&email, &password).await.status(), StatusCode::CREATED);
+        let tokens = self.login(&email, &password).await;
+        assert_eq!(tokens.status(), StatusCode::OK);
+        (email, password, tokens.json().await.expect("tokens"))
     }
 
     pub fn url(&self, path: &str) -> String {
