@@ -15,6 +15,13 @@ pub enum AdminCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Move a user to another tier (`free`, `basic`, `premium`, `enterprise`, or one from the config file).
+    SetTier {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        tier: String,
+    },
     /// Create an API key for a user; prints the key (shown once) as the last line.
     CreateApiKey {
         #[arg(long)]
@@ -40,6 +47,7 @@ pub async fn run(config: &Config, command: AdminCommand) -> anyhow::Result<()> {
     let result = match command {
         AdminCommand::CreateUser { email, admin } => create_user(&pool, &email, admin).await,
         AdminCommand::CreateApiKey { email, name } => create_api_key(&pool, &email, &name).await,
+        AdminCommand::SetTier { email, tier } => set_tier(config, &pool, &email, &tier).await,
     };
     pool.close().await;
     result
@@ -75,5 +83,18 @@ async fn create_api_key(pool: &sqlx::PgPool, email: &str, name: &str) -> anyhow:
     db::api_keys::insert(pool, user.id, name, &key.prefix, &key.hash).await?;
     println!("API key `{name}` for {} (shown once; only its hash is stored):", user.email);
     println!("{}", key.secret);
+    Ok(())
+}
+
+async fn set_tier(config: &Config, pool: &sqlx::PgPool, email: &str, tier: &str) -> anyhow::Result<()> {
+    let tiers = common::tiers::Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?;
+    if tiers.get(tier).is_none() {
+        bail!("unknown tier `{tier}`; known: {}", tiers.names().collect::<Vec<_>>().join(", "));
+    }
+    let Some(user) = db::users::find_by_email(pool, email).await? else {
+        bail!("no user with email {email}");
+    };
+    let user = db::users::update_admin(pool, user.id, Some(tier), None).await?.context("the user vanished")?;
+    println!("{} is now in tier {}", user.email, user.tier);
     Ok(())
 }

@@ -38,8 +38,19 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let Cli { mut config, command } = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    // Errors are printed as a message with its causes, never as a backtrace.
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { mut config, command } = cli;
     if let Command::Worker { concurrency: Some(n) } = command {
         config.concurrency = n;
     }

@@ -237,6 +237,13 @@ impl Config {
             if url_has_no_password(&self.database_url) {
                 problems.push("DATABASE_URL has no password".to_owned());
             }
+            for (name, url) in
+                [("DATABASE_URL", &self.database_url), ("AMQP_URL", &self.amqp_url), ("REDIS_URL", &self.redis_url)]
+            {
+                if url_password(url).is_some_and(is_default_password) {
+                    problems.push(format!("{name} uses a default or example password"));
+                }
+            }
             // Until real providers are configured the catalog holds only mock models,
             // and the mock provider must never answer production traffic.
             problems.push("the mock provider is enabled and no real provider is configured".to_owned());
@@ -258,6 +265,20 @@ impl Config {
             Err(ConfigError { problems })
         }
     }
+}
+
+/// The password in a URL's user-info part, if any.
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    userinfo.split_once(':').map(|(_, password)| password)
+}
+
+/// Passwords that ship in images, tutorials and our own `.env.example`.
+fn is_default_password(password: &str) -> bool {
+    let password = password.to_ascii_lowercase();
+    ["postgres", "password", "redis", "rabbitmq", "secret", "admin", "ultra"].contains(&password.as_str())
+        || password.starts_with("change-me")
 }
 
 /// `scheme://user@host` (no `:password` in the user-info part).
@@ -307,6 +328,17 @@ mod tests {
     fn development_defaults_are_valid() {
         let config = Config::from_env().expect("defaults parse");
         config.validate().expect("valid");
+    }
+
+    #[test]
+    fn default_passwords_are_refused_in_production() {
+        let mut config = Config::from_env().expect("defaults parse");
+        config.environment = Environment::Production;
+        config.database_url = "postgres://ultra:change-me-postgres@db/ultra".to_owned();
+        config.amqp_url = "amqp://ultra:s3cure-and-long@mq/%2f".to_owned();
+        let err = config.validate().expect_err("unsafe");
+        assert!(err.to_string().contains("DATABASE_URL uses a default or example password"), "{err}");
+        assert!(!err.to_string().contains("AMQP_URL uses"), "{err}");
     }
 
     #[test]
