@@ -163,6 +163,10 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
                 ApiError::Unavailable(Box::new(err))
             }
+            // Data exceptions (22: e.g. a NUL byte in text) come from client input.
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                ApiError::BadRequest("the request contains characters or values that cannot be stored".into())
+            }
             // Connection exceptions (08), insufficient resources (53), shutting down (57P0x).
             sqlx::Error::Database(ref db)
                 if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")) =>
@@ -191,11 +195,25 @@ impl poem::error::ResponseError for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             response.headers_mut().insert("WWW-Authenticate", poem::http::HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::RateLimited { retry_after, .. } = self {
-            response.headers_mut().insert("Retry-After", poem::http::HeaderValue::from(*retry_after));
+        let retry_after = match self {
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            // The budget renews at the next UTC midnight.
+            ApiError::BudgetExceeded(_) => Some(seconds_until_utc_midnight()),
+            // A slot frees when a job ends; poll gently.
+            ApiError::TooManyJobs(_) => Some(5),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert("Retry-After", poem::http::HeaderValue::from(seconds));
         }
         response
     }
+}
+
+fn seconds_until_utc_midnight() -> u64 {
+    let now = chrono::Utc::now();
+    let midnight = (now.date_naive() + chrono::Days::new(1)).and_hms_opt(0, 0, 0).map(|m| m.and_utc());
+    midnight.map_or(3600, |m| (m - now).num_seconds().max(1) as u64)
 }
 
 /// Documents the problem responses an operation can return. Operations name their

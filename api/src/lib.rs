@@ -74,13 +74,16 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
 
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let service = routes::service(state.clone());
+    // Blank entries must not turn into "no list", which CORS would read as "any origin".
+    let cors_origins: Vec<String> =
+        config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
     let app = Route::new()
         .nest("/docs", service.swagger_ui())
         .at("/openapi.json", service.spec_endpoint())
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate)
-        .with_if(!config.cors_origins.is_empty(), middleware::cors(&config.cors_origins))
+        .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
         .with(Tracing)
         .data(state.clone())

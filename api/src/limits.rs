@@ -50,21 +50,24 @@ pub struct Decision {
     pub retry_after_secs: u64,
 }
 
-impl Decision {
-    /// `RateLimit-Policy: "name";q=60;w=60` and `RateLimit: "name";r=59;t=1`.
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
-        let policy = format!("\"{}\";q={};w={}", self.policy.name, self.policy.limit, self.policy.window.as_secs());
-        let state = format!("\"{}\";r={};t={}", self.policy.name, self.remaining, self.reset_secs);
-        for (name, value) in [("RateLimit-Policy", policy), ("RateLimit", state)] {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(name, value);
-            }
-        }
-        if !self.allowed {
-            headers.insert("Retry-After", HeaderValue::from(self.retry_after_secs));
+/// Writes every applied policy: `RateLimit-Policy: "general";q=60;w=60, "analyze";q=10;w=60`
+/// and `RateLimit: "general";r=59;t=1, "analyze";r=9;t=6`, plus `Retry-After` if any
+/// policy refused the request.
+pub fn write_headers(decisions: &[Decision], headers: &mut HeaderMap) {
+    let join = |item: fn(&Decision) -> String| decisions.iter().map(item).collect::<Vec<_>>().join(", ");
+    let policy = join(|d| format!("\"{}\";q={};w={}", d.policy.name, d.policy.limit, d.policy.window.as_secs()));
+    let state = join(|d| format!("\"{}\";r={};t={}", d.policy.name, d.remaining, d.reset_secs));
+    for (name, value) in [("RateLimit-Policy", policy), ("RateLimit", state)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
         }
     }
+    if let Some(wait) = decisions.iter().filter(|d| !d.allowed).map(|d| d.retry_after_secs).max() {
+        headers.insert("Retry-After", HeaderValue::from(wait));
+    }
+}
 
+impl Decision {
     fn from_gcra(policy: Policy, allowed: bool, remaining: i64, reset_ms: i64, retry_ms: i64) -> Self {
         let secs = |ms: i64| (ms.max(0) as u64).div_ceil(1000);
         Self {

@@ -60,12 +60,12 @@ impl<E: Endpoint> Endpoint for SecurityHeadersEndpoint<E> {
     }
 }
 
-/// CORS for an explicit list of origins; a preflight from any other origin is refused.
+/// CORS for an explicit, non-empty list of origins (poem reads an empty list as "any
+/// origin", so the caller must not install this without one); a preflight from any
+/// other origin is refused.
 pub fn cors(origins: &[String]) -> Cors {
     origins
         .iter()
-        .map(|o| o.trim())
-        .filter(|o| !o.is_empty())
         .fold(Cors::new(), |cors, origin| cors.allow_origin(origin))
         .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers(["authorization", "content-type", "last-event-id"])

@@ -84,7 +84,7 @@ pub struct Config {
     pub max_prompt_chars: usize,
 
     /// Most models one job may name.
-    #[arg(long, env = "ULTRA_MAX_MODELS_PER_JOB", default_value_t = 5, global = true)]
+    #[arg(long, env = "ULTRA_MAX_MODELS_PER_JOB", default_value_t = 10, global = true)]
     pub max_models_per_job: usize,
 
     /// How long in-flight jobs may finish after SIGTERM before they are left for redelivery.
@@ -249,11 +249,10 @@ impl Config {
             problems.push("the mock provider is enabled and no real provider is configured".to_owned());
             if self.jwt_keys.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 problems.push("ULTRA_JWT_KEYS is not set (the built-in development key is public)".to_owned());
-            } else if self
-                .jwt_keys()
-                .is_ok_and(|keys| keys.iter().any(|k| k.secret == DEVELOPMENT_JWT_KEY.1.as_bytes()))
-            {
-                problems.push("ULTRA_JWT_KEYS uses the known development key".to_owned());
+            } else if self.jwt_keys().is_ok_and(|keys| {
+                keys.iter().any(|k| k.secret == DEVELOPMENT_JWT_KEY.1.as_bytes() || k.secret.starts_with(b"change-me"))
+            }) {
+                problems.push("ULTRA_JWT_KEYS uses the known development key or an example value".to_owned());
             }
             if self.cors_origins.iter().any(|o| o.trim() == "*") {
                 problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());

@@ -129,6 +129,9 @@ async fn api_keys_are_self_service_and_private() {
     let key = created["key"].as_str().expect("key shown once").to_owned();
     assert!(key.starts_with("ultra_") && key.starts_with(created["prefix"].as_str().expect("prefix")));
     assert_eq!(app.get(&key, "/v1/me").await.status(), StatusCode::OK);
+    // A key cannot mint keys: a leaked one must not outlive its revocation.
+    let minted = app.http.post(app.url("/v1/api-keys")).bearer_auth(&key).json(&json!({ "name": "x" })).send();
+    problem(minted.await.expect("create"), StatusCode::FORBIDDEN).await;
 
     let listed = app.get(&alice, "/v1/api-keys").await.text().await.expect("body");
     assert!(!listed.contains(&key) && !listed.contains("hash"), "{listed}");
@@ -207,7 +210,7 @@ async fn only_admins_change_tiers_and_disabling_cuts_access_at_once() {
 #[tokio::test]
 async fn every_route_with_an_id_hides_other_users_resources() {
     let app = TestApp::spawn().await;
-    let (_, alice) = app.user_with_key().await;
+    let alice = app.account().await.2["access_token"].as_str().expect("token").to_owned();
     let (_, mallory) = app.user_with_key().await;
     let job = app.submit_ok(&alice, &["mock/alpha"]).await;
     app.wait_for_terminal(&alice, job).await;

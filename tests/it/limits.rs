@@ -7,10 +7,10 @@ use serde_json::{json, Value};
 
 use crate::support::{problem, Options, TestApp};
 
-/// A tier with generous rates and concurrency but a budget of exactly ten jobs of
-/// one model at `max_tokens = 1000`.
+/// A tier with generous rates and concurrency but a budget of exactly ten jobs of one
+/// model at `max_tokens = 1000` with a one-token prompt (1001 tokens reserved each).
 const RACE_TIER: &str = "[tiers.race]\nrequests_per_minute = 5000\nanalyze_per_minute = 5000\n\
-                         concurrent_jobs = 1000\nmodels_per_job = 3\ndaily_tokens = 10000\n";
+                         concurrent_jobs = 1000\nmodels_per_job = 3\ndaily_tokens = 10010\n";
 
 #[tokio::test]
 async fn every_response_carries_rate_limit_and_security_headers() {
@@ -122,7 +122,7 @@ async fn a_hundred_racing_submissions_never_overspend_the_budget() {
         .fetch_one(&app.pool)
         .await
         .expect("usage");
-    assert_eq!(reserved, 10_000);
+    assert_eq!(reserved, 10_010);
     app.stop().await;
 }
 

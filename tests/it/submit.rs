@@ -53,7 +53,7 @@ async fn a_two_model_job_runs_to_success() {
 #[tokio::test]
 async fn every_kind_of_bad_input_is_refused_naming_the_field() {
     let app = TestApp::spawn_with(crate::support::Options { worker: false, ..Default::default() }).await;
-    let (_, key) = app.user_with_key().await;
+    let (_, key) = app.user_in_tier("basic").await; // five models per job
     let too_long = "a".repeat(app.config.max_prompt_chars + 1);
     let cases: Vec<(Value, StatusCode, &[&str])> = vec![
         (json!({ "prompt": "", "models": ["mock/alpha"] }), StatusCode::UNPROCESSABLE_ENTITY, &["prompt"]),

@@ -11,7 +11,7 @@ use poem::{http::Method, Endpoint, IntoResponse, Middleware, Request, Response, 
 use super::{authenticate, Principal};
 use crate::{
     error::ApiError,
-    limits::{Decision, Policy},
+    limits::{write_headers, Policy},
     state::AppState,
 };
 
@@ -78,34 +78,27 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
             (None, _) => policies.push((format!("ip:{ip}"), Policy::per_minute("anonymous", ANONYMOUS_PER_MINUTE))),
         }
 
-        // Every policy counts the request; the tightest one is reported.
-        let mut tightest: Option<Decision> = None;
+        // Every policy counts the request and is reported; any refusal refuses it.
+        let mut decisions = Vec::with_capacity(policies.len());
         for (key, policy) in policies {
-            let decision = state.limiter.check(&key, policy).await;
-            let tighter = tightest.is_none_or(|t| {
-                (!decision.allowed && t.allowed) || (decision.allowed == t.allowed && decision.remaining < t.remaining)
-            });
-            if tighter {
-                tightest = Some(decision);
-            }
+            decisions.push(state.limiter.check(&key, policy).await);
         }
         if let Some(principal) = principal {
             req.extensions_mut().insert::<Principal>(principal);
         }
-        let mut response = match tightest {
-            Some(decision) if !decision.allowed => {
+        let refused = decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after_secs);
+        let mut response = match refused {
+            Some(decision) => {
                 let error =
                     ApiError::RateLimited { policy: decision.policy.name, retry_after: decision.retry_after_secs };
                 poem::error::ResponseError::as_response(&error)
             }
-            _ => match self.inner.call(req).await {
+            None => match self.inner.call(req).await {
                 Ok(output) => output.into_response(),
                 Err(err) => crate::error::into_problem(err).await,
             },
         };
-        if let Some(decision) = tightest {
-            decision.write_headers(response.headers_mut());
-        }
+        write_headers(&decisions, response.headers_mut());
         Ok(response)
     }
 }
@@ -116,8 +109,18 @@ fn bearer_token(req: &Request) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned()).filter(|t| !t.is_empty())
 }
 
-/// The peer address. Behind a reverse proxy this is the proxy; trusting
-/// `X-Forwarded-For` needs a configured list of proxies, which Ultra does not have yet.
+/// The peer address, IPv6 by its /64 (one host usually holds a whole /64, so keying
+/// by /128 would hand it 2^64 buckets). Behind a reverse proxy this is the proxy;
+/// trusting `X-Forwarded-For` needs a configured list of proxies, which Ultra does
+/// not have yet.
 fn client_ip(req: &Request) -> String {
-    req.remote_addr().as_socket_addr().map(|a| a.ip()).map_or_else(|| "unknown".to_owned(), |ip: IpAddr| ip.to_string())
+    match req.remote_addr().as_socket_addr().map(|a| a.ip()) {
+        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or_else(String::new, |v4| v4.to_string()),
+        Some(ip) => ip.to_string(),
+        None => "unknown".to_owned(),
+    }
 }

@@ -56,8 +56,15 @@ impl Passwords {
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-        let _permit = self.permits.acquire().await.map_err(|e| ApiError::Internal(e.into()))?;
-        tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(e.into()))
+        // The permit moves into the blocking task: if the request is cancelled (timeout,
+        // disconnect), the hash still running keeps counting against the bound.
+        let permit = self.permits.clone().acquire_owned().await.map_err(|e| ApiError::Internal(e.into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))
     }
 }
 

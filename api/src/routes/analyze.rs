@@ -100,11 +100,15 @@ impl AnalyzeApi {
         let tier = state.tiers.for_user(&auth.0.tier);
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let accepted = validate(state, &request, models_allowed)?;
-        // The worst case: every model of every stage writes `max_tokens`.
-        let max_tokens = request.options.as_ref().and_then(|o| o.max_tokens).unwrap_or(state.config.default_max_tokens);
-        let reserve = request.models.len() as i64 * accepted.pattern.stages() as i64 * i64::from(max_tokens);
-        let options =
-            serde_json::to_value(request.options.unwrap_or_default()).map_err(|e| ApiError::Internal(e.into()))?;
+        // The effective `max_tokens` is stored with the job, so the reservation below is
+        // a real bound: every call of every stage reads the prompt (estimated at four
+        // characters a token) and writes at most `max_tokens`.
+        let mut options = request.options.unwrap_or_default();
+        let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
+        let calls = request.models.len() as i64 * accepted.pattern.stages() as i64;
+        let prompt_tokens = request.prompt.chars().count().div_ceil(4) as i64;
+        let reserve = calls * (i64::from(max_tokens) + prompt_tokens);
+        let options = serde_json::to_value(options).map_err(|e| ApiError::Internal(e.into()))?;
         let id = Uuid::now_v7();
 
         let mut tx = state.pool.begin().await?;

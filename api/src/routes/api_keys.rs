@@ -9,7 +9,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::{
-    auth::BearerAuth,
+    auth::{BearerAuth, Credential},
     body::JsonBody,
     error::{ApiError, FieldError},
     routes::{auth::NoContent, ApiTags},
@@ -65,8 +65,14 @@ pub struct ApiKeysApi {
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Accounts")]
 impl ApiKeysApi {
     /// Create an API key
+    ///
+    /// Needs an access token (not an API key), so a leaked key cannot mint more.
     #[oai(path = "/api-keys", method = "post")]
     async fn create_key(&self, auth: BearerAuth, body: JsonBody<NewApiKey>) -> Result<CreateKeyResponse, ApiError> {
+        // A leaked key must not be able to mint its own replacements.
+        if auth.0.credential != Credential::AccessToken {
+            return Err(ApiError::Forbidden("creating API keys needs an access token from /v1/auth/login"));
+        }
         let name = body.0.name.trim().to_owned();
         if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.contains('\0') {
             return Err(ApiError::validation(vec![FieldError::new("name", "must be 1 to 100 characters")]));

@@ -15,6 +15,7 @@ use crate::{
     auth::{password, refresh, BearerAuth},
     body::JsonBody,
     error::{ApiError, FieldError},
+    limits::Policy,
     routes::ApiTags,
     state::AppState,
 };
@@ -96,6 +97,9 @@ pub enum NoContent {
     Done,
 }
 
+/// Logins per minute for one account, from any number of addresses.
+const LOGIN_PER_ACCOUNT_PER_MINUTE: u32 = 10;
+
 pub struct AuthApi {
     pub state: Arc<AppState>,
 }
@@ -143,15 +147,28 @@ impl AuthApi {
     #[oai(path = "/auth/login", method = "post")]
     async fn login(&self, body: JsonBody<Credentials>) -> Result<Json<Tokens>, ApiError> {
         let Credentials { email, password } = body.0;
-        let found = db::users::find_credentials(&self.state.pool, &email).await?;
+        let email = db::users::normalize_email(&email);
+        // Guessing one account's password from many addresses meets this limit.
+        let account_limit = Policy::per_minute("login-account", LOGIN_PER_ACCOUNT_PER_MINUTE);
+        let decision = self.state.limiter.check(&format!("email:{email}"), account_limit).await;
+        if !decision.allowed {
+            return Err(ApiError::RateLimited { policy: "login-account", retry_after: decision.retry_after_secs });
+        }
+        let found = if db::users::is_plausible_email(&email) {
+            db::users::find_credentials(&self.state.pool, &email).await?
+        } else {
+            None // still hashed below: malformed input answers like a wrong password
+        };
         let (user, hash) = match found {
             Some((user, hash)) => (Some(user), hash),
             None => (None, None),
         };
         let valid = self.state.passwords.verify(&password, hash.as_deref()).await?;
         let user = user.filter(|u| valid && u.disabled_at.is_none()).ok_or(ApiError::Unauthorized)?;
-        let family = Uuid::new_v4();
-        Ok(Json(self.issue(user.id, family).await?))
+        let mut tx = self.state.pool.begin().await?;
+        let tokens = self.issue(&mut tx, user.id, Uuid::new_v4()).await?;
+        tx.commit().await?;
+        Ok(Json(tokens))
     }
 
     /// Refresh tokens
@@ -175,9 +192,13 @@ impl AuthApi {
         }
         let user = db::users::get(&mut *tx, token.user_id).await?.filter(|u| u.disabled_at.is_none());
         let Some(user) = user else { return Err(ApiError::Unauthorized) };
+        // Replaced and replacement commit together, under the old token's row lock: a
+        // concurrent reuse either revokes the family after this commit (new token
+        // included) or has already revoked it (and this one sees `replaced_at`).
         db::refresh_tokens::mark_replaced(&mut *tx, token.id).await?;
+        let tokens = self.issue(&mut tx, user.id, token.family_id).await?;
         tx.commit().await?;
-        Ok(Json(self.issue(user.id, token.family_id).await?))
+        Ok(Json(tokens))
     }
 
     /// Log out
@@ -226,14 +247,14 @@ impl AuthApi {
 
 impl AuthApi {
     /// A new access token, and a new refresh token in `family`.
-    async fn issue(&self, user_id: Uuid, family: Uuid) -> Result<Tokens, ApiError> {
+    async fn issue(&self, conn: &mut sqlx::PgConnection, user_id: Uuid, family: Uuid) -> Result<Tokens, ApiError> {
         let state = &self.state;
         let access_token = state.jwt.issue(user_id).map_err(|e| ApiError::Internal(e.into()))?;
         let refresh_token = refresh::generate();
         let expires_at = Utc::now()
             + chrono::Duration::from_std(state.config.refresh_token_ttl())
                 .unwrap_or_else(|_| chrono::Duration::days(30));
-        db::refresh_tokens::insert(&state.pool, user_id, family, &refresh::hash(&refresh_token), expires_at).await?;
+        db::refresh_tokens::insert(conn, user_id, family, &refresh::hash(&refresh_token), expires_at).await?;
         Ok(Tokens {
             access_token,
             refresh_token,
