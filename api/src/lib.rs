@@ -53,7 +53,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
         events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
         hub: Arc::new(EventHub::default()),
-        catalog: Catalog::builtin(),
+        catalog: Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
         tiers: Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
         jwt: JwtService::new(
             &config.jwt_keys().map_err(anyhow::Error::msg)?,

@@ -137,7 +137,11 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub default_max_tokens: u32,
 
-    /// Optional TOML file with `[tiers.<name>]` tables overriding the built-in tiers.
+    /// How long a cached answer (`options.cache: true`) is kept.
+    #[arg(long, env = "ULTRA_CACHE_TTL_SECS", default_value_t = 86_400, global = true)]
+    pub cache_ttl_secs: u64,
+
+    /// Optional TOML file: `[tiers.<name>]`, `[providers.<name>]` and `[[models]]`.
     #[arg(long, env = "ULTRA_CONFIG_FILE", global = true)]
     pub config_file: Option<std::path::PathBuf>,
 }
@@ -198,6 +202,10 @@ impl Config {
         Duration::from_secs(self.refresh_token_ttl_secs.max(1))
     }
 
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_secs.max(1))
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs.max(1))
     }
@@ -230,6 +238,9 @@ impl Config {
         if let Err(problem) = crate::tiers::Tiers::load(self.config_file.as_deref()) {
             problems.push(problem);
         }
+        if let Err(problem) = crate::catalog::Catalog::load(self.config_file.as_deref()) {
+            problems.push(problem);
+        }
         if self.environment == Environment::Production {
             if self.amqp_url.contains("guest:guest@") {
                 problems.push("AMQP_URL uses RabbitMQ's default guest credentials".to_owned());
@@ -244,9 +255,11 @@ impl Config {
                     problems.push(format!("{name} uses a default or example password"));
                 }
             }
-            // Until real providers are configured the catalog holds only mock models,
-            // and the mock provider must never answer production traffic.
-            problems.push("the mock provider is enabled and no real provider is configured".to_owned());
+            // The mock provider must never answer production traffic.
+            if crate::catalog::Catalog::load(self.config_file.as_deref()).is_ok_and(|c| c.uses_mock()) {
+                problems
+                    .push("the mock provider is enabled (configure real providers in ULTRA_CONFIG_FILE)".to_owned());
+            }
             if self.jwt_keys.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 problems.push("ULTRA_JWT_KEYS is not set (the built-in development key is public)".to_owned());
             } else if self.jwt_keys().is_ok_and(|keys| {

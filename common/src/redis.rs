@@ -71,6 +71,41 @@ impl RedisHandle {
         self.guarded(within, |mut conn| async move { script.key(key).arg(args).invoke_async(&mut conn).await }).await
     }
 
+    pub async fn get_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
+        self.guarded(Duration::from_millis(500), |mut conn| async move { conn.get::<_, Option<String>>(key).await })
+            .await
+    }
+
+    pub async fn set_string(&self, key: &str, value: &str, ttl: Duration) -> Result<(), RedisUnavailable> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pset_ex::<_, _, ()>(key, value, ms).await })
+            .await
+    }
+
+    /// Sets `key` for `ttl` (a shared, self-expiring flag).
+    pub async fn set_flag(&self, key: &str, ttl: Duration) -> Result<(), RedisUnavailable> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pset_ex::<_, _, ()>(key, 1, ms).await }).await
+    }
+
+    pub async fn clear_flag(&self, key: &str) -> Result<(), RedisUnavailable> {
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.del::<_, ()>(key).await }).await
+    }
+
+    /// Which of `keys` are set; an unavailable Redis answers "none".
+    pub async fn flags(&self, keys: &[String]) -> Vec<bool> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let query = |mut conn: ConnectionManager| async move {
+            redis::cmd("MGET").arg(keys).query_async::<Vec<Option<String>>>(&mut conn).await
+        };
+        match self.guarded(Duration::from_millis(200), query).await {
+            Ok(values) => values.into_iter().map(|v| v.is_some()).collect(),
+            Err(_) => vec![false; keys.len()],
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), RedisUnavailable> {
         // The readiness probe must see the truth now, not the back-off's memory of it.
         let mut conn = self.manager.clone();

@@ -2,6 +2,7 @@
 //! providers, and records every step and result in PostgreSQL. Workers are
 //! stateless: run as many as the queue needs.
 
+pub mod cache;
 pub mod consumer;
 pub mod health;
 pub mod pipeline;
@@ -10,7 +11,13 @@ pub mod providers;
 use std::sync::{atomic::AtomicBool, Arc};
 
 use anyhow::Context;
-use common::{catalog::Catalog, db, events::EventPublisher, redis::RedisHandle, Config};
+use common::{
+    catalog::{Catalog, ProviderKind},
+    db,
+    events::EventPublisher,
+    redis::RedisHandle,
+    Config,
+};
 use poem::{listener::TcpAcceptor, Server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,25 +25,25 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consumer::Consumer,
     pipeline::JobContext,
-    providers::{MockProvider, Providers},
+    providers::{guard::CircuitBoard, mock::MockBehaviour, MockProvider, Providers},
 };
 
 /// A worker with its providers, ready to run.
 pub struct Worker {
     config: Arc<Config>,
-    providers: Providers,
+    /// Replaces the configured providers (tests keep a handle on the mock).
+    providers: Option<Providers>,
 }
 
 impl Worker {
     /// A worker with the providers the configuration names.
     pub fn new(config: Arc<Config>) -> Self {
-        let providers = Providers::new(Arc::new(MockProvider::new(config.mock_latency())));
-        Self { config, providers }
+        Self { config, providers: None }
     }
 
     /// Replaces the providers (tests keep a handle on the mock to count its calls).
     pub fn with_providers(mut self, providers: Providers) -> Self {
-        self.providers = providers;
+        self.providers = Some(providers);
         self
     }
 
@@ -46,12 +53,23 @@ impl Worker {
         let config = self.config;
         let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
+        let catalog = Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?;
+        let providers = self.providers.unwrap_or_else(|| {
+            let mock_spec = catalog.providers().find(|(_, p)| p.kind == ProviderKind::Mock).map(|(_, p)| p.clone());
+            let behaviour = mock_spec.map_or_else(
+                || MockBehaviour { latency: config.mock_latency(), ..MockBehaviour::default() },
+                |spec| MockBehaviour::from_spec(&spec, config.mock_latency()),
+            );
+            let board = CircuitBoard { redis: redis.clone(), prefix: config.redis_prefix.clone() };
+            Providers::from_catalog(&catalog, Arc::new(MockProvider::with_behaviour(behaviour)), Some(board))
+        });
         let connected = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(JobContext {
             pool: pool.clone(),
             events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
-            providers: self.providers,
-            catalog: Catalog::builtin(),
+            providers,
+            catalog: catalog.clone(),
+            cache: cache::ResponseCache::new(redis.clone(), &config.redis_prefix, config.cache_ttl()),
         });
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
 

@@ -57,6 +57,10 @@ pub struct AnalyzeOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
     pub max_tokens: Option<u32>,
+    /// Reuse a cached answer for the same model, prompt and parameters (and cache
+    /// this one). A cached answer costs nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 /// The job was accepted; it runs in the background.

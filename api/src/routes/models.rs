@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use common::catalog::{circuit_key, ModelSpec};
 use poem_openapi::{payload::Json, Object, OpenApi};
 
 use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState};
@@ -14,8 +15,15 @@ pub struct ModelView {
     /// The provider's own name for the model.
     pub upstream: String,
     pub description: String,
-    /// Whether a job naming this model can run now.
+    /// Whether a job naming this model can run now: its provider's key is configured
+    /// and its circuit breaker is closed.
     pub available: bool,
+    /// US dollars per million input tokens.
+    pub input_price_per_mtok: f64,
+    /// US dollars per million output tokens.
+    pub output_price_per_mtok: f64,
+    pub context_window: u32,
+    pub max_output_tokens: u32,
 }
 
 #[derive(Debug, Object)]
@@ -32,6 +40,10 @@ impl poem_openapi::types::Example for ModelList {
             upstream: "alpha".to_owned(),
             description: "Deterministic mock model for development and tests.".to_owned(),
             available: true,
+            input_price_per_mtok: 0.0,
+            output_price_per_mtok: 0.0,
+            context_window: 128_000,
+            max_output_tokens: 4_096,
         };
         Self { models: vec![model] }
     }
@@ -46,18 +58,24 @@ impl ModelsApi {
     /// List models
     #[oai(path = "/models", method = "get")]
     async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
-        let models = self
-            .state
-            .catalog
-            .models()
-            .iter()
-            .map(|m| ModelView {
+        let state = &self.state;
+        let models: Vec<&ModelSpec> = state.catalog.models().collect();
+        let circuit_keys: Vec<String> =
+            models.iter().map(|m| circuit_key(&state.config.redis_prefix, &m.provider)).collect();
+        let open = state.redis.flags(&circuit_keys).await;
+        let models = models
+            .into_iter()
+            .zip(open)
+            .map(|(m, circuit_open)| ModelView {
                 id: m.id.clone(),
                 provider: m.provider.clone(),
                 upstream: m.upstream.clone(),
                 description: m.description.clone(),
-                // The mock provider runs in-process: it is always there.
-                available: true,
+                available: state.catalog.has_key(&m.provider) && !circuit_open,
+                input_price_per_mtok: m.input_price_per_mtok,
+                output_price_per_mtok: m.output_price_per_mtok,
+                context_window: m.context_window,
+                max_output_tokens: m.max_output_tokens,
             })
             .collect();
         Ok(Json(ModelList { models }))

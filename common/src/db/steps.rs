@@ -18,6 +18,8 @@ pub struct Step {
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
     pub error: Option<Value>,
+    pub cost_micros: i64,
+    pub cached: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -25,7 +27,7 @@ pub struct Step {
 /// A step's outcome once its provider call has returned.
 #[derive(Debug, Clone)]
 pub enum StepOutcome<'a> {
-    Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32 },
+    Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32, cost_micros: i64, cached: bool },
     Failed { error: &'a Value },
 }
 
@@ -33,7 +35,7 @@ pub enum StepOutcome<'a> {
 pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
     sqlx::query_as(
         "SELECT s.job_id, s.stage, s.model, s.status, s.output, s.input_tokens, s.output_tokens, s.error,
-                s.started_at, s.finished_at
+                s.cost_micros, s.cached, s.started_at, s.finished_at
            FROM job_steps s JOIN jobs j ON j.id = s.job_id
           WHERE s.job_id = $1
           ORDER BY array_position(ARRAY['initial', 'meta', 'synthesis'], s.stage), array_position(j.models, s.model)",
@@ -68,18 +70,26 @@ pub async fn finish(
     model: &str,
     outcome: &StepOutcome<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let (status, output, input_tokens, output_tokens, error) = match outcome {
-        StepOutcome::Succeeded { output, input_tokens, output_tokens } => {
-            (StepStatus::Succeeded, Some(*output), Some(*input_tokens), Some(*output_tokens), None)
-        }
-        StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error)),
+    let (status, output, input_tokens, output_tokens, error, cost_micros, cached) = match outcome {
+        StepOutcome::Succeeded { output, input_tokens, output_tokens, cost_micros, cached } => (
+            StepStatus::Succeeded,
+            Some(*output),
+            Some(*input_tokens),
+            Some(*output_tokens),
+            None,
+            *cost_micros,
+            *cached,
+        ),
+        StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error), 0, false),
     };
     let done = sqlx::query(
-        "INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+        "INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error,
+                                cost_micros, cached, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
          ON CONFLICT (job_id, stage, model) DO UPDATE
             SET status = EXCLUDED.status, output = EXCLUDED.output, input_tokens = EXCLUDED.input_tokens,
-                output_tokens = EXCLUDED.output_tokens, error = EXCLUDED.error, finished_at = now()
+                output_tokens = EXCLUDED.output_tokens, error = EXCLUDED.error, cost_micros = EXCLUDED.cost_micros,
+                cached = EXCLUDED.cached, finished_at = now()
           WHERE job_steps.status <> 'succeeded'",
     )
     .bind(job_id)
@@ -90,6 +100,8 @@ pub async fn finish(
     .bind(input_tokens)
     .bind(output_tokens)
     .bind(error)
+    .bind(cost_micros)
+    .bind(cached)
     .execute(ex)
     .await?;
     Ok(done.rows_affected() == 1)

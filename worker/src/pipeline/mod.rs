@@ -26,6 +26,7 @@ pub struct JobContext {
     pub events: EventPublisher,
     pub providers: Providers,
     pub catalog: Catalog,
+    pub cache: crate::cache::ResponseCache,
 }
 
 /// What happened to a delivery's job.

@@ -15,7 +15,7 @@ use common::{
 use serde_json::{json, Value};
 
 use super::{JobContext, PipelineError};
-use crate::providers::{CompletionRequest, ProviderError};
+use crate::providers::{Completion, CompletionRequest, ProviderError};
 
 /// The step's output, or the error (as stored) that failed it.
 pub type StepResult = Result<String, Value>;
@@ -48,17 +48,20 @@ pub async fn run(
     let result = call(ctx, job, model).await;
 
     let (outcome, (kind, data)) = match &result {
-        Ok(completion) => (
+        Ok(Answer { completion, cost_micros, cached }) => (
             StepOutcome::Succeeded {
                 output: &completion.text,
                 input_tokens: completion.input_tokens,
                 output_tokens: completion.output_tokens,
+                cost_micros: *cost_micros,
+                cached: *cached,
             },
             (
                 EventKind::StepCompleted,
                 json!({
                     "stage": stage, "model": model, "output": completion.text,
                     "usage": { "input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens },
+                    "cost_usd": *cost_micros as f64 / 1e6, "cached": cached,
                 }),
             ),
         ),
@@ -83,7 +86,7 @@ pub async fn run(
     if let Some(event) = recorded {
         ctx.events.publish(&event).await;
     }
-    Ok(result.map(|c| c.text))
+    Ok(result.map(|answer| answer.completion.text))
 }
 
 /// How long a finished step's result is retried against the database (doubling
@@ -111,7 +114,14 @@ async fn record(
     Ok(Some(event))
 }
 
-async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<crate::providers::Completion, Value> {
+/// A provider's answer, what it cost, and whether it came from the cache.
+struct Answer {
+    completion: Completion,
+    cost_micros: i64,
+    cached: bool,
+}
+
+async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<Answer, Value> {
     let Some(spec) = ctx.catalog.get(model) else {
         return Err(
             json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
@@ -126,8 +136,19 @@ async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<crate::provide
         temperature: job.options.get("temperature").and_then(Value::as_f64),
         max_tokens: job.options.get("max_tokens").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()),
     };
-    provider.complete(&request).await.map_err(|err: ProviderError| {
-        tracing::warn!(job_id = %job.id, model, error = %err, "provider call failed");
+    let use_cache = job.options.get("cache").and_then(Value::as_bool).unwrap_or(false);
+    if use_cache {
+        if let Some(completion) = ctx.cache.get(&request).await {
+            return Ok(Answer { completion, cost_micros: 0, cached: true });
+        }
+    }
+    let completion = provider.complete(&request, |_| {}).await.map_err(|err: ProviderError| {
+        tracing::warn!(job_id = %job.id, model, error = %err, retryable = err.is_retryable(), "provider call failed");
         err.to_json()
-    })
+    })?;
+    if use_cache {
+        ctx.cache.put(&request, &completion).await; // answers only: errors are never cached
+    }
+    let cost_micros = spec.cost_micros(i64::from(completion.input_tokens), i64::from(completion.output_tokens));
+    Ok(Answer { completion, cost_micros, cached: false })
 }

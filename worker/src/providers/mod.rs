@@ -1,14 +1,24 @@
-//! LLM providers behind one trait. The worker asks the registry for the provider of
-//! a model from the catalog; only the registry knows which implementations exist.
+//! LLM providers behind one streaming-first trait. A call yields text deltas as they
+//! arrive and ends with the usage and finish reason; `ProviderError` says what went
+//! wrong and whether trying again can help. `Providers` builds one client per
+//! configured provider and wraps each in its defences (`guard`): concurrency limits,
+//! timeouts and a circuit breaker.
 
+pub mod anthropic;
+pub mod gemini;
+pub mod guard;
+pub mod http;
 pub mod mock;
+pub mod openai;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use common::catalog::ModelSpec;
+use common::catalog::{Catalog, ModelSpec, ProviderKind};
+use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
+pub use guard::Guarded;
 pub use mock::MockProvider;
 
 /// One provider call.
@@ -20,55 +30,162 @@ pub struct CompletionRequest<'a> {
     pub max_tokens: Option<u32>,
 }
 
-/// A finished answer with its token usage.
+/// Token usage as the provider reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: i32,
+    pub output_tokens: i32,
+}
+
+/// What a streaming call yields: text as it arrives, then the end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Delta(String),
+    Done { usage: Usage, finish_reason: Option<String> },
+}
+
+/// A finished answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub text: String,
     pub input_tokens: i32,
     pub output_tokens: i32,
+    pub finish_reason: Option<String>,
 }
 
-/// Why a call failed, and whether trying again could help.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a call failed. The first four are worth retrying; the rest are not.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
-    /// Worth retrying later (timeouts, rate limits, overload).
-    #[error("{code}: {message}")]
-    Transient { code: &'static str, message: String },
-    /// Retrying cannot help (bad request, authentication, refusal).
-    #[error("{code}: {message}")]
-    Permanent { code: &'static str, message: String },
+    #[error("rate limited by the provider")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("the provider is overloaded or failing ({status})")]
+    Overloaded { status: u16 },
+    #[error("the provider did not answer in time")]
+    Timeout,
+    #[error("cannot reach the provider: {0}")]
+    Connection(String),
+    #[error("the provider refused the credentials")]
+    Auth,
+    #[error("the provider refused the request: {0}")]
+    BadRequest(String),
+    #[error("the provider refused to answer (content filter)")]
+    ContentFiltered,
+    #[error("the prompt does not fit the model's context window: {0}")]
+    ContextTooLong(String),
+    #[error("the answer stream broke off: {0}")]
+    Truncated(String),
+    #[error("the circuit breaker for this provider is open")]
+    CircuitOpen,
 }
 
 impl ProviderError {
-    /// The `{code, message}` stored on a failed step.
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::RateLimited { .. }
+                | ProviderError::Overloaded { .. }
+                | ProviderError::Timeout
+                | ProviderError::Connection(_)
+                | ProviderError::Truncated(_)
+                | ProviderError::CircuitOpen
+        )
+    }
+
+    /// How long the provider asked us to wait, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A stable code for clients and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Overloaded { .. } => "overloaded",
+            ProviderError::Timeout => "timeout",
+            ProviderError::Connection(_) => "connection",
+            ProviderError::Auth => "auth",
+            ProviderError::BadRequest(_) => "bad_request",
+            ProviderError::ContentFiltered => "content_filtered",
+            ProviderError::ContextTooLong(_) => "context_too_long",
+            ProviderError::Truncated(_) => "truncated",
+            ProviderError::CircuitOpen => "circuit_open",
+        }
+    }
+
+    /// The `{code, message, retryable}` stored on a failed step.
     pub fn to_json(&self) -> Value {
-        let (code, message) = match self {
-            ProviderError::Transient { code, message } | ProviderError::Permanent { code, message } => (code, message),
-        };
-        json!({ "code": code, "message": message })
+        json!({ "code": self.code(), "message": self.to_string(), "retryable": self.is_retryable() })
     }
 }
 
+pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;
+
 #[async_trait]
 pub trait Provider: Send + Sync {
-    async fn complete(&self, request: &CompletionRequest<'_>) -> Result<Completion, ProviderError>;
+    /// Starts a call; the stream yields deltas, then exactly one `Done`, or an error.
+    async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError>;
 }
 
-/// The providers this worker can call.
+/// Drains a call's stream into a completion, handing each delta to `on_delta`. A
+/// stream that ends without `Done` is an error, never a silently short answer.
+pub async fn collect(mut stream: EventStream, mut on_delta: impl FnMut(&str)) -> Result<Completion, ProviderError> {
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        match event? {
+            StreamEvent::Delta(delta) => {
+                on_delta(&delta);
+                text.push_str(&delta);
+            }
+            StreamEvent::Done { usage, finish_reason } => {
+                return Ok(Completion {
+                    text,
+                    input_tokens: usage.input_tokens,
+                    output_tokens: usage.output_tokens,
+                    finish_reason,
+                })
+            }
+        }
+    }
+    Err(ProviderError::Truncated("the stream ended without its terminator".into()))
+}
+
+/// The providers this worker can call, each behind its guard.
 #[derive(Clone)]
 pub struct Providers {
+    by_name: HashMap<String, Arc<Guarded>>,
     mock: Arc<MockProvider>,
 }
 
 impl Providers {
-    pub fn new(mock: Arc<MockProvider>) -> Self {
-        Self { mock }
+    /// One client per configured provider. The mock is shared so tests can count its calls.
+    pub fn from_catalog(catalog: &Catalog, mock: Arc<MockProvider>, redis: Option<guard::CircuitBoard>) -> Self {
+        let mut by_name = HashMap::new();
+        for (name, spec) in catalog.providers() {
+            let client: Arc<dyn Provider> = match spec.kind {
+                ProviderKind::Mock => mock.clone(),
+                ProviderKind::Openai => Arc::new(openai::OpenAi::new(spec)),
+                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(spec)),
+                ProviderKind::Gemini => Arc::new(gemini::Gemini::new(spec)),
+            };
+            by_name.insert(name.to_owned(), Arc::new(Guarded::new(name, spec, client, catalog, redis.clone())));
+        }
+        Self { by_name, mock }
     }
 
-    pub fn for_model(&self, model: &ModelSpec) -> Option<Arc<dyn Provider>> {
-        match model.provider.as_str() {
-            "mock" => Some(self.mock.clone()),
-            _ => None,
-        }
+    /// Just the mock, for tests and benchmarks.
+    pub fn new(mock: Arc<MockProvider>) -> Self {
+        Self::from_catalog(&Catalog::builtin(), mock, None)
+    }
+
+    pub fn for_model(&self, model: &ModelSpec) -> Option<Arc<Guarded>> {
+        self.by_name.get(&model.provider).cloned()
+    }
+
+    pub fn mock(&self) -> &Arc<MockProvider> {
+        &self.mock
     }
 }

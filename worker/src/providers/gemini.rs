@@ -1,0 +1,130 @@
+//! Google Gemini, streamed with `streamGenerateContent?alt=sse`, the key in the
+//! `x-goog-api-key` header (never in the URL). Wire format:
+//! <https://ai.google.dev/api/generate-content>: each event is a
+//! `GenerateContentResponse` with `candidates[].content.parts[].text`, a
+//! `finishReason` on the last one, and `usageMetadata`. Gemini sends no separate
+//! terminator: a stream that ends before a `finishReason` is truncated.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::catalog::ProviderSpec;
+use futures::{stream::BoxStream, StreamExt};
+use serde_json::{json, Value};
+
+use super::{
+    http::{self, SseMessage},
+    CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
+};
+
+pub struct Gemini {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    first_byte: Duration,
+}
+
+impl Gemini {
+    pub fn new(spec: &ProviderSpec) -> Self {
+        Self {
+            client: http::client(),
+            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
+            api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
+            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Gemini {
+    async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
+        let Some(key) = &self.api_key else { return Err(ProviderError::Auth) };
+        let mut config = json!({});
+        if let Some(max_tokens) = request.max_tokens {
+            config["maxOutputTokens"] = json!(max_tokens);
+        }
+        if let Some(temperature) = request.temperature {
+            config["temperature"] = json!(temperature);
+        }
+        let body = json!({
+            "contents": [{ "role": "user", "parts": [{ "text": request.prompt }] }],
+            "generationConfig": config,
+        });
+        let url = format!("{}/models/{}:streamGenerateContent?alt=sse", self.base_url, request.model.upstream);
+        let http_request = self.client.post(url).header("x-goog-api-key", key).json(&body);
+        let response = http::send(http_request, self.first_byte).await?;
+        Ok(assemble(http::sse(response, self.first_byte)))
+    }
+}
+
+#[derive(Default)]
+struct Progress {
+    usage: Usage,
+    finish_reason: Option<String>,
+    ended: bool,
+}
+
+fn assemble(events: BoxStream<'static, Result<SseMessage, ProviderError>>) -> EventStream {
+    // A `None` at the end lets the scan decide whether the stream ended properly.
+    let events = events.map(Some).chain(futures::stream::once(async { None }));
+    events
+        .scan(Progress::default(), |progress, message| {
+            let out = match message {
+                _ if progress.ended => vec![],
+                Some(Err(err)) => {
+                    progress.ended = true;
+                    vec![Err(err)]
+                }
+                Some(Ok(message)) => chunk(progress, &message.data),
+                None => {
+                    progress.ended = true;
+                    match progress.finish_reason.take() {
+                        Some(reason) => {
+                            vec![Ok(StreamEvent::Done { usage: progress.usage, finish_reason: Some(reason) })]
+                        }
+                        None => vec![Err(ProviderError::Truncated("the stream ended before a finishReason".into()))],
+                    }
+                }
+            };
+            futures::future::ready(Some(out))
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+}
+
+fn chunk(progress: &mut Progress, data: &str) -> Vec<Result<StreamEvent, ProviderError>> {
+    let Ok(value) = serde_json::from_str::<Value>(data) else {
+        return vec![Err(ProviderError::Truncated("unreadable chunk".into()))];
+    };
+    if let Some(error) = value.get("error") {
+        let message = error.get("message").and_then(Value::as_str).unwrap_or("error in stream").to_owned();
+        return vec![Err(match error.get("code").and_then(Value::as_u64) {
+            Some(429) => ProviderError::RateLimited { retry_after: None },
+            Some(code @ 500..=599) => ProviderError::Overloaded { status: code as u16 },
+            _ => ProviderError::BadRequest(message),
+        })];
+    }
+    if value.pointer("/promptFeedback/blockReason").is_some() {
+        return vec![Err(ProviderError::ContentFiltered)];
+    }
+    if let Some(usage) = value.get("usageMetadata") {
+        let count = |key: &str| usage.get(key).and_then(Value::as_i64).unwrap_or(0) as i32;
+        progress.usage =
+            Usage { input_tokens: count("promptTokenCount"), output_tokens: count("candidatesTokenCount") };
+    }
+    let mut events = Vec::new();
+    if let Some(candidate) = value.pointer("/candidates/0") {
+        for part in candidate.pointer("/content/parts").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(text) = part.get("text").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+                events.push(Ok(StreamEvent::Delta(text.to_owned())));
+            }
+        }
+        if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
+            if matches!(reason, "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" | "RECITATION") {
+                events.push(Err(ProviderError::ContentFiltered));
+            }
+            progress.finish_reason = Some(reason.to_owned());
+        }
+    }
+    events
+}

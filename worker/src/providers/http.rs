@@ -1,0 +1,227 @@
+//! What the HTTP providers share: a client that never follows redirects (base URLs
+//! come only from operator configuration), error classification by status, and a
+//! Server-Sent Events reader with an idle timeout.
+
+use std::time::Duration;
+
+use futures::{stream::BoxStream, StreamExt};
+use reqwest::{header::HeaderMap, RequestBuilder, Response, StatusCode};
+
+use super::ProviderError;
+
+/// Longest a TCP (and TLS) connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most of an error body read to explain a failure.
+const ERROR_BODY_LIMIT: usize = 16 * 1024;
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Sends a request and waits at most `first_byte` for the response head. A non-2xx
+/// answer becomes the matching `ProviderError`.
+pub async fn send(request: RequestBuilder, first_byte: Duration) -> Result<Response, ProviderError> {
+    let response = match tokio::time::timeout(first_byte, request.send()).await {
+        Err(_) => return Err(ProviderError::Timeout),
+        Ok(Err(err)) => return Err(transport_error(err)),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let headers = response.headers().clone();
+    let body = read_limited(response).await;
+    Err(classify(status, &headers, &body))
+}
+
+/// A transport failure, described without its URL (which may carry a key for some
+/// providers' conventions; ours never do, but errors must not depend on that).
+pub fn transport_error(err: reqwest::Error) -> ProviderError {
+    if err.is_timeout() {
+        ProviderError::Timeout
+    } else if err.is_connect() {
+        ProviderError::Connection(err.without_url().to_string())
+    } else if err.is_body() || err.is_decode() {
+        ProviderError::Truncated(err.without_url().to_string())
+    } else {
+        ProviderError::Connection(err.without_url().to_string())
+    }
+}
+
+async fn read_limited(response: Response) -> String {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= ERROR_BODY_LIMIT {
+            body.truncate(ERROR_BODY_LIMIT);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Maps an error status (and what the body says) to a provider error.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ProviderError {
+    let lower = body.to_ascii_lowercase();
+    match status.as_u16() {
+        429 => ProviderError::RateLimited { retry_after: retry_after(headers) },
+        401 | 403 => ProviderError::Auth,
+        408 => ProviderError::Timeout,
+        413 => ProviderError::ContextTooLong(summary(body)),
+        400 | 404 | 422 if mentions_context_limit(&lower) => ProviderError::ContextTooLong(summary(body)),
+        400 | 422 if lower.contains("content_filter") || lower.contains("safety") => ProviderError::ContentFiltered,
+        500..=599 => ProviderError::Overloaded { status: status.as_u16() },
+        _ => ProviderError::BadRequest(format!("{status}: {}", summary(body))),
+    }
+}
+
+fn mentions_context_limit(lower: &str) -> bool {
+    ["context_length_exceeded", "maximum context length", "prompt is too long", "too many tokens", "context window"]
+        .iter()
+        .any(|needle| lower.contains(needle))
+}
+
+/// The provider's own error message, if the body is JSON that has one, shortened.
+fn summary(body: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message").or_else(|| v.pointer("/message")))
+        .and_then(|m| m.as_str())
+        .unwrap_or(body);
+    message.chars().take(300).collect()
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
+}
+
+/// One Server-Sent Event of a provider's stream.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SseMessage {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// The events of a streamed response, failing with `Timeout` if no byte arrives for
+/// `idle`. The stream ends when the response does; deciding whether that was a proper
+/// end is the provider's job.
+pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseMessage, ProviderError>> {
+    struct State {
+        body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+        buffer: String,
+        done: bool,
+    }
+    let state = State { body: response.bytes_stream().boxed(), buffer: String::new(), done: false };
+    futures::stream::unfold(state, move |mut state| async move {
+        loop {
+            if let Some(message) = take_event(&mut state.buffer) {
+                return Some((Ok(message), state));
+            }
+            if state.done {
+                return None;
+            }
+            match tokio::time::timeout(idle, state.body.next()).await {
+                Err(_) => {
+                    state.done = true;
+                    return Some((Err(ProviderError::Timeout), state));
+                }
+                Ok(None) => {
+                    state.done = true;
+                    // A last event without its blank line still counts.
+                    state.buffer.push_str("\n\n");
+                }
+                Ok(Some(Err(err))) => {
+                    state.done = true;
+                    return Some((Err(ProviderError::Truncated(err.without_url().to_string())), state));
+                }
+                Ok(Some(Ok(chunk))) => state.buffer.push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n")),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Removes and parses the first complete event in `buffer`; comments and empty
+/// blocks are skipped.
+fn take_event(buffer: &mut String) -> Option<SseMessage> {
+    while let Some(end) = buffer.find("\n\n") {
+        let block: String = buffer.drain(..end + 2).collect();
+        let mut message = SseMessage::default();
+        let mut has_data = false;
+        for line in block.lines() {
+            let (field, value) =
+                line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+            match field {
+                "event" => message.event = Some(value.to_owned()),
+                "data" => {
+                    if has_data {
+                        message.data.push('\n');
+                    }
+                    message.data.push_str(value);
+                    has_data = true;
+                }
+                _ => {} // comments (`: ping`), ids, retry hints
+            }
+        }
+        if has_data || message.event.is_some() {
+            return Some(message);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_parsed_across_lines() {
+        let mut buffer =
+            ": comment\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: one\ndata: two\n\ndata: [DONE]\n".to_owned();
+        assert_eq!(
+            take_event(&mut buffer),
+            Some(SseMessage { event: Some("message_start".into()), data: "{\"a\":1}".into() })
+        );
+        assert_eq!(take_event(&mut buffer), Some(SseMessage { event: None, data: "one\ntwo".into() }));
+        assert_eq!(take_event(&mut buffer), None, "incomplete until its blank line");
+        buffer.push('\n');
+        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("[DONE]".into()));
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "7".parse().expect("header"));
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &headers, ""),
+            ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)) }
+        );
+        let none = HeaderMap::new();
+        assert_eq!(classify(StatusCode::UNAUTHORIZED, &none, ""), ProviderError::Auth);
+        assert_eq!(classify(StatusCode::INTERNAL_SERVER_ERROR, &none, ""), ProviderError::Overloaded { status: 500 });
+        assert!(matches!(
+            classify(
+                StatusCode::BAD_REQUEST,
+                &none,
+                r#"{"error":{"code":"context_length_exceeded","message":"too long"}}"#
+            ),
+            ProviderError::ContextTooLong(_)
+        ));
+        assert!(
+            matches!(classify(StatusCode::BAD_REQUEST, &none, r#"{"error":{"message":"bad"}}"#), ProviderError::BadRequest(m) if m.contains("bad"))
+        );
+    }
+}

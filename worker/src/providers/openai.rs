@@ -1,0 +1,139 @@
+//! OpenAI Chat Completions, streamed — and so every OpenAI-compatible server (Ollama,
+//! vLLM, LM Studio, OpenRouter, DeepSeek, Mistral, Groq, …) by configuration alone.
+//! Wire format: <https://platform.openai.com/docs/api-reference/chat/create> and
+//! <https://platform.openai.com/docs/api-reference/chat-streaming>: `data:` chunks
+//! with `choices[].delta.content`, a last chunk carrying `usage` (asked for with
+//! `stream_options.include_usage`), then `data: [DONE]`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::catalog::ProviderSpec;
+use futures::{stream::BoxStream, StreamExt};
+use serde_json::{json, Value};
+
+use super::{
+    http::{self, SseMessage},
+    CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
+};
+
+pub struct OpenAi {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    first_byte: Duration,
+}
+
+impl OpenAi {
+    pub fn new(spec: &ProviderSpec) -> Self {
+        Self {
+            client: http::client(),
+            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
+            api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
+            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAi {
+    async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
+        let mut body = json!({
+            "model": request.model.upstream,
+            "messages": [{ "role": "user", "content": request.prompt }],
+            "stream": true,
+            "stream_options": { "include_usage": true },
+        });
+        if let Some(max_tokens) = request.max_tokens {
+            body["max_tokens"] = json!(max_tokens);
+        }
+        if let Some(temperature) = request.temperature {
+            body["temperature"] = json!(temperature);
+        }
+        let mut http_request = self.client.post(format!("{}/chat/completions", self.base_url)).json(&body);
+        if let Some(key) = &self.api_key {
+            http_request = http_request.bearer_auth(key);
+        }
+        let response = http::send(http_request, self.first_byte).await?;
+        let prompt_chars = request.prompt.chars().count();
+        let events = http::sse(response, self.first_byte);
+        Ok(assemble(events, prompt_chars))
+    }
+}
+
+/// What the stream has told so far.
+#[derive(Default)]
+struct Progress {
+    usage: Option<Usage>,
+    finish_reason: Option<String>,
+    output_chars: usize,
+}
+
+/// Turns the chunk stream into deltas and one `Done`, after `[DONE]` only.
+fn assemble(events: BoxStream<'static, Result<SseMessage, ProviderError>>, prompt_chars: usize) -> EventStream {
+    events
+        .scan(Progress::default(), move |progress, message| {
+            let out = match message {
+                Err(err) => vec![Err(err)],
+                Ok(message) if message.data.trim() == "[DONE]" => {
+                    // Servers that cannot report usage get an honest estimate, not zero.
+                    let usage = progress.usage.unwrap_or(Usage {
+                        input_tokens: estimate_tokens(prompt_chars),
+                        output_tokens: estimate_tokens(progress.output_chars),
+                    });
+                    vec![Ok(StreamEvent::Done { usage, finish_reason: progress.finish_reason.take() })]
+                }
+                Ok(message) => chunk(progress, &message.data),
+            };
+            futures::future::ready(Some(out))
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+}
+
+/// Reads one chunk: text deltas, the finish reason, usage, or an error object.
+fn chunk(progress: &mut Progress, data: &str) -> Vec<Result<StreamEvent, ProviderError>> {
+    let Ok(value) = serde_json::from_str::<Value>(data) else {
+        let start: String = data.chars().take(80).collect();
+        return vec![Err(ProviderError::Truncated(format!("unreadable chunk: {start}")))];
+    };
+    if let Some(error) = value.get("error") {
+        return vec![Err(stream_error(error))];
+    }
+    let mut events = Vec::new();
+    for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+            progress.output_chars += text.chars().count();
+            events.push(Ok(StreamEvent::Delta(text.to_owned())));
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            if reason == "content_filter" {
+                events.push(Err(ProviderError::ContentFiltered));
+            }
+            progress.finish_reason = Some(reason.to_owned());
+        }
+    }
+    if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+        let count = |key: &str| usage.get(key).and_then(Value::as_i64).unwrap_or(0) as i32;
+        progress.usage =
+            Some(Usage { input_tokens: count("prompt_tokens"), output_tokens: count("completion_tokens") });
+    }
+    events
+}
+
+/// An error object sent inside the stream (OpenAI and compatible servers do this).
+fn stream_error(error: &Value) -> ProviderError {
+    let message = error.get("message").and_then(Value::as_str).unwrap_or("error in stream").to_owned();
+    let kind = error.get("type").or_else(|| error.get("code")).and_then(Value::as_str).unwrap_or_default();
+    match kind {
+        "rate_limit_exceeded" | "rate_limit_error" => ProviderError::RateLimited { retry_after: None },
+        "server_error" | "overloaded_error" => ProviderError::Overloaded { status: 500 },
+        "context_length_exceeded" => ProviderError::ContextTooLong(message),
+        _ => ProviderError::BadRequest(message),
+    }
+}
+
+/// About four characters a token: the usual rule of thumb for English text.
+pub fn estimate_tokens(chars: usize) -> i32 {
+    i32::try_from(chars.div_ceil(4)).unwrap_or(i32::MAX)
+}
