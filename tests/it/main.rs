@@ -10,6 +10,7 @@ mod jobs;
 mod jwt;
 mod limits;
 mod processes;
+mod providers;
 mod proxy;
 mod services;
 mod sse;

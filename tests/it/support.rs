@@ -115,7 +115,12 @@ impl TestApp {
         let mock = Arc::new(MockProvider::new(config.mock_latency()));
         let mut tasks = vec![tokio::spawn(api::run(config.clone(), listener, shutdown.clone()))];
         if options.worker {
-            let worker = worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone()));
+            // A configuration file may define real (wiremock) providers: then the worker
+            // uses what it configures; otherwise the counted mock.
+            let worker = match options.config_toml {
+                Some(_) => worker::Worker::new(config.clone()),
+                None => worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone())),
+            };
             tasks.push(tokio::spawn(worker.run(None, shutdown.clone())));
         }
         // The test's own pool goes straight to the database, whatever the proxies do.

@@ -71,6 +71,10 @@ pub struct StepView {
     pub status: StepStatus,
     pub output: Option<String>,
     pub usage: Option<Usage>,
+    /// What the call cost, in US dollars, at the catalog's prices.
+    pub cost_usd: f64,
+    /// Whether the answer came from the response cache (and so cost nothing).
+    pub cached: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<ErrorInfo>,
@@ -273,6 +277,8 @@ fn step_view(step: db::steps::Step) -> StepView {
         status: step.status,
         output: step.output,
         usage,
+        cost_usd: step.cost_micros as f64 / 1e6,
+        cached: step.cached,
         started_at: step.started_at,
         finished_at: step.finished_at,
         error: step.error.as_ref().map(ErrorInfo::from_json),

@@ -1,0 +1,106 @@
+//! A whole job through the worker against an OpenAI-compatible server (wiremock)
+//! instead of the mock: catalog from configuration, streamed answer, usage, cost, and
+//! the response cache.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use wiremock::{
+    matchers::{body_partial_json, method, path},
+    Mock, MockServer, ResponseTemplate,
+};
+
+use crate::support::{problem, Options, TestApp};
+
+fn catalog(base_url: &str) -> String {
+    format!(
+        r#"
+[providers.local]
+kind = "openai"
+base_url = "{base_url}/v1"
+
+[[models]]
+id = "local/llama"
+provider = "local"
+upstream = "llama3"
+description = "A local OpenAI-compatible server"
+input_price_per_mtok = 1.0
+output_price_per_mtok = 2.0
+context_window = 8192
+"#
+    )
+}
+
+fn answer() -> String {
+    let chunks = [
+        json!({ "choices": [{ "index": 0, "delta": { "content": "The sky " }, "finish_reason": null }] }),
+        json!({ "choices": [{ "index": 0, "delta": { "content": "scatters blue light." }, "finish_reason": "stop" }] }),
+        json!({ "choices": [], "usage": { "prompt_tokens": 9, "completion_tokens": 3 } }),
+    ];
+    let mut body: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+#[tokio::test]
+async fn a_job_runs_through_an_openai_compatible_server() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(body_partial_json(json!({ "model": "llama3", "stream": true })))
+        .respond_with(
+            ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(answer()),
+        )
+        .mount(&server)
+        .await;
+    let app = TestApp::spawn_with(Options { config_toml: Some(catalog(&server.uri())), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+
+    let catalog: Value = app.get(&key, "/v1/models").await.json().await.expect("JSON");
+    assert_eq!(catalog["models"].as_array().map(Vec::len), Some(1), "{catalog}");
+    let model = &catalog["models"][0];
+    assert_eq!((model["id"].as_str(), model["available"].as_bool()), (Some("local/llama"), Some(true)));
+    assert_eq!(model["output_price_per_mtok"], 2.0);
+    // With real providers configured, the mock models are gone.
+    let refused = app.submit(&key, &json!({ "prompt": "hi", "models": ["mock/alpha"] })).await;
+    problem(refused, StatusCode::UNPROCESSABLE_ENTITY).await;
+
+    let body = json!({ "prompt": "Why is the sky blue?", "models": ["local/llama"], "options": { "cache": true } });
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let response = app.submit(&key, &body).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+        let job = app.wait_for_terminal(&key, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        outputs.push(job["steps"][0].clone());
+    }
+    let (first, second) = (&outputs[0], &outputs[1]);
+    assert_eq!(first["output"], "The sky scatters blue light.");
+    assert_eq!(first["usage"], json!({ "input_tokens": 9, "output_tokens": 3 }));
+    assert_eq!(first["cost_usd"], 0.000015); // 9 × $1/M + 3 × $2/M
+    assert_eq!(first["cached"], false);
+    // The second, identical request was answered from the cache: free, and no call made.
+    assert_eq!(
+        (second["output"].clone(), second["cached"].clone(), second["cost_usd"].clone()),
+        (first["output"].clone(), json!(true), json!(0.0))
+    );
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_provider_fails_the_step_with_its_reason() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401)).mount(&server).await;
+    let app = TestApp::spawn_with(Options { config_toml: Some(catalog(&server.uri())), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let response =
+        app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"], "options": { "cache": true } })).await;
+    let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+    let job = app.wait_for_terminal(&key, id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["steps"][0]["status"], "failed");
+    assert_eq!(job["steps"][0]["error"]["code"], "auth");
+    assert_eq!(job["error"]["failures"][0]["error"]["retryable"], false);
+    app.stop().await;
+}

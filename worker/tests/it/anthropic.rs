@@ -1,0 +1,85 @@
+use common::catalog::ProviderKind;
+use serde_json::json;
+use ultra_worker::providers::{collect, CompletionRequest, ProviderError};
+use wiremock::{
+    matchers::{body_partial_json, header, method, path},
+    Mock, MockServer, ResponseTemplate,
+};
+
+use crate::support::{client, model, spec, sse_body, sse_response};
+
+const KEY_ENV: &str = "ULTRA_TEST_ANTHROPIC_KEY";
+
+/// The event sequence of <https://docs.anthropic.com/en/docs/build-with-claude/streaming>.
+fn stream(with_stop: bool) -> String {
+    let mut events = vec![
+        (Some("message_start"), json!({ "type": "message_start", "message": { "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-test", "stop_reason": null, "usage": { "input_tokens": 25, "output_tokens": 1 } } }).to_string()),
+        (Some("content_block_start"), json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }).to_string()),
+        (Some("ping"), json!({ "type": "ping" }).to_string()),
+        (Some("content_block_delta"), json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Hello" } }).to_string()),
+        (Some("content_block_delta"), json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "!" } }).to_string()),
+        (Some("content_block_stop"), json!({ "type": "content_block_stop", "index": 0 }).to_string()),
+        (Some("message_delta"), json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn", "stop_sequence": null }, "usage": { "output_tokens": 15 } }).to_string()),
+    ];
+    if with_stop {
+        events.push((Some("message_stop"), json!({ "type": "message_stop" }).to_string()));
+    }
+    sse_body(&events)
+}
+
+#[tokio::test]
+async fn streams_a_message_with_usage() {
+    std::env::set_var(KEY_ENV, "sk-ant-test");
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", "sk-ant-test"))
+        .and(header("anthropic-version", "2023-06-01"))
+        .and(body_partial_json(json!({
+            "model": "claude-test",
+            "max_tokens": 64,
+            "messages": [{ "role": "user", "content": "Greet me" }],
+            "stream": true,
+        })))
+        .respond_with(sse_response(stream(true)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let spec = spec(ProviderKind::Anthropic, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("anthropic", "claude-test");
+    let request = CompletionRequest { model: &model, prompt: "Greet me", temperature: None, max_tokens: Some(64) };
+    let mut deltas = Vec::new();
+    let completion = collect(client(&spec).stream(&request).await.expect("stream"), |d| deltas.push(d.to_owned()))
+        .await
+        .expect("complete");
+    assert_eq!(deltas, ["Hello", "!"]);
+    assert_eq!(completion.text, "Hello!");
+    assert_eq!((completion.input_tokens, completion.output_tokens), (25, 15));
+    assert_eq!(completion.finish_reason.as_deref(), Some("end_turn"));
+}
+
+#[tokio::test]
+async fn a_stream_without_message_stop_or_with_an_error_event_fails() {
+    std::env::set_var(KEY_ENV, "sk-ant-test");
+    let server = MockServer::start().await;
+    let spec = spec(ProviderKind::Anthropic, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("anthropic", "claude-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+
+    Mock::given(method("POST")).respond_with(sse_response(stream(false))).mount(&server).await;
+    let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
+    assert!(matches!(result, Err(ProviderError::Truncated(_))), "{result:?}");
+
+    server.reset().await;
+    let overloaded = sse_body(&[(
+        Some("error"),
+        json!({ "type": "error", "error": { "type": "overloaded_error", "message": "Overloaded" } }).to_string(),
+    )]);
+    Mock::given(method("POST")).respond_with(sse_response(overloaded)).mount(&server).await;
+    let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
+    assert_eq!(result.err(), Some(ProviderError::Overloaded { status: 529 }));
+
+    server.reset().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401)).mount(&server).await;
+    assert_eq!(client(&spec).stream(&request).await.err(), Some(ProviderError::Auth));
+}

@@ -1,0 +1,142 @@
+use std::time::Duration;
+
+use common::catalog::ProviderKind;
+use serde_json::json;
+use ultra_worker::providers::{collect, CompletionRequest, ProviderError};
+use wiremock::{
+    matchers::{body_partial_json, header, method, path},
+    Mock, MockServer, ResponseTemplate,
+};
+
+use crate::support::{client, model, spec, sse_body, sse_response};
+
+const KEY_ENV: &str = "ULTRA_TEST_OPENAI_KEY";
+
+fn chunk(content: &str) -> String {
+    json!({ "id": "c1", "object": "chat.completion.chunk", "model": "gpt-test",
+            "choices": [{ "index": 0, "delta": { "content": content }, "finish_reason": null }] })
+    .to_string()
+}
+
+fn stream(with_done: bool) -> String {
+    let mut events = vec![
+        (None, json!({ "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }] }).to_string()),
+        (None, chunk("Hello")),
+        (None, chunk(", world")),
+        (None, json!({ "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }] }).to_string()),
+        (None, json!({ "choices": [], "usage": { "prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12 } }).to_string()),
+    ];
+    if with_done {
+        events.push((None, "[DONE]".to_owned()));
+    }
+    sse_body(&events)
+}
+
+async fn server() -> MockServer {
+    std::env::set_var(KEY_ENV, "sk-test-secret");
+    MockServer::start().await
+}
+
+#[tokio::test]
+async fn streams_a_chat_completion_and_reads_usage() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header("authorization", "Bearer sk-test-secret"))
+        .and(header("content-type", "application/json"))
+        .and(body_partial_json(json!({
+            "model": "gpt-test",
+            "messages": [{ "role": "user", "content": "Say hello" }],
+            "stream": true,
+            "stream_options": { "include_usage": true },
+            "max_tokens": 50,
+        })))
+        .respond_with(sse_response(stream(true)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "Say hello", temperature: None, max_tokens: Some(50) };
+    let mut deltas = Vec::new();
+    let completion = collect(client(&spec).stream(&request).await.expect("stream"), |d| deltas.push(d.to_owned()))
+        .await
+        .expect("complete");
+    assert_eq!(deltas, ["Hello", ", world"]);
+    assert_eq!(completion.text, "Hello, world");
+    assert_eq!((completion.input_tokens, completion.output_tokens), (9, 3));
+    assert_eq!(completion.finish_reason.as_deref(), Some("stop"));
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_done_is_an_error() {
+    let server = server().await;
+    Mock::given(method("POST")).respond_with(sse_response(stream(false))).mount(&server).await;
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
+    assert!(matches!(result, Err(ProviderError::Truncated(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn error_statuses_say_whether_to_retry() {
+    let server = server().await;
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let cases = [
+        (
+            ResponseTemplate::new(429).insert_header("retry-after", "7"),
+            ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)) },
+        ),
+        (
+            ResponseTemplate::new(401).set_body_json(json!({ "error": { "message": "bad key sk-test-secret" } })),
+            ProviderError::Auth,
+        ),
+        (ResponseTemplate::new(500), ProviderError::Overloaded { status: 500 }),
+        (ResponseTemplate::new(503), ProviderError::Overloaded { status: 503 }),
+    ];
+    for (response, expected) in cases {
+        server.reset().await;
+        Mock::given(method("POST")).respond_with(response).mount(&server).await;
+        let error = client(&spec).stream(&request).await.err().expect("fails");
+        assert_eq!(error, expected);
+        assert_eq!(error.is_retryable(), !matches!(expected, ProviderError::Auth));
+        assert!(!error.to_json().to_string().contains("sk-test-secret"), "keys never appear in errors");
+    }
+    server.reset().await;
+    let too_long = json!({ "error": { "message": "This model's maximum context length is 10 tokens", "code": "context_length_exceeded" } });
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(too_long)).mount(&server).await;
+    let error = client(&spec).stream(&request).await.err().expect("fails");
+    assert!(matches!(error, ProviderError::ContextTooLong(_)) && !error.is_retryable(), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_slow_server_times_out() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(sse_response(stream(true)).set_delay(Duration::from_secs(3)))
+        .mount(&server)
+        .await;
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let error = client(&spec).stream(&request).await.err().expect("fails");
+    assert_eq!(error, ProviderError::Timeout);
+    assert!(error.is_retryable());
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(307).insert_header("location", "http://169.254.169.254/latest"))
+        .mount(&server)
+        .await;
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let error = client(&spec).stream(&request).await.err().expect("fails");
+    assert!(matches!(error, ProviderError::BadRequest(ref m) if m.contains("307")), "{error:?}");
+}
