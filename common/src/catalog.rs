@@ -50,6 +50,10 @@ pub struct ProviderSpec {
     /// How long an open circuit waits before letting one call through.
     #[serde(default = "default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
+    /// Gemini only: `false` calls the unary `generateContent` instead of streaming
+    /// (for proxies that cannot stream).
+    #[serde(default = "enabled")]
+    pub streaming: bool,
     /// Mock only: simulated latency before the first token, in milliseconds.
     #[serde(default)]
     pub mock_latency_ms: Option<u64>,
@@ -179,6 +183,7 @@ impl Catalog {
             first_byte_timeout_secs: default_first_byte_secs(),
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_secs: default_breaker_cooldown_secs(),
+            streaming: true,
             mock_latency_ms: None,
             mock_jitter_ms: 0,
             mock_tokens_per_second: 0,

@@ -45,9 +45,14 @@ pub struct Checks {
 #[derive(Debug, Clone, Serialize, Object)]
 #[oai(example)]
 pub struct Readiness {
-    /// `ok`, `degraded` (RabbitMQ or Redis down) or `down` (PostgreSQL down).
+    /// `ok`, `degraded` (RabbitMQ or Redis down, or a provider's circuit open) or
+    /// `down` (PostgreSQL down).
     pub status: Status,
     pub checks: Checks,
+    /// Providers whose circuit breaker is open: their models are unavailable for now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[oai(skip_serializing_if_is_empty)]
+    pub open_circuits: Vec<String>,
 }
 
 impl poem_openapi::types::Example for Readiness {
@@ -94,5 +99,16 @@ pub fn readiness(postgres: Check, rabbitmq: Check, redis: Check) -> Readiness {
     } else {
         Status::Ok
     };
-    Readiness { status, checks: Checks { postgres, rabbitmq, redis } }
+    Readiness { status, checks: Checks { postgres, rabbitmq, redis }, open_circuits: Vec::new() }
+}
+
+impl Readiness {
+    /// Notes providers whose circuit is open; that degrades an otherwise healthy api.
+    pub fn with_open_circuits(mut self, open: Vec<String>) -> Self {
+        if !open.is_empty() && self.status == Status::Ok {
+            self.status = Status::Degraded;
+        }
+        self.open_circuits = open;
+        self
+    }
 }

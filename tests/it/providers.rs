@@ -104,3 +104,33 @@ async fn a_failing_provider_fails_the_step_with_its_reason() {
     assert_eq!(job["error"]["failures"][0]["error"]["retryable"], false);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_circuit_shows_in_the_catalog_and_readiness() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&server).await;
+    let config =
+        catalog(&server.uri()).replace("base_url = ", "breaker_failures = 2\nbreaker_cooldown_secs = 60\nbase_url = ");
+    let app = TestApp::spawn_with(Options { config_toml: Some(config), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..2 {
+        let response = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
+        let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+        let job = app.wait_for_terminal(&key, id).await;
+        assert_eq!(job["steps"][0]["error"]["code"], "overloaded");
+        assert_eq!(job["steps"][0]["error"]["retryable"], true);
+    }
+    let catalog: Value = app.get(&key, "/v1/models").await.json().await.expect("JSON");
+    assert_eq!(catalog["models"][0]["available"], false, "{catalog}");
+    let ready: Value = app.http.get(app.url("/health/ready")).send().await.expect("ready").json().await.expect("JSON");
+    assert_eq!(ready["status"], "degraded");
+    assert_eq!(ready["open_circuits"], json!(["local"]));
+
+    // While open, calls fail fast: the server sees no third request.
+    let response = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
+    let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+    let job = app.wait_for_terminal(&key, id).await;
+    assert_eq!(job["steps"][0]["error"]["code"], "circuit_open");
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 2);
+    app.stop().await;
+}

@@ -71,6 +71,8 @@ pub struct TodayUsage {
     pub jobs: i64,
     /// Jobs queued or running now.
     pub active_jobs: i64,
+    /// What finished jobs cost today, in US dollars.
+    pub cost_usd: f64,
 }
 
 #[derive(Debug, Object)]
@@ -240,6 +242,7 @@ impl AuthApi {
                 remaining_tokens,
                 jobs: usage.jobs,
                 active_jobs,
+                cost_usd: usage.cost_micros as f64 / 1e6,
             },
         }))
     }

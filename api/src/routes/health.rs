@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use common::health::{self, Readiness};
+use common::{
+    catalog::circuit_key,
+    health::{self, Readiness},
+};
 use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
 
 use crate::{routes::ApiTags, state::AppState};
@@ -58,6 +61,11 @@ impl HealthApi {
             health::probe(state.publisher.check()),
             health::probe(state.redis.ping()),
         );
-        health::readiness(postgres, rabbitmq, redis).into()
+        let providers: Vec<&str> = state.catalog.providers().map(|(name, _)| name).collect();
+        let keys: Vec<String> = providers.iter().map(|p| circuit_key(&state.config.redis_prefix, p)).collect();
+        let open = state.redis.flags(&keys).await;
+        let open_circuits =
+            providers.into_iter().zip(open).filter(|(_, open)| *open).map(|(p, _)| p.to_owned()).collect();
+        health::readiness(postgres, rabbitmq, redis).with_open_circuits(open_circuits).into()
     }
 }

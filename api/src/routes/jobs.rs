@@ -51,6 +51,9 @@ pub struct Usage {
 pub struct ErrorInfo {
     pub code: String,
     pub message: String,
+    /// For a failed step: whether the same call may succeed later.
+    #[oai(skip_serializing_if_is_none)]
+    pub retryable: Option<bool>,
     /// For a failed job: each model that failed, at which stage, and why.
     #[oai(skip_serializing_if_is_none)]
     pub failures: Option<Value>,
@@ -59,7 +62,12 @@ pub struct ErrorInfo {
 impl ErrorInfo {
     fn from_json(value: &Value) -> Self {
         let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-        Self { code: text("code"), message: text("message"), failures: value.get("failures").cloned() }
+        Self {
+            code: text("code"),
+            message: text("message"),
+            retryable: value.get("retryable").and_then(Value::as_bool),
+            failures: value.get("failures").cloned(),
+        }
     }
 }
 
@@ -90,6 +98,10 @@ pub struct JobView {
     pub steps: Vec<StepView>,
     /// Once failed: why.
     pub error: Option<ErrorInfo>,
+    /// Tokens of all the job's provider calls so far (cached answers excluded).
+    pub usage: Usage,
+    /// What the job's calls cost so far, in US dollars.
+    pub cost_usd: f64,
 }
 
 /// A job in a list (without its steps).
@@ -174,11 +186,19 @@ impl JobsApi {
     async fn get_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
         let mut job = self.owned_job(&auth, id.0).await?;
         let steps = db::steps::list(&self.state.pool, job.id).await?;
+        let paid = steps.iter().filter(|s| !s.cached);
+        let usage = paid.fold(Usage { input_tokens: 0, output_tokens: 0 }, |sum, s| Usage {
+            input_tokens: sum.input_tokens + s.input_tokens.unwrap_or(0),
+            output_tokens: sum.output_tokens + s.output_tokens.unwrap_or(0),
+        });
+        let cost_usd = steps.iter().map(|s| s.cost_micros).sum::<i64>() as f64 / 1e6;
         Ok(Json(JobView {
             summary: JobSummary::of(&mut job),
             result: job.result,
             steps: steps.into_iter().map(step_view).collect(),
             error: job.error.as_ref().map(ErrorInfo::from_json),
+            usage,
+            cost_usd,
         }))
     }
 

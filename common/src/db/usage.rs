@@ -11,6 +11,7 @@ pub struct DailyUsage {
     pub reserved: i64,
     pub used: i64,
     pub jobs: i64,
+    pub cost_micros: i64,
 }
 
 /// Today's date in UTC, as PostgreSQL sees it (one clock for every replica).
@@ -20,7 +21,7 @@ pub async fn today(ex: impl PgExecutor<'_>) -> Result<NaiveDate, sqlx::Error> {
 
 pub async fn get(ex: impl PgExecutor<'_>, user_id: Uuid, day: NaiveDate) -> Result<DailyUsage, sqlx::Error> {
     let row: Option<DailyUsage> =
-        sqlx::query_as("SELECT reserved, used, jobs FROM usage_daily WHERE user_id = $1 AND day = $2")
+        sqlx::query_as("SELECT reserved, used, jobs, cost_micros FROM usage_daily WHERE user_id = $1 AND day = $2")
             .bind(user_id)
             .bind(day)
             .fetch_optional(ex)

@@ -1,4 +1,5 @@
-//! Google Gemini, streamed with `streamGenerateContent?alt=sse`, the key in the
+//! Google Gemini, streamed with `streamGenerateContent?alt=sse` (or, configured with
+//! `streaming = false`, the unary `generateContent`), the key in the
 //! `x-goog-api-key` header (never in the URL). Wire format:
 //! <https://ai.google.dev/api/generate-content>: each event is a
 //! `GenerateContentResponse` with `candidates[].content.parts[].text`, a
@@ -22,6 +23,7 @@ pub struct Gemini {
     base_url: String,
     api_key: Option<String>,
     first_byte: Duration,
+    streaming: bool,
 }
 
 impl Gemini {
@@ -31,6 +33,7 @@ impl Gemini {
             base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
             api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
             first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+            streaming: spec.streaming,
         }
     }
 }
@@ -50,7 +53,20 @@ impl Provider for Gemini {
             "contents": [{ "role": "user", "parts": [{ "text": request.prompt }] }],
             "generationConfig": config,
         });
-        let url = format!("{}/models/{}:streamGenerateContent?alt=sse", self.base_url, request.model.upstream);
+        let model = &request.model.upstream;
+        if !self.streaming {
+            // One `GenerateContentResponse`: the same reading as one streamed chunk.
+            let url = format!("{}/models/{model}:generateContent", self.base_url);
+            let http_request = self.client.post(url).header("x-goog-api-key", key).json(&body);
+            let response = http::send(http_request, self.first_byte).await?;
+            let text = tokio::time::timeout(self.first_byte, response.text())
+                .await
+                .map_err(|_| ProviderError::Timeout)?
+                .map_err(http::transport_error)?;
+            let message = SseMessage { event: None, data: text };
+            return Ok(assemble(futures::stream::once(async move { Ok(message) }).boxed()));
+        }
+        let url = format!("{}/models/{model}:streamGenerateContent?alt=sse", self.base_url);
         let http_request = self.client.post(url).header("x-goog-api-key", key).json(&body);
         let response = http::send(http_request, self.first_byte).await?;
         Ok(assemble(http::sse(response, self.first_byte)))

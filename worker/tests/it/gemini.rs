@@ -69,3 +69,26 @@ async fn a_stream_without_a_finish_reason_is_truncated_and_safety_blocks_are_ref
     let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
     assert_eq!(result.err(), Some(ProviderError::ContentFiltered));
 }
+
+#[tokio::test]
+async fn the_unary_generate_content_works_too() {
+    std::env::set_var(KEY_ENV, "gemini-test-key");
+    let server = MockServer::start().await;
+    let whole = json!({
+        "candidates": [{ "content": { "parts": [{ "text": "One, two." }], "role": "model" }, "finishReason": "STOP", "index": 0 }],
+        "usageMetadata": { "promptTokenCount": 4, "candidatesTokenCount": 6, "totalTokenCount": 10 }
+    });
+    Mock::given(method("POST"))
+        .and(path("/v1beta/models/gemini-test:generateContent"))
+        .and(header("x-goog-api-key", "gemini-test-key"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(whole))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut spec = spec(ProviderKind::Gemini, &format!("{}/v1beta", server.uri()), Some(KEY_ENV));
+    spec.streaming = false;
+    let model = model("gemini", "gemini-test");
+    let request = CompletionRequest { model: &model, prompt: "Count", temperature: None, max_tokens: None };
+    let completion = collect(client(&spec).stream(&request).await.expect("call"), |_| {}).await.expect("complete");
+    assert_eq!((completion.text.as_str(), completion.output_tokens), ("One, two.", 6));
+}
