@@ -121,10 +121,12 @@ pub struct SseMessage {
 pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseMessage, ProviderError>> {
     struct State {
         body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-        buffer: String,
+        /// Raw bytes: a multi-byte character may be split across chunks, so text is
+        /// decoded only once a whole event (ending in ASCII newlines) has arrived.
+        buffer: Vec<u8>,
         done: bool,
     }
-    let state = State { body: response.bytes_stream().boxed(), buffer: String::new(), done: false };
+    let state = State { body: response.bytes_stream().boxed(), buffer: Vec::new(), done: false };
     futures::stream::unfold(state, move |mut state| async move {
         loop {
             if let Some(message) = take_event(&mut state.buffer) {
@@ -141,13 +143,14 @@ pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseM
                 Ok(None) => {
                     state.done = true;
                     // A last event without its blank line still counts.
-                    state.buffer.push_str("\n\n");
+                    state.buffer.extend_from_slice(b"\n\n");
                 }
                 Ok(Some(Err(err))) => {
                     state.done = true;
                     return Some((Err(ProviderError::Truncated(err.without_url().to_string())), state));
                 }
-                Ok(Some(Ok(chunk))) => state.buffer.push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n")),
+                // `\r` never occurs inside a UTF-8 sequence, so dropping it is safe.
+                Ok(Some(Ok(chunk))) => state.buffer.extend(chunk.iter().copied().filter(|b| *b != b'\r')),
             }
         }
     })
@@ -156,9 +159,10 @@ pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseM
 
 /// Removes and parses the first complete event in `buffer`; comments and empty
 /// blocks are skipped.
-fn take_event(buffer: &mut String) -> Option<SseMessage> {
-    while let Some(end) = buffer.find("\n\n") {
-        let block: String = buffer.drain(..end + 2).collect();
+fn take_event(buffer: &mut Vec<u8>) -> Option<SseMessage> {
+    while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+        let bytes: Vec<u8> = buffer.drain(..end + 2).collect();
+        let block = String::from_utf8_lossy(&bytes);
         let mut message = SseMessage::default();
         let mut has_data = false;
         for line in block.lines() {
@@ -189,16 +193,26 @@ mod tests {
 
     #[test]
     fn events_are_parsed_across_lines() {
-        let mut buffer =
-            ": comment\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: one\ndata: two\n\ndata: [DONE]\n".to_owned();
+        let mut buffer = ": comment\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: one\ndata: two\n\ndata: [DONE]\n"
+            .as_bytes()
+            .to_vec();
         assert_eq!(
             take_event(&mut buffer),
             Some(SseMessage { event: Some("message_start".into()), data: "{\"a\":1}".into() })
         );
         assert_eq!(take_event(&mut buffer), Some(SseMessage { event: None, data: "one\ntwo".into() }));
         assert_eq!(take_event(&mut buffer), None, "incomplete until its blank line");
-        buffer.push('\n');
+        buffer.push(b'\n');
         assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("[DONE]".into()));
+    }
+
+    #[test]
+    fn a_character_split_across_chunks_survives() {
+        let event = "data: caf\u{e9} \u{1f600}\n\n".as_bytes();
+        let mut buffer = event[..9].to_vec(); // ends inside the two bytes of `é`
+        assert_eq!(take_event(&mut buffer), None);
+        buffer.extend_from_slice(&event[9..]);
+        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("caf\u{e9} \u{1f600}".into()));
     }
 
     #[test]
