@@ -50,6 +50,14 @@ pub struct ProviderSpec {
     /// How long an open circuit waits before letting one call through.
     #[serde(default = "default_breaker_cooldown_secs")]
     pub breaker_cooldown_secs: u64,
+    /// OpenAI-compatible only: ask for usage in the stream (`stream_options`). Some
+    /// servers (Mistral) refuse the field: set `false`, and usage is estimated.
+    #[serde(default = "enabled")]
+    pub stream_usage: bool,
+    /// OpenAI-compatible only: the request field for the output limit — `max_tokens`,
+    /// or `max_completion_tokens` for OpenAI's reasoning models.
+    #[serde(default = "default_max_tokens_field")]
+    pub max_tokens_field: String,
     /// Gemini only: `false` calls the unary `generateContent` instead of streaming
     /// (for proxies that cannot stream).
     #[serde(default = "enabled")]
@@ -71,6 +79,9 @@ pub struct ProviderSpec {
     pub mock_failure_kind: Option<String>,
 }
 
+fn default_max_tokens_field() -> String {
+    "max_tokens".to_owned()
+}
 fn default_provider_concurrency() -> u32 {
     64
 }
@@ -134,7 +145,8 @@ fn enabled() -> bool {
 impl ModelSpec {
     /// Cost of a call in millionths of a US dollar.
     pub fn cost_micros(&self, input_tokens: i64, output_tokens: i64) -> i64 {
-        (input_tokens as f64 * self.input_price_per_mtok + output_tokens as f64 * self.output_price_per_mtok).round()
+        // Rounded up: a budget must never be undercharged.
+        (input_tokens as f64 * self.input_price_per_mtok + output_tokens as f64 * self.output_price_per_mtok).ceil()
             as i64
     }
 }
@@ -184,6 +196,8 @@ impl Catalog {
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_secs: default_breaker_cooldown_secs(),
             streaming: true,
+            stream_usage: true,
+            max_tokens_field: default_max_tokens_field(),
             mock_latency_ms: None,
             mock_jitter_ms: 0,
             mock_tokens_per_second: 0,
@@ -224,6 +238,9 @@ impl Catalog {
             if self.models[..index].iter().any(|m| m.id == model.id) {
                 problems.push(format!("model `{}` is defined twice", model.id));
             }
+            if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
+                problems.push(format!("model `{}` has a negative price", model.id));
+            }
             match self.providers.get(&model.provider) {
                 None => problems.push(format!("model `{}` names unknown provider `{}`", model.id, model.provider)),
                 Some(p) if p.kind != ProviderKind::Mock && p.base_url.is_none() => {
@@ -233,6 +250,9 @@ impl Catalog {
             }
         }
         for (name, provider) in &self.providers {
+            if provider.first_byte_timeout_secs == 0 || provider.timeout_secs == 0 {
+                problems.push(format!("provider `{name}`: timeouts must be at least 1 second"));
+            }
             if let Some(url) = &provider.base_url {
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
                     problems.push(format!("provider `{name}`: base_url must be an http(s) URL"));

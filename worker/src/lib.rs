@@ -54,15 +54,19 @@ impl Worker {
         let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
         let catalog = Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?;
-        let providers = self.providers.unwrap_or_else(|| {
-            let mock_spec = catalog.providers().find(|(_, p)| p.kind == ProviderKind::Mock).map(|(_, p)| p.clone());
-            let behaviour = mock_spec.map_or_else(
-                || MockBehaviour { latency: config.mock_latency(), ..MockBehaviour::default() },
-                |spec| MockBehaviour::from_spec(&spec, config.mock_latency()),
-            );
-            let board = CircuitBoard { redis: redis.clone(), prefix: config.redis_prefix.clone() };
-            Providers::from_catalog(&catalog, Arc::new(MockProvider::with_behaviour(behaviour)), Some(board))
-        });
+        let providers = match self.providers {
+            Some(providers) => providers,
+            None => {
+                let mock_spec = catalog.providers().find(|(_, p)| p.kind == ProviderKind::Mock).map(|(_, p)| p.clone());
+                let behaviour = mock_spec.map_or_else(
+                    || MockBehaviour { latency: config.mock_latency(), ..MockBehaviour::default() },
+                    |spec| MockBehaviour::from_spec(&spec, config.mock_latency()),
+                );
+                let board = CircuitBoard { redis: redis.clone(), prefix: config.redis_prefix.clone() };
+                Providers::from_catalog(&catalog, Arc::new(MockProvider::with_behaviour(behaviour)), Some(board))
+                    .context("cannot build the providers' HTTP clients")?
+            }
+        };
         let connected = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(JobContext {
             pool: pool.clone(),

@@ -134,7 +134,12 @@ async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<Answer, Value>
         model: spec,
         prompt: &job.prompt,
         temperature: job.options.get("temperature").and_then(Value::as_f64),
-        max_tokens: job.options.get("max_tokens").and_then(Value::as_u64).and_then(|m| u32::try_from(m).ok()),
+        // Never more than the model can write: the provider would refuse the call.
+        max_tokens: job
+            .options
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map(|m| u32::try_from(m).unwrap_or(u32::MAX).min(spec.max_output_tokens)),
     };
     let use_cache = job.options.get("cache").and_then(Value::as_bool).unwrap_or(false);
     if use_cache {

@@ -27,13 +27,13 @@ pub struct Anthropic {
 }
 
 impl Anthropic {
-    pub fn new(spec: &ProviderSpec) -> Self {
-        Self {
-            client: http::client(),
+    pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
+        Ok(Self {
+            client: http::client()?,
             base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
+            api_key: http::api_key(spec),
             first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
-        }
+        })
     }
 }
 
@@ -54,7 +54,7 @@ impl Provider for Anthropic {
         let http_request = self
             .client
             .post(format!("{}/messages", self.base_url))
-            .header("x-api-key", key)
+            .header("x-api-key", http::secret_header(key)?)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
         let response = http::send(http_request, self.first_byte).await?;
@@ -82,7 +82,10 @@ fn assemble(events: BoxStream<'static, Result<SseMessage, ProviderError>>) -> Ev
 }
 
 fn event(progress: &mut Progress, message: &SseMessage) -> Vec<Result<StreamEvent, ProviderError>> {
-    let value: Value = serde_json::from_str(&message.data).unwrap_or(Value::Null);
+    let Ok(value) = serde_json::from_str::<Value>(&message.data) else {
+        // A broken event might have carried text: never assemble an answer with a hole.
+        return vec![Err(ProviderError::Truncated("unreadable event".into()))];
+    };
     let kind = message.event.as_deref().or_else(|| value.get("type").and_then(Value::as_str)).unwrap_or_default();
     let count = |v: Option<&Value>| v.and_then(Value::as_i64).unwrap_or(0) as i32;
     match kind {

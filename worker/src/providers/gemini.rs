@@ -23,18 +23,21 @@ pub struct Gemini {
     base_url: String,
     api_key: Option<String>,
     first_byte: Duration,
+    /// The whole call's limit: a unary answer's head only comes once it is written.
+    total: Duration,
     streaming: bool,
 }
 
 impl Gemini {
-    pub fn new(spec: &ProviderSpec) -> Self {
-        Self {
-            client: http::client(),
+    pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
+        Ok(Self {
+            client: http::client()?,
             base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
+            api_key: http::api_key(spec),
             first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+            total: Duration::from_secs(spec.timeout_secs),
             streaming: spec.streaming,
-        }
+        })
     }
 }
 
@@ -57,9 +60,9 @@ impl Provider for Gemini {
         if !self.streaming {
             // One `GenerateContentResponse`: the same reading as one streamed chunk.
             let url = format!("{}/models/{model}:generateContent", self.base_url);
-            let http_request = self.client.post(url).header("x-goog-api-key", key).json(&body);
-            let response = http::send(http_request, self.first_byte).await?;
-            let text = tokio::time::timeout(self.first_byte, response.text())
+            let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
+            let response = http::send(http_request, self.total).await?;
+            let text = tokio::time::timeout(self.total, response.text())
                 .await
                 .map_err(|_| ProviderError::Timeout)?
                 .map_err(http::transport_error)?;
@@ -67,7 +70,7 @@ impl Provider for Gemini {
             return Ok(assemble(futures::stream::once(async move { Ok(message) }).boxed()));
         }
         let url = format!("{}/models/{model}:streamGenerateContent?alt=sse", self.base_url);
-        let http_request = self.client.post(url).header("x-goog-api-key", key).json(&body);
+        let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
         let response = http::send(http_request, self.first_byte).await?;
         Ok(assemble(http::sse(response, self.first_byte)))
     }

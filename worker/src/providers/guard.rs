@@ -34,8 +34,11 @@ enum Circuit {
     Open {
         until: Instant,
     },
-    /// One probe is in flight; everyone else still fails fast.
-    HalfOpen,
+    /// One probe is in flight since then; everyone else still fails fast. A probe
+    /// that never reports (its task was aborted) is replaced after a call's timeout.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 pub struct Guarded {
@@ -91,12 +94,15 @@ impl Guarded {
                 model.context_window
             )));
         }
-        self.admit()?;
-        let _provider_slot = self.provider_slots.acquire().await.map_err(|_| ProviderError::CircuitOpen)?;
+        // The model's slot first: calls queued for a saturated model must not sit on
+        // provider slots that other models could use. The circuit is consulted last,
+        // so calls that waited in line do not reach a provider that failed meanwhile.
         let _model_slot = match self.model_slots.get(&model.id) {
             Some(slots) => Some(slots.acquire().await.map_err(|_| ProviderError::CircuitOpen)?),
             None => None,
         };
+        let _provider_slot = self.provider_slots.acquire().await.map_err(|_| ProviderError::CircuitOpen)?;
+        self.admit()?;
         let call = async { collect(self.client.stream(request).await?, on_delta).await };
         let result = tokio::time::timeout(self.timeout, call).await.unwrap_or(Err(ProviderError::Timeout));
         self.record(&result).await;
@@ -109,11 +115,16 @@ impl Guarded {
         match *circuit {
             Circuit::Closed { .. } => Ok(()),
             Circuit::Open { until } if Instant::now() >= until => {
-                *circuit = Circuit::HalfOpen;
+                *circuit = Circuit::HalfOpen { since: Instant::now() };
                 tracing::info!(provider = %self.name, "circuit half-open: letting one call through");
                 Ok(())
             }
-            Circuit::Open { .. } | Circuit::HalfOpen => Err(ProviderError::CircuitOpen),
+            Circuit::HalfOpen { since } if since.elapsed() > self.timeout => {
+                *circuit = Circuit::HalfOpen { since: Instant::now() };
+                tracing::info!(provider = %self.name, "the last probe never reported; letting another through");
+                Ok(())
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => Err(ProviderError::CircuitOpen),
         }
     }
 
@@ -131,7 +142,7 @@ impl Guarded {
         let transition = {
             let mut circuit = self.circuit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let next = match (*circuit, provider_failed) {
-                (Circuit::HalfOpen, true) => Circuit::Open { until: Instant::now() + self.cooldown },
+                (Circuit::HalfOpen { .. }, true) => Circuit::Open { until: Instant::now() + self.cooldown },
                 (Circuit::Closed { failures }, true) if failures + 1 >= self.breaker_failures => {
                     Circuit::Open { until: Instant::now() + self.cooldown }
                 }
@@ -140,7 +151,8 @@ impl Guarded {
                 (_, false) => Circuit::Closed { failures: 0 },
             };
             let opened = matches!(next, Circuit::Open { .. }) && !matches!(*circuit, Circuit::Open { .. });
-            let closed = matches!(next, Circuit::Closed { failures: 0 }) && matches!(*circuit, Circuit::HalfOpen);
+            let closed =
+                matches!(next, Circuit::Closed { failures: 0 }) && matches!(*circuit, Circuit::HalfOpen { .. });
             *circuit = next;
             (opened, closed)
         };
@@ -160,7 +172,11 @@ impl Guarded {
     /// Whether calls fail fast right now.
     pub fn is_open(&self) -> bool {
         let circuit = self.circuit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        matches!(*circuit, Circuit::Open { until } if Instant::now() < until)
+        match *circuit {
+            Circuit::Open { until } => Instant::now() < until,
+            Circuit::HalfOpen { since } => since.elapsed() <= self.timeout,
+            Circuit::Closed { .. } => false,
+        }
     }
 
     async fn publish(&self, open: bool) {

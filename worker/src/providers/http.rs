@@ -11,15 +11,27 @@ use super::ProviderError;
 
 /// Longest a TCP (and TLS) connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` believed; a larger one is clamped.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Most of an error body read to explain a failure.
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+pub fn client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(CONNECT_TIMEOUT).build()
+}
+
+/// An API key from the environment variable a provider names, trimmed (a trailing
+/// newline from a secrets file would make an invalid header).
+pub fn api_key(spec: &common::catalog::ProviderSpec) -> Option<String> {
+    let key = std::env::var(spec.api_key_env.as_ref()?).ok()?;
+    Some(key.trim().to_owned()).filter(|k| !k.is_empty())
+}
+
+/// A header value that HTTP tooling must not print.
+pub fn secret_header(value: &str) -> Result<reqwest::header::HeaderValue, ProviderError> {
+    let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| ProviderError::Auth)?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Sends a request and waits at most `first_byte` for the response head. A non-2xx
@@ -35,14 +47,17 @@ pub async fn send(request: RequestBuilder, first_byte: Duration) -> Result<Respo
         return Ok(response);
     }
     let headers = response.headers().clone();
-    let body = read_limited(response).await;
+    let body = tokio::time::timeout(first_byte, read_limited(response)).await.unwrap_or_default();
     Err(classify(status, &headers, &body))
 }
 
 /// A transport failure, described without its URL (which may carry a key for some
 /// providers' conventions; ours never do, but errors must not depend on that).
 pub fn transport_error(err: reqwest::Error) -> ProviderError {
-    if err.is_timeout() {
+    if err.is_builder() {
+        // A request we could not even build will not build next time either.
+        ProviderError::BadRequest(err.without_url().to_string())
+    } else if err.is_timeout() {
         ProviderError::Timeout
     } else if err.is_connect() {
         ProviderError::Connection(err.without_url().to_string())
@@ -70,8 +85,14 @@ async fn read_limited(response: Response) -> String {
 pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ProviderError {
     let lower = body.to_ascii_lowercase();
     match status.as_u16() {
+        // An exhausted billing quota is not a rate limit: waiting will not help.
+        429 if lower.contains("insufficient_quota") => {
+            ProviderError::BadRequest("the provider account is out of quota".into())
+        }
         429 => ProviderError::RateLimited { retry_after: retry_after(headers) },
         401 | 403 => ProviderError::Auth,
+        // Gemini answers an invalid key with 400 `API_KEY_INVALID`.
+        400 if lower.contains("api_key_invalid") || lower.contains("api key not valid") => ProviderError::Auth,
         408 => ProviderError::Timeout,
         413 => ProviderError::ContextTooLong(summary(body)),
         400 | 404 | 422 if mentions_context_limit(&lower) => ProviderError::ContextTooLong(summary(body)),
@@ -82,9 +103,16 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> Provider
 }
 
 fn mentions_context_limit(lower: &str) -> bool {
-    ["context_length_exceeded", "maximum context length", "prompt is too long", "too many tokens", "context window"]
-        .iter()
-        .any(|needle| lower.contains(needle))
+    [
+        "context_length_exceeded",
+        "maximum context length",
+        "prompt is too long",
+        "too many tokens",
+        "context window",
+        "exceeds the maximum number of tokens",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
 }
 
 /// The provider's own error message, if the body is JSON that has one, shortened.
@@ -101,11 +129,18 @@ fn summary(body: &str) -> String {
 /// `Retry-After` as seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
+    let wait = match value.parse::<f64>() {
+        // Clamped before converting: a huge value must not overflow (and panic).
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => {
+            Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => {
+            let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()?
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// One Server-Sent Event of a provider's stream.
@@ -124,9 +159,11 @@ pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseM
         /// Raw bytes: a multi-byte character may be split across chunks, so text is
         /// decoded only once a whole event (ending in ASCII newlines) has arrived.
         buffer: Vec<u8>,
+        /// The last byte seen was `\r`: a `\n` opening the next chunk belongs to it.
+        after_cr: bool,
         done: bool,
     }
-    let state = State { body: response.bytes_stream().boxed(), buffer: Vec::new(), done: false };
+    let state = State { body: response.bytes_stream().boxed(), buffer: Vec::new(), after_cr: false, done: false };
     futures::stream::unfold(state, move |mut state| async move {
         loop {
             if let Some(message) = take_event(&mut state.buffer) {
@@ -149,12 +186,29 @@ pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseM
                     state.done = true;
                     return Some((Err(ProviderError::Truncated(err.without_url().to_string())), state));
                 }
-                // `\r` never occurs inside a UTF-8 sequence, so dropping it is safe.
-                Ok(Some(Ok(chunk))) => state.buffer.extend(chunk.iter().copied().filter(|b| *b != b'\r')),
+                Ok(Some(Ok(chunk))) => normalize_newlines(&chunk, &mut state.buffer, &mut state.after_cr),
             }
         }
     })
     .boxed()
+}
+
+/// Appends `chunk` with `\r\n` and lone `\r` turned into `\n` — also when a `\r\n`
+/// pair is split across chunks. (`\r` never occurs inside a UTF-8 sequence.)
+fn normalize_newlines(chunk: &[u8], buffer: &mut Vec<u8>, after_cr: &mut bool) {
+    for &byte in chunk {
+        match byte {
+            b'\r' => {
+                buffer.push(b'\n');
+                *after_cr = true;
+            }
+            b'\n' if *after_cr => *after_cr = false,
+            _ => {
+                buffer.push(byte);
+                *after_cr = false;
+            }
+        }
+    }
 }
 
 /// Removes and parses the first complete event in `buffer`; comments and empty
@@ -204,6 +258,24 @@ mod tests {
         assert_eq!(take_event(&mut buffer), None, "incomplete until its blank line");
         buffer.push(b'\n');
         assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("[DONE]".into()));
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_still_separates_events() {
+        let (mut buffer, mut after_cr) = (Vec::new(), false);
+        normalize_newlines(b"data: A\r\n\r", &mut buffer, &mut after_cr);
+        normalize_newlines(b"\ndata: B\r\n\r\n", &mut buffer, &mut after_cr);
+        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("A".into()));
+        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("B".into()));
+    }
+
+    #[test]
+    fn absurd_retry_after_values_do_not_panic() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "1e20".parse().expect("header"));
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
+        headers.insert("retry-after", "-3".parse().expect("header"));
+        assert_eq!(retry_after(&headers), None);
     }
 
     #[test]

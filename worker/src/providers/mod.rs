@@ -162,23 +162,34 @@ pub struct Providers {
 
 impl Providers {
     /// One client per configured provider. The mock is shared so tests can count its calls.
-    pub fn from_catalog(catalog: &Catalog, mock: Arc<MockProvider>, redis: Option<guard::CircuitBoard>) -> Self {
+    pub fn from_catalog(
+        catalog: &Catalog,
+        mock: Arc<MockProvider>,
+        redis: Option<guard::CircuitBoard>,
+    ) -> reqwest::Result<Self> {
         let mut by_name = HashMap::new();
         for (name, spec) in catalog.providers() {
             let client: Arc<dyn Provider> = match spec.kind {
                 ProviderKind::Mock => mock.clone(),
-                ProviderKind::Openai => Arc::new(openai::OpenAi::new(spec)),
-                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(spec)),
-                ProviderKind::Gemini => Arc::new(gemini::Gemini::new(spec)),
+                ProviderKind::Openai => Arc::new(openai::OpenAi::new(spec)?),
+                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(spec)?),
+                ProviderKind::Gemini => Arc::new(gemini::Gemini::new(spec)?),
             };
             by_name.insert(name.to_owned(), Arc::new(Guarded::new(name, spec, client, catalog, redis.clone())));
         }
-        Self { by_name, mock }
+        Ok(Self { by_name, mock })
     }
 
     /// Just the mock, for tests and benchmarks.
     pub fn new(mock: Arc<MockProvider>) -> Self {
-        Self::from_catalog(&Catalog::builtin(), mock, None)
+        let by_name = Catalog::builtin()
+            .providers()
+            .map(|(name, spec)| {
+                let client: Arc<dyn Provider> = mock.clone();
+                (name.to_owned(), Arc::new(Guarded::new(name, spec, client, &Catalog::builtin(), None)))
+            })
+            .collect();
+        Self { by_name, mock }
     }
 
     pub fn for_model(&self, model: &ModelSpec) -> Option<Arc<Guarded>> {

@@ -22,16 +22,20 @@ pub struct OpenAi {
     base_url: String,
     api_key: Option<String>,
     first_byte: Duration,
+    stream_usage: bool,
+    max_tokens_field: String,
 }
 
 impl OpenAi {
-    pub fn new(spec: &ProviderSpec) -> Self {
-        Self {
-            client: http::client(),
+    pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
+        Ok(Self {
+            client: http::client()?,
             base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: spec.api_key_env.as_ref().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty()),
+            api_key: http::api_key(spec),
             first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
-        }
+            stream_usage: spec.stream_usage,
+            max_tokens_field: spec.max_tokens_field.clone(),
+        })
     }
 }
 
@@ -42,17 +46,19 @@ impl Provider for OpenAi {
             "model": request.model.upstream,
             "messages": [{ "role": "user", "content": request.prompt }],
             "stream": true,
-            "stream_options": { "include_usage": true },
         });
+        if self.stream_usage {
+            body["stream_options"] = json!({ "include_usage": true });
+        }
         if let Some(max_tokens) = request.max_tokens {
-            body["max_tokens"] = json!(max_tokens);
+            body[self.max_tokens_field.as_str()] = json!(max_tokens);
         }
         if let Some(temperature) = request.temperature {
             body["temperature"] = json!(temperature);
         }
         let mut http_request = self.client.post(format!("{}/chat/completions", self.base_url)).json(&body);
         if let Some(key) = &self.api_key {
-            http_request = http_request.bearer_auth(key);
+            http_request = http_request.header("authorization", http::secret_header(&format!("Bearer {key}"))?);
         }
         let response = http::send(http_request, self.first_byte).await?;
         let prompt_chars = request.prompt.chars().count();
@@ -124,12 +130,18 @@ fn chunk(progress: &mut Progress, data: &str) -> Vec<Result<StreamEvent, Provide
 /// An error object sent inside the stream (OpenAI and compatible servers do this).
 fn stream_error(error: &Value) -> ProviderError {
     let message = error.get("message").and_then(Value::as_str).unwrap_or("error in stream").to_owned();
-    let kind = error.get("type").or_else(|| error.get("code")).and_then(Value::as_str).unwrap_or_default();
-    match kind {
-        "rate_limit_exceeded" | "rate_limit_error" => ProviderError::RateLimited { retry_after: None },
-        "server_error" | "overloaded_error" => ProviderError::Overloaded { status: 500 },
-        "context_length_exceeded" => ProviderError::ContextTooLong(message),
-        _ => ProviderError::BadRequest(message),
+    // `type` is the category, `code` the detail: either may say what happened.
+    let says = |what: &str| ["type", "code"].iter().any(|k| error.get(*k).and_then(Value::as_str) == Some(what));
+    if says("context_length_exceeded") {
+        ProviderError::ContextTooLong(message)
+    } else if says("insufficient_quota") {
+        ProviderError::BadRequest(message)
+    } else if says("rate_limit_exceeded") || says("rate_limit_error") {
+        ProviderError::RateLimited { retry_after: None }
+    } else if says("server_error") || says("overloaded_error") {
+        ProviderError::Overloaded { status: 500 }
+    } else {
+        ProviderError::BadRequest(message)
     }
 }
 

@@ -34,9 +34,9 @@ fn model_toml(provider: &str, upstream: &str) -> String {
 
 pub fn client(spec: &ProviderSpec) -> Arc<dyn Provider> {
     match spec.kind {
-        ProviderKind::Openai => Arc::new(OpenAi::new(spec)),
-        ProviderKind::Anthropic => Arc::new(Anthropic::new(spec)),
-        ProviderKind::Gemini => Arc::new(Gemini::new(spec)),
+        ProviderKind::Openai => Arc::new(OpenAi::new(spec).expect("client")),
+        ProviderKind::Anthropic => Arc::new(Anthropic::new(spec).expect("client")),
+        ProviderKind::Gemini => Arc::new(Gemini::new(spec).expect("client")),
         ProviderKind::Mock => unreachable!("not an HTTP provider"),
     }
 }
