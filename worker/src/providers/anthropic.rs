@@ -57,7 +57,8 @@ impl Provider for Anthropic {
             .header("x-api-key", http::secret_header(key)?)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
-        let response = http::send(http_request, self.first_byte).await?;
+        let response =
+            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
         Ok(assemble(http::sse(response, self.first_byte)))
     }
 }

@@ -61,7 +61,7 @@ impl Provider for Gemini {
             // One `GenerateContentResponse`: the same reading as one streamed chunk.
             let url = format!("{}/models/{model}:generateContent", self.base_url);
             let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
-            let response = http::send(http_request, self.total).await?;
+            let response = http::send(http_request, self.total).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
             let text = tokio::time::timeout(self.total, response.text())
                 .await
                 .map_err(|_| ProviderError::Timeout)?
@@ -71,7 +71,8 @@ impl Provider for Gemini {
         }
         let url = format!("{}/models/{model}:streamGenerateContent?alt=sse", self.base_url);
         let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
-        let response = http::send(http_request, self.first_byte).await?;
+        let response =
+            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
         Ok(assemble(http::sse(response, self.first_byte)))
     }
 }

@@ -100,6 +100,20 @@ impl ProviderError {
         }
     }
 
+    /// The same error with `secret` (an API key a provider echoed back) blanked out
+    /// of its message, so it cannot reach a log or a client.
+    pub fn redact(self, secret: Option<&str>) -> Self {
+        let Some(secret) = secret.filter(|s| s.len() >= 8) else { return self };
+        let clean = |message: String| message.replace(secret, "[redacted]");
+        match self {
+            ProviderError::Connection(m) => ProviderError::Connection(clean(m)),
+            ProviderError::BadRequest(m) => ProviderError::BadRequest(clean(m)),
+            ProviderError::ContextTooLong(m) => ProviderError::ContextTooLong(clean(m)),
+            ProviderError::Truncated(m) => ProviderError::Truncated(clean(m)),
+            other => other,
+        }
+    }
+
     /// A stable code for clients and metrics.
     pub fn code(&self) -> &'static str {
         match self {

@@ -60,7 +60,8 @@ impl Provider for OpenAi {
         if let Some(key) = &self.api_key {
             http_request = http_request.header("authorization", http::secret_header(&format!("Bearer {key}"))?);
         }
-        let response = http::send(http_request, self.first_byte).await?;
+        let response =
+            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
         let prompt_chars = request.prompt.chars().count();
         let events = http::sse(response, self.first_byte);
         Ok(assemble(events, prompt_chars))

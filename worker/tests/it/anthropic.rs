@@ -79,7 +79,16 @@ async fn a_stream_without_message_stop_or_with_an_error_event_fails() {
     let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
     assert_eq!(result.err(), Some(ProviderError::Overloaded { status: 529 }));
 
-    server.reset().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401)).mount(&server).await;
-    assert_eq!(client(&spec).stream(&request).await.err(), Some(ProviderError::Auth));
+    let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "3").set_body_json(json!({
+        "type": "error", "error": { "type": "rate_limit_error", "message": "Number of requests has exceeded your rate limit" }
+    }));
+    for (response, expected) in [
+        (ResponseTemplate::new(401), ProviderError::Auth),
+        (rate_limited, ProviderError::RateLimited { retry_after: Some(std::time::Duration::from_secs(3)) }),
+        (ResponseTemplate::new(529), ProviderError::Overloaded { status: 529 }),
+    ] {
+        server.reset().await;
+        Mock::given(method("POST")).respond_with(response).mount(&server).await;
+        assert_eq!(client(&spec).stream(&request).await.err(), Some(expected));
+    }
 }

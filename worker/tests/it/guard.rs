@@ -37,6 +37,25 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_pr
 }
 
 #[tokio::test]
+async fn a_failed_probe_opens_the_circuit_again() {
+    let server = MockServer::start().await;
+    let model = model("local", "llama");
+    let provider = guarded("local", &format!("{}/v1", server.uri()), &model);
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: Some(10) };
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).mount(&server).await;
+    for _ in 0..2 {
+        assert!(provider.complete(&request, |_| {}).await.is_err());
+    }
+    assert!(provider.is_open());
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // The probe reaches the server, fails, and the circuit is open again at once.
+    assert_eq!(provider.complete(&request, |_| {}).await.err(), Some(ProviderError::Overloaded { status: 500 }));
+    assert!(provider.is_open());
+    assert_eq!(provider.complete(&request, |_| {}).await.err(), Some(ProviderError::CircuitOpen));
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 3);
+}
+
+#[tokio::test]
 async fn a_prompt_beyond_the_context_window_is_refused_before_calling() {
     let server = MockServer::start().await;
     let model = model("local", "llama"); // context window 1000 tokens

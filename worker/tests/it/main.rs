@@ -2,6 +2,7 @@
 //! documented wire format: what we send is checked, what they stream is assembled.
 
 mod anthropic;
+mod chunks;
 mod gemini;
 mod guard;
 mod openai;

@@ -105,6 +105,16 @@ async fn error_statuses_say_whether_to_retry() {
         assert_eq!(error.is_retryable(), !matches!(expected, ProviderError::Auth));
         assert!(!error.to_json().to_string().contains("sk-test-secret"), "keys never appear in errors");
     }
+    // A provider that echoes the key in its error message does not get it into ours.
+    server.reset().await;
+    let echo = json!({ "error": { "message": "Incorrect request for key sk-test-secret: unknown parameter" } });
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(echo)).mount(&server).await;
+    let error = client(&spec).stream(&request).await.err().expect("fails");
+    assert!(
+        matches!(error, ProviderError::BadRequest(ref m) if m.contains("[redacted]") && !m.contains("sk-test-secret")),
+        "{error:?}"
+    );
+
     server.reset().await;
     let too_long = json!({ "error": { "message": "This model's maximum context length is 10 tokens", "code": "context_length_exceeded" } });
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(too_long)).mount(&server).await;
