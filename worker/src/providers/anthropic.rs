@@ -4,15 +4,13 @@
 //! (input usage), `content_block_delta` (`text_delta`), `message_delta` (stop reason,
 //! output usage), `message_stop` (the terminator), `ping`, and `error`.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use common::catalog::ProviderSpec;
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    http::{self, SseMessage},
+    http::{self, Endpoint, SseMessage},
     CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
 };
 
@@ -20,27 +18,20 @@ use super::{
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
-    client: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    first_byte: Duration,
+    endpoint: Endpoint,
 }
 
 impl Anthropic {
     pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
-        Ok(Self {
-            client: http::client()?,
-            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: http::api_key(spec),
-            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
-        })
+        Ok(Self { endpoint: Endpoint::new(spec)? })
     }
 }
 
 #[async_trait]
 impl Provider for Anthropic {
     async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
-        let Some(key) = &self.api_key else { return Err(ProviderError::Auth) };
+        let endpoint = &self.endpoint;
+        let key = endpoint.required_key()?;
         let mut body = json!({
             "model": request.model.upstream,
             // Required by the Messages API.
@@ -51,15 +42,12 @@ impl Provider for Anthropic {
         if let Some(temperature) = request.temperature {
             body["temperature"] = json!(temperature.min(1.0)); // Anthropic's range is 0 to 1
         }
-        let http_request = self
-            .client
-            .post(format!("{}/messages", self.base_url))
+        let http_request = endpoint
+            .post("/messages")
             .header("x-api-key", http::secret_header(key)?)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&body);
-        let response =
-            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
-        Ok(assemble(http::sse(response, self.first_byte)))
+        Ok(assemble(endpoint.events(http_request).await?))
     }
 }
 

@@ -6,45 +6,32 @@
 //! `finishReason` on the last one, and `usageMetadata`. Gemini sends no separate
 //! terminator: a stream that ends before a `finishReason` is truncated.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use common::catalog::ProviderSpec;
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    http::{self, SseMessage},
+    http::{self, Endpoint, SseMessage},
     CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
 };
 
 pub struct Gemini {
-    client: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    first_byte: Duration,
-    /// The whole call's limit: a unary answer's head only comes once it is written.
-    total: Duration,
+    endpoint: Endpoint,
     streaming: bool,
 }
 
 impl Gemini {
     pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
-        Ok(Self {
-            client: http::client()?,
-            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: http::api_key(spec),
-            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
-            total: Duration::from_secs(spec.timeout_secs),
-            streaming: spec.streaming,
-        })
+        Ok(Self { endpoint: Endpoint::new(spec)?, streaming: spec.streaming })
     }
 }
 
 #[async_trait]
 impl Provider for Gemini {
     async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
-        let Some(key) = &self.api_key else { return Err(ProviderError::Auth) };
+        let endpoint = &self.endpoint;
+        let key = endpoint.required_key()?;
         let mut config = json!({});
         if let Some(max_tokens) = request.max_tokens {
             config["maxOutputTokens"] = json!(max_tokens);
@@ -59,21 +46,24 @@ impl Provider for Gemini {
         let model = &request.model.upstream;
         if !self.streaming {
             // One `GenerateContentResponse`: the same reading as one streamed chunk.
-            let url = format!("{}/models/{model}:generateContent", self.base_url);
-            let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
-            let response = http::send(http_request, self.total).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
-            let text = tokio::time::timeout(self.total, response.text())
+            // A unary answer's head only comes once it is written: the whole-call limit applies.
+            let http_request = endpoint
+                .post(&format!("/models/{model}:generateContent"))
+                .header("x-goog-api-key", http::secret_header(key)?)
+                .json(&body);
+            let response = endpoint.send(http_request, endpoint.total).await?;
+            let text = tokio::time::timeout(endpoint.total, response.text())
                 .await
                 .map_err(|_| ProviderError::Timeout)?
                 .map_err(http::transport_error)?;
             let message = SseMessage { event: None, data: text };
             return Ok(assemble(futures::stream::once(async move { Ok(message) }).boxed()));
         }
-        let url = format!("{}/models/{model}:streamGenerateContent?alt=sse", self.base_url);
-        let http_request = self.client.post(url).header("x-goog-api-key", http::secret_header(key)?).json(&body);
-        let response =
-            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
-        Ok(assemble(http::sse(response, self.first_byte)))
+        let http_request = endpoint
+            .post(&format!("/models/{model}:streamGenerateContent?alt=sse"))
+            .header("x-goog-api-key", http::secret_header(key)?)
+            .json(&body);
+        Ok(assemble(endpoint.events(http_request).await?))
     }
 }
 

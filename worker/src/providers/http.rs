@@ -20,6 +20,52 @@ pub fn client() -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(CONNECT_TIMEOUT).build()
 }
 
+/// One configured HTTP provider: where it is, its key, and its timeouts.
+pub struct Endpoint {
+    pub client: reqwest::Client,
+    base_url: String,
+    pub api_key: Option<String>,
+    /// Longest wait for a response head, and the longest silence inside a stream.
+    pub first_byte: Duration,
+    /// A whole call's limit.
+    pub total: Duration,
+}
+
+impl Endpoint {
+    pub fn new(spec: &common::catalog::ProviderSpec) -> reqwest::Result<Self> {
+        Ok(Self {
+            client: client()?,
+            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
+            api_key: api_key(spec),
+            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+            total: Duration::from_secs(spec.timeout_secs),
+        })
+    }
+
+    /// `POST {base_url}{path}`.
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.client.post(format!("{}{path}", self.base_url))
+    }
+
+    /// The key, or `Auth` for a provider that needs one and has none.
+    pub fn required_key(&self) -> Result<&str, ProviderError> {
+        self.api_key.as_deref().ok_or(ProviderError::Auth)
+    }
+
+    /// Sends a streaming request and returns its events.
+    pub async fn events(
+        &self,
+        request: RequestBuilder,
+    ) -> Result<BoxStream<'static, Result<SseMessage, ProviderError>>, ProviderError> {
+        Ok(sse(self.send(request, self.first_byte).await?, self.first_byte))
+    }
+
+    /// Sends, waiting at most `head_within` for the response head; errors never carry the key.
+    pub async fn send(&self, request: RequestBuilder, head_within: Duration) -> Result<Response, ProviderError> {
+        send(request, head_within).await.map_err(|e| e.redact(self.api_key.as_deref()))
+    }
+}
+
 /// An API key from the environment variable a provider names, trimmed (a trailing
 /// newline from a secrets file would make an invalid header).
 pub fn api_key(spec: &common::catalog::ProviderSpec) -> Option<String> {

@@ -5,23 +5,18 @@
 //! with `choices[].delta.content`, a last chunk carrying `usage` (asked for with
 //! `stream_options.include_usage`), then `data: [DONE]`.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use common::catalog::ProviderSpec;
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    http::{self, SseMessage},
+    http::{self, Endpoint, SseMessage},
     CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
 };
 
 pub struct OpenAi {
-    client: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    first_byte: Duration,
+    endpoint: Endpoint,
     stream_usage: bool,
     max_tokens_field: String,
 }
@@ -29,10 +24,7 @@ pub struct OpenAi {
 impl OpenAi {
     pub fn new(spec: &ProviderSpec) -> reqwest::Result<Self> {
         Ok(Self {
-            client: http::client()?,
-            base_url: spec.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
-            api_key: http::api_key(spec),
-            first_byte: Duration::from_secs(spec.first_byte_timeout_secs),
+            endpoint: Endpoint::new(spec)?,
             stream_usage: spec.stream_usage,
             max_tokens_field: spec.max_tokens_field.clone(),
         })
@@ -56,15 +48,13 @@ impl Provider for OpenAi {
         if let Some(temperature) = request.temperature {
             body["temperature"] = json!(temperature);
         }
-        let mut http_request = self.client.post(format!("{}/chat/completions", self.base_url)).json(&body);
-        if let Some(key) = &self.api_key {
+        let endpoint = &self.endpoint;
+        let mut http_request = endpoint.post("/chat/completions").json(&body);
+        if let Some(key) = &endpoint.api_key {
             http_request = http_request.header("authorization", http::secret_header(&format!("Bearer {key}"))?);
         }
-        let response =
-            http::send(http_request, self.first_byte).await.map_err(|e| e.redact(self.api_key.as_deref()))?;
         let prompt_chars = request.prompt.chars().count();
-        let events = http::sse(response, self.first_byte);
-        Ok(assemble(events, prompt_chars))
+        Ok(assemble(endpoint.events(http_request).await?, prompt_chars))
     }
 }
 
