@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::events::{channel_pattern, JobEvent};
+use common::events::{channel_pattern, JobEvent, LiveMessage, TokenEvent};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ const PER_JOB_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub enum HubMessage {
     Event(Arc<JobEvent>),
+    /// A piece of a streaming answer (live only).
+    Token(Arc<TokenEvent>),
     /// Live events may have been missed: read the database.
     Resync,
 }
@@ -120,8 +122,9 @@ impl EventHub {
                 _ = shutdown.cancelled() => return Ok(()),
                 message = messages.next() => {
                     let Some(message) = message else { return Ok(()) };
-                    match serde_json::from_slice::<JobEvent>(message.get_payload_bytes()) {
-                        Ok(event) => self.dispatch(event.job_id, HubMessage::Event(Arc::new(event))),
+                    match serde_json::from_slice::<LiveMessage>(message.get_payload_bytes()) {
+                        Ok(LiveMessage::Lifecycle(event)) => self.dispatch(event.job_id, HubMessage::Event(Arc::new(event))),
+                        Ok(LiveMessage::Token(token)) => self.dispatch(token.job_id, HubMessage::Token(Arc::new(token))),
                         Err(err) => tracing::warn!(error = %err, channel = message.get_channel_name(), "ignoring malformed live event"),
                     }
                 }

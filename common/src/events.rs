@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{domain::EventKind, redis::RedisHandle};
+use crate::{
+    domain::{EventKind, Stage},
+    redis::RedisHandle,
+};
 
 /// One lifecycle event of a job, as stored and as streamed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -21,6 +24,31 @@ pub struct JobEvent {
     pub created_at: DateTime<Utc>,
 }
 
+/// A piece of a model's answer as it streams: live only, never persisted. `index` is
+/// the byte offset of `delta` in the step's text, so a client that got a snapshot of
+/// the first N bytes knows which deltas it already has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub job_id: Uuid,
+    pub stage: Stage,
+    pub model: String,
+    pub delta: String,
+    pub index: usize,
+}
+
+/// What travels on a job's Redis channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LiveMessage {
+    Lifecycle(JobEvent),
+    Token(TokenEvent),
+}
+
+/// The Redis key holding a running step's text so far (for snapshots).
+pub fn partial_key(redis_prefix: &str, job_id: Uuid, stage: Stage, model: &str) -> String {
+    format!("{redis_prefix}:partial:{job_id}:{stage}:{model}")
+}
+
 /// The Redis channel carrying one job's live events.
 pub fn channel(redis_prefix: &str, job_id: Uuid) -> String {
     format!("{redis_prefix}:events:{job_id}")
@@ -30,6 +58,9 @@ pub fn channel(redis_prefix: &str, job_id: Uuid) -> String {
 pub fn channel_pattern(redis_prefix: &str) -> String {
     format!("{redis_prefix}:events:*")
 }
+
+/// How long a step's snapshot outlives its last token.
+const PARTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Publishes committed events to Redis. Failures are logged and dropped: subscribers
 /// recover anything missed from PostgreSQL.
@@ -56,6 +87,22 @@ impl EventPublisher {
         if let Err(err) = self.redis.publish(&channel, &payload).await {
             tracing::debug!(job_id = %event.job_id, seq = event.seq, error = %err, "live event not published; subscribers will read it from PostgreSQL");
         }
+    }
+
+    /// Publishes a token event and appends it to the step's snapshot, which lives as
+    /// long as a step may run.
+    pub async fn publish_token(&self, token: &TokenEvent) {
+        let Ok(payload) = serde_json::to_string(token) else { return };
+        let channel = channel(&self.prefix, token.job_id);
+        let partial = partial_key(&self.prefix, token.job_id, token.stage, &token.model);
+        if let Err(err) = self.redis.append_and_publish(&partial, &token.delta, PARTIAL_TTL, &channel, &payload).await {
+            tracing::debug!(job_id = %token.job_id, error = %err, "token not published (redis unavailable)");
+        }
+    }
+
+    /// Forgets a finished step's snapshot (its `step.completed` carries the full text).
+    pub async fn forget_partial(&self, job_id: Uuid, stage: Stage, model: &str) {
+        let _ = self.redis.clear_flag(&partial_key(&self.prefix, job_id, stage, model)).await;
     }
 
     pub async fn publish_all(&self, events: &[JobEvent]) {

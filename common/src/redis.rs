@@ -71,6 +71,42 @@ impl RedisHandle {
         self.guarded(within, |mut conn| async move { script.key(key).arg(args).invoke_async(&mut conn).await }).await
     }
 
+    /// Appends to `key` (refreshing its TTL) and publishes `payload` on `channel`, in
+    /// one round trip.
+    pub async fn append_and_publish(
+        &self,
+        key: &str,
+        text: &str,
+        ttl: Duration,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), RedisUnavailable> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.guarded(Duration::from_secs(1), |mut conn| async move {
+            redis::pipe()
+                .append(key, text)
+                .ignore()
+                .pexpire(key, ms as i64)
+                .ignore()
+                .publish(channel, payload)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// Several string values at once; missing keys (and an unavailable Redis) are `None`.
+    pub async fn get_strings(&self, keys: &[String]) -> Vec<Option<String>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let query = |mut conn: ConnectionManager| async move {
+            redis::cmd("MGET").arg(keys).query_async::<Vec<Option<String>>>(&mut conn).await
+        };
+        self.guarded(Duration::from_millis(500), query).await.unwrap_or_else(|_| vec![None; keys.len()])
+    }
+
     pub async fn get_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
         self.guarded(Duration::from_millis(500), |mut conn| async move { conn.get::<_, Option<String>>(key).await })
             .await
@@ -94,16 +130,7 @@ impl RedisHandle {
 
     /// Which of `keys` are set; an unavailable Redis answers "none".
     pub async fn flags(&self, keys: &[String]) -> Vec<bool> {
-        if keys.is_empty() {
-            return Vec::new();
-        }
-        let query = |mut conn: ConnectionManager| async move {
-            redis::cmd("MGET").arg(keys).query_async::<Vec<Option<String>>>(&mut conn).await
-        };
-        match self.guarded(Duration::from_millis(200), query).await {
-            Ok(values) => values.into_iter().map(|v| v.is_some()).collect(),
-            Err(_) => vec![false; keys.len()],
-        }
+        self.get_strings(keys).await.into_iter().map(|v| v.is_some()).collect()
     }
 
     pub async fn ping(&self) -> Result<(), RedisUnavailable> {

@@ -26,7 +26,8 @@ async fn a_live_stream_tells_the_whole_story_and_ends() {
     let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
 
     // Opened while the job runs: replay and live events must join without a seam.
-    let events = SseReader::new(app.events(&key, id, None).await).collect_events().await;
+    let all = SseReader::new(app.events(&key, id, None).await).collect_events().await;
+    let (tokens, events): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.event.as_deref() == Some("token"));
     let mut kinds = kinds(&events);
     kinds[2..6].sort(); // the two models run concurrently
     let mut story = STORY.map(str::to_owned).to_vec();
@@ -39,6 +40,19 @@ async fn a_live_stream_tells_the_whole_story_and_ends() {
     }
     let completed = events.iter().find(|e| e.event.as_deref() == Some("step.completed")).expect("a completed step");
     assert!(completed.data["data"]["output"].as_str().is_some_and(|o| o.starts_with("[mock/")));
+
+    // Every model's answer also streamed in as tokens (live only: no `id:`), adding up
+    // to exactly the text its `step.completed` carries.
+    assert!(tokens.iter().all(|t| t.id.is_none()));
+    for completed in events.iter().filter(|e| e.event.as_deref() == Some("step.completed")) {
+        let model = completed.data["data"]["model"].as_str().expect("model");
+        let streamed: String = tokens
+            .iter()
+            .filter(|t| t.data["model"] == model)
+            .map(|t| t.data["delta"].as_str().expect("delta"))
+            .collect();
+        assert_eq!(streamed, completed.data["data"]["output"].as_str().expect("output"), "{model}");
+    }
     app.stop().await;
 }
 
@@ -80,5 +94,48 @@ async fn an_idle_stream_gets_heartbeats() {
     }
     assert!(heartbeats >= 2, "expected heartbeats during a 4 s step, got {heartbeats}");
     assert_eq!(kinds.last().map(String::as_str), Some("succeeded"));
+    app.stop().await;
+}
+
+/// A mock model that streams its answer 20 tokens a second.
+const SLOW_MOCK: &str = r#"
+[providers.mock]
+kind = "mock"
+mock_latency_ms = 0
+mock_tokens_per_second = 20
+
+[[models]]
+id = "mock/slow"
+provider = "mock"
+upstream = "slow"
+"#;
+
+#[tokio::test]
+async fn a_client_joining_mid_step_gets_a_snapshot_then_the_rest() {
+    let app = TestApp::spawn_with(Options { config_toml: Some(SLOW_MOCK.to_owned()), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/slow"]).await;
+
+    // Wait until part of the answer exists, so the joining client is owed a snapshot.
+    let redis = common::redis::RedisHandle::new(&app.config.redis_url).expect("redis");
+    let partial =
+        common::events::partial_key(&app.config.redis_prefix, id, common::domain::Stage::Initial, "mock/slow");
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    while redis.get_string(&partial).await.ok().flatten().is_none_or(|t| t.len() < 10) {
+        assert!(tokio::time::Instant::now() < deadline, "no tokens were streamed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let all = SseReader::new(app.events(&key, id, None).await).collect_events().await;
+    let snapshot = all.iter().find(|e| e.event.as_deref() == Some("snapshot")).expect("a snapshot");
+    let mut text = snapshot.data["text"].as_str().expect("text").to_owned();
+    let after: Vec<_> = all.iter().skip_while(|e| e.event.as_deref() != Some("snapshot")).skip(1).collect();
+    for token in after.iter().filter(|e| e.event.as_deref() == Some("token")) {
+        assert_eq!(token.data["index"].as_u64(), Some(text.len() as u64), "tokens continue where the snapshot ends");
+        text.push_str(token.data["delta"].as_str().expect("delta"));
+    }
+    let completed = all.iter().find(|e| e.event.as_deref() == Some("step.completed")).expect("completed");
+    assert_eq!(text, completed.data["data"]["output"].as_str().expect("output"));
+    assert_eq!(ids(&all.iter().filter(|e| e.id.is_some()).cloned().collect::<Vec<_>>()), (1..=5).collect::<Vec<_>>());
     app.stop().await;
 }

@@ -15,12 +15,18 @@ use poem_openapi::{
     param::{Header, Path, Query},
     payload::{EventStream, Json},
     types::ToJSON,
-    Object, OpenApi,
+    Object, OpenApi, Union,
 };
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState, stream::JobEventStream};
+use crate::{
+    auth::BearerAuth,
+    error::ApiError,
+    routes::ApiTags,
+    state::AppState,
+    stream::{JobEventStream, Partials, StreamItem},
+};
 
 /// Largest page of `GET /v1/jobs`.
 const MAX_PAGE: u32 = 100;
@@ -167,6 +173,66 @@ impl poem_openapi::types::Example for EventView {
     }
 }
 
+/// A piece of a running step's answer (SSE `event: token`, no `id:`: live only).
+#[derive(Debug, Clone, Object)]
+pub struct TokenView {
+    pub job_id: Uuid,
+    pub stage: Stage,
+    pub model: String,
+    /// The new text.
+    pub delta: String,
+    /// Byte offset of `delta` in the step's text.
+    pub index: u64,
+}
+
+/// A running step's text so far, sent to a client that joins mid-step (SSE
+/// `event: snapshot`); the `token` events after it continue from its end.
+#[derive(Debug, Clone, Object)]
+pub struct SnapshotView {
+    pub job_id: Uuid,
+    pub stage: Stage,
+    pub model: String,
+    pub text: String,
+}
+
+/// What an event stream carries.
+#[derive(Debug, Clone, Union)]
+pub enum StreamItemView {
+    Event(EventView),
+    Token(TokenView),
+    Snapshot(SnapshotView),
+}
+
+impl StreamItemView {
+    fn from_item(job_id: Uuid, item: StreamItem) -> Self {
+        match item {
+            StreamItem::Event(event) => StreamItemView::Event(event.into()),
+            StreamItem::Token(t) => StreamItemView::Token(TokenView {
+                job_id,
+                stage: t.stage,
+                model: t.model,
+                delta: t.delta,
+                index: t.index as u64,
+            }),
+            StreamItem::Snapshot { stage, model, text } => {
+                StreamItemView::Snapshot(SnapshotView { job_id, stage, model, text })
+            }
+        }
+    }
+
+    /// The SSE frame: lifecycle events carry their sequence number as `id:`; tokens
+    /// and snapshots carry none, so `Last-Event-ID` always names a persisted event.
+    fn to_sse(&self) -> Event {
+        match self {
+            StreamItemView::Event(e) => {
+                Event::message(self.to_json_string()).id(e.seq.to_string()).event_type(e.kind.clone())
+            }
+            StreamItemView::Token(_) => Event::message(self.to_json_string()).event_type("token"),
+            StreamItemView::Snapshot(_) => Event::message(self.to_json_string()).event_type("snapshot"),
+        }
+    }
+}
+
 impl From<JobEvent> for EventView {
     fn from(e: JobEvent) -> Self {
         Self { job_id: e.job_id, seq: e.seq, kind: e.kind.as_str().to_owned(), data: e.data, created_at: e.created_at }
@@ -254,7 +320,7 @@ impl JobsApi {
         /// Resume after this sequence number.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
-    ) -> Result<EventStream<BoxStream<'static, EventView>>, ApiError> {
+    ) -> Result<EventStream<BoxStream<'static, StreamItemView>>, ApiError> {
         let after = match last_event_id.0.as_deref().map(str::trim) {
             None | Some("") => 0,
             Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
@@ -263,20 +329,21 @@ impl JobsApi {
         };
         let job = self.owned_job(&auth, id.0).await?;
         let state = &self.state;
+        let job_id = job.id;
         let events = JobEventStream::new(
             state.pool.clone(),
             state.hub.clone(),
             job.id,
             after,
             job.status.is_terminal(),
+            Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
             state.shutdown.clone(),
         )
         .into_stream()
-        .map(EventView::from)
+        .map(move |item| StreamItemView::from_item(job_id, item))
         .boxed();
-        Ok(EventStream::new(events).keep_alive(Duration::from_secs(state.config.sse_heartbeat_secs.max(1))).to_event(
-            |event| Event::message(event.to_json_string()).id(event.seq.to_string()).event_type(event.kind.clone()),
-        ))
+        let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
+        Ok(EventStream::new(events).keep_alive(heartbeat).to_event(|item| item.to_sse()))
     }
 }
 

@@ -5,6 +5,7 @@
 //! The `direct` pattern runs one stage: every model answers the prompt, concurrently.
 
 mod step;
+pub mod tokens;
 
 use std::{collections::HashMap, sync::Arc};
 

@@ -15,6 +15,9 @@ use common::{
 use serde_json::{json, Value};
 
 use super::{JobContext, PipelineError};
+use tokio::sync::mpsc;
+
+use super::tokens::TokenRelay;
 use crate::providers::{Completion, CompletionRequest, ProviderError};
 
 /// The step's output, or the error (as stored) that failed it.
@@ -45,7 +48,7 @@ pub async fn run(
     tx.commit().await?;
     ctx.events.publish(&started).await;
 
-    let result = call(ctx, job, model).await;
+    let result = call(ctx, job, stage, model).await;
 
     let (outcome, (kind, data)) = match &result {
         Ok(Answer { completion, cost_micros, cached }) => (
@@ -86,6 +89,7 @@ pub async fn run(
     if let Some(event) = recorded {
         ctx.events.publish(&event).await;
     }
+    ctx.events.forget_partial(job.id, stage, model).await;
     Ok(result.map(|answer| answer.completion.text))
 }
 
@@ -121,7 +125,7 @@ struct Answer {
     cached: bool,
 }
 
-async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<Answer, Value> {
+async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str) -> Result<Answer, Value> {
     let Some(spec) = ctx.catalog.get(model) else {
         return Err(
             json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
@@ -147,7 +151,14 @@ async fn call(ctx: &JobContext, job: &Job, model: &str) -> Result<Answer, Value>
             return Ok(Answer { completion, cost_micros: 0, cached: true });
         }
     }
-    let completion = provider.complete(&request, |_| {}).await.map_err(|err: ProviderError| {
+    // The call streams its deltas to the relay; the relay ends when the call does.
+    let (deltas, received) = mpsc::unbounded_channel();
+    let relay = TokenRelay::new(ctx.events.clone(), job.id, stage, model).run(received);
+    let call = provider.complete(&request, move |delta| {
+        let _ = deltas.send(delta.to_owned());
+    });
+    let (result, ()) = tokio::join!(call, relay);
+    let completion = result.map_err(|err: ProviderError| {
         tracing::warn!(job_id = %job.id, model, error = %err, retryable = err.is_retryable(), "provider call failed");
         err.to_json()
     })?;

@@ -3,17 +3,48 @@
 //! events, dropping any sequence number already sent. A gap in the live sequence, a
 //! lagging subscriber, a hub resync or a quiet interval all fall back to reading the
 //! database, so a lost Redis message delays an event but never loses it.
+//!
+//! Token events (live only) are forwarded as they come. A client that joins while
+//! steps are running first gets a `snapshot` of each running step's text so far (from
+//! Redis), then only the deltas after it; a client that falls behind loses token
+//! events, never lifecycle ones, and gets a fresh snapshot when it catches up.
+
+mod tokens;
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use common::{db, events::JobEvent};
+use common::{
+    db,
+    domain::Stage,
+    events::{partial_key, JobEvent, TokenEvent},
+    redis::RedisHandle,
+};
 use futures::{stream::BoxStream, StreamExt};
 use sqlx::PgPool;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::tokens::TokenTracker;
 use crate::hub::{EventHub, HubMessage, Subscription};
+
+/// What a stream sends.
+#[derive(Debug, Clone)]
+pub enum StreamItem {
+    /// A persisted lifecycle event.
+    Event(JobEvent),
+    /// A piece of a running step's answer.
+    Token(TokenEvent),
+    /// A running step's text so far, for a client that joined mid-step.
+    Snapshot { stage: Stage, model: String, text: String },
+}
+
+/// Where running steps' texts so far are kept.
+#[derive(Clone)]
+pub struct Partials {
+    pub redis: RedisHandle,
+    pub prefix: String,
+}
 
 /// Rows read from the database per replay query.
 const REPLAY_BATCH: i64 = 500;
@@ -30,6 +61,12 @@ pub struct JobEventStream {
     /// The last sequence number sent to the client.
     last_seq: i64,
     pending: VecDeque<JobEvent>,
+    /// Tokens and snapshots ready to send (they go before waiting for more).
+    ready: VecDeque<StreamItem>,
+    tokens: TokenTracker,
+    partials: Partials,
+    /// A snapshot of running steps is owed (on joining, and after falling behind).
+    snapshot_due: bool,
     /// Replay must run before waiting for live events.
     needs_replay: bool,
     /// The job had ended when the stream opened: once the database has nothing more
@@ -47,6 +84,7 @@ impl JobEventStream {
         job_id: Uuid,
         after_seq: i64,
         job_ended: bool,
+        partials: Partials,
         shutdown: CancellationToken,
     ) -> Self {
         let subscription = hub.subscribe(job_id);
@@ -57,6 +95,10 @@ impl JobEventStream {
             job_id,
             last_seq: after_seq,
             pending: VecDeque::new(),
+            ready: VecDeque::new(),
+            tokens: TokenTracker::default(),
+            partials,
+            snapshot_due: true,
             needs_replay: true,
             job_ended,
             finished: false,
@@ -64,16 +106,19 @@ impl JobEventStream {
         }
     }
 
-    pub fn into_stream(self) -> BoxStream<'static, JobEvent> {
+    pub fn into_stream(self) -> BoxStream<'static, StreamItem> {
         futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (e, s)) }).boxed()
     }
 
-    /// The next event to send, or `None` once the terminal event is sent or the
+    /// The next item to send, or `None` once the terminal event is sent or the
     /// server shuts down.
-    pub async fn next_event(&mut self) -> Option<JobEvent> {
+    pub async fn next_event(&mut self) -> Option<StreamItem> {
         loop {
             if self.finished {
                 return None;
+            }
+            if let Some(item) = self.ready.pop_front() {
+                return Some(item);
             }
             while let Some(event) = self.pending.pop_front() {
                 if event.seq <= self.last_seq {
@@ -89,7 +134,8 @@ impl JobEventStream {
                 }
                 self.last_seq = event.seq;
                 self.finished = event.kind.is_terminal();
-                return Some(event);
+                self.tokens.observe(&event);
+                return Some(StreamItem::Event(event));
             }
             if self.needs_replay {
                 self.needs_replay = false;
@@ -104,17 +150,48 @@ impl JobEventStream {
                 }
                 continue;
             }
+            if self.snapshot_due {
+                self.snapshot_due = false;
+                self.take_snapshots().await;
+                continue;
+            }
             let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 message = self.subscription.receiver.recv() => match message {
                     Ok(HubMessage::Event(event)) => self.pending.push_back((*event).clone()),
-                    Ok(HubMessage::Resync) | Err(RecvError::Lagged(_)) => self.needs_replay = true,
+                    Ok(HubMessage::Token(token)) => {
+                        if let Some(token) = self.tokens.admit(&token) {
+                            self.ready.push_back(StreamItem::Token(token));
+                        }
+                    }
+                    Ok(HubMessage::Resync) => self.needs_replay = true,
+                    // Fell behind: lifecycle events come back from the database, and the
+                    // dropped tokens are covered by a fresh snapshot.
+                    Err(RecvError::Lagged(_)) => {
+                        self.needs_replay = true;
+                        self.snapshot_due = true;
+                    }
                     // The hub never drops a sender that has receivers; treat it as a resync.
                     Err(RecvError::Closed) => self.needs_replay = true,
                 },
                 _ = tokio::time::sleep(quiet) => self.needs_replay = true,
             }
+        }
+    }
+
+    /// Queues the text so far of every running step.
+    async fn take_snapshots(&mut self) {
+        let running = self.tokens.running();
+        let keys: Vec<String> = running
+            .iter()
+            .map(|(stage, model)| partial_key(&self.partials.prefix, self.job_id, *stage, model))
+            .collect();
+        let texts = self.partials.redis.get_strings(&keys).await;
+        for ((stage, model), text) in running.into_iter().zip(texts) {
+            let Some(text) = text.filter(|t| !t.is_empty()) else { continue };
+            self.tokens.snapshot_sent(stage, &model, text.len());
+            self.ready.push_back(StreamItem::Snapshot { stage, model, text });
         }
     }
 
