@@ -76,6 +76,8 @@ pub enum ApiError {
     BudgetExceeded(String),
     #[error("{0}")]
     TooManyJobs(String),
+    #[error("{0}")]
+    TooManyStreams(String),
     #[error("the request took too long")]
     Timeout,
     #[error("a dependency is unavailable; retry shortly")]
@@ -104,9 +106,10 @@ impl ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } | ApiError::BudgetExceeded(_) | ApiError::TooManyJobs(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::RateLimited { .. }
+            | ApiError::BudgetExceeded(_)
+            | ApiError::TooManyJobs(_)
+            | ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -127,6 +130,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
             ApiError::BudgetExceeded(_) => ("budget-exceeded", "Daily token budget exceeded"),
             ApiError::TooManyJobs(_) => ("concurrency-limit", "Too many jobs in progress"),
+            ApiError::TooManyStreams(_) => ("stream-limit", "Too many open event streams"),
             ApiError::Timeout => ("timeout", "Request timed out"),
             ApiError::Unavailable(_) => ("service-unavailable", "Service unavailable"),
             ApiError::Internal(_) => ("internal-error", "Internal server error"),
@@ -200,7 +204,7 @@ impl poem::error::ResponseError for ApiError {
             // The budget renews at the next UTC midnight.
             ApiError::BudgetExceeded(_) => Some(seconds_until_utc_midnight()),
             // A slot frees when a job ends; poll gently.
-            ApiError::TooManyJobs(_) => Some(5),
+            ApiError::TooManyJobs(_) | ApiError::TooManyStreams(_) => Some(5),
             _ => None,
         };
         if let Some(seconds) = retry_after {
@@ -240,7 +244,7 @@ impl ApiResponse for ApiError {
                 problem(
                     429,
                     "Rate limit (type `rate-limited`, with `Retry-After`), daily token budget \
-                     (`budget-exceeded`) or concurrent jobs (`concurrency-limit`) exceeded.",
+                     (`budget-exceeded`), concurrent jobs (`concurrency-limit`) or open streams (`stream-limit`) exceeded.",
                 ),
                 problem(500, "An unexpected error; details are in the server log (type `internal-error`)."),
                 problem(

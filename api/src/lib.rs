@@ -63,6 +63,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         ),
         passwords: Passwords::new(PASSWORD_HASHES_AT_ONCE),
         limiter: RateLimiter::new(redis.clone(), &config.redis_prefix),
+        streams: Arc::default(),
         redis,
         shutdown: shutdown.clone(),
         config: config.clone(),

@@ -27,6 +27,8 @@ pub struct AppState {
     pub jwt: JwtService,
     pub passwords: Passwords,
     pub limiter: RateLimiter,
+    /// Open event streams per user in this process.
+    pub streams: Arc<crate::stream::limit::StreamCounter>,
     /// Cancelled on shutdown: open streams end so the server can stop.
     pub shutdown: CancellationToken,
 }

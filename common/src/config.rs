@@ -99,6 +99,11 @@ pub struct Config {
     #[arg(long, env = "ULTRA_SSE_HEARTBEAT_SECS", default_value_t = 10, global = true)]
     pub sse_heartbeat_secs: u64,
 
+    /// An event stream with nothing to send for this long is closed (clients resume
+    /// with `Last-Event-ID`).
+    #[arg(long, env = "ULTRA_SSE_IDLE_SECS", default_value_t = 300, global = true)]
+    pub sse_idle_secs: u64,
+
     /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
     #[arg(long, env = "ULTRA_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,
@@ -200,6 +205,10 @@ impl Config {
 
     pub fn refresh_token_ttl(&self) -> Duration {
         Duration::from_secs(self.refresh_token_ttl_secs.max(1))
+    }
+
+    pub fn sse_idle(&self) -> Duration {
+        Duration::from_secs(self.sse_idle_secs.max(1))
     }
 
     pub fn cache_ttl(&self) -> Duration {

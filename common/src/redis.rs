@@ -107,6 +107,14 @@ impl RedisHandle {
         self.guarded(Duration::from_millis(500), query).await.unwrap_or_else(|_| vec![None; keys.len()])
     }
 
+    /// Reads and deletes `key` in one step (single-use values).
+    pub async fn take_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
+        let query = |mut conn: ConnectionManager| async move {
+            redis::cmd("GETDEL").arg(key).query_async::<Option<String>>(&mut conn).await
+        };
+        self.guarded(Duration::from_millis(500), query).await
+    }
+
     pub async fn get_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
         self.guarded(Duration::from_millis(500), |mut conn| async move { conn.get::<_, Option<String>>(key).await })
             .await

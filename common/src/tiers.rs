@@ -19,6 +19,13 @@ pub struct Tier {
     pub models_per_job: u32,
     /// Tokens per UTC day, counted as each job's worst case until it ends.
     pub daily_tokens: u64,
+    /// Event streams open at once (per api replica).
+    #[serde(default = "default_streams")]
+    pub concurrent_streams: u32,
+}
+
+fn default_streams() -> u32 {
+    10
 }
 
 /// The tier a user starts in.
@@ -29,18 +36,20 @@ pub struct Tiers(BTreeMap<String, Tier>);
 
 impl Tiers {
     pub fn builtin() -> Self {
-        let tier = |requests_per_minute, analyze_per_minute, concurrent_jobs, models_per_job, daily_tokens| Tier {
-            requests_per_minute,
-            analyze_per_minute,
-            concurrent_jobs,
-            models_per_job,
-            daily_tokens,
-        };
+        let tier =
+            |requests_per_minute, analyze_per_minute, concurrent_jobs, models_per_job, daily_tokens, streams| Tier {
+                requests_per_minute,
+                analyze_per_minute,
+                concurrent_jobs,
+                models_per_job,
+                daily_tokens,
+                concurrent_streams: streams,
+            };
         Self(BTreeMap::from([
-            ("free".to_owned(), tier(60, 10, 2, 3, 100_000)),
-            ("basic".to_owned(), tier(300, 60, 5, 5, 1_000_000)),
-            ("premium".to_owned(), tier(1_000, 120, 20, 8, 10_000_000)),
-            ("enterprise".to_owned(), tier(5_000, 600, 100, 10, 100_000_000)),
+            ("free".to_owned(), tier(60, 10, 2, 3, 100_000, 5)),
+            ("basic".to_owned(), tier(300, 60, 5, 5, 1_000_000, 20)),
+            ("premium".to_owned(), tier(1_000, 120, 20, 8, 10_000_000, 100)),
+            ("enterprise".to_owned(), tier(5_000, 600, 100, 10, 100_000_000, 1_000)),
         ]))
     }
 

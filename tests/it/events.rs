@@ -90,6 +90,7 @@ async fn an_idle_stream_gets_heartbeats() {
         match frame {
             Frame::Comment => heartbeats += 1,
             Frame::Event(event) => kinds.push(event.event.unwrap_or_default()),
+            Frame::Retry(_) => {}
         }
     }
     assert!(heartbeats >= 2, "expected heartbeats during a 4 s step, got {heartbeats}");
@@ -137,5 +138,98 @@ async fn a_client_joining_mid_step_gets_a_snapshot_then_the_rest() {
     let completed = all.iter().find(|e| e.event.as_deref() == Some("step.completed")).expect("completed");
     assert_eq!(text, completed.data["data"]["output"].as_str().expect("output"));
     assert_eq!(ids(&all.iter().filter(|e| e.id.is_some()).cloned().collect::<Vec<_>>()), (1..=5).collect::<Vec<_>>());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn streams_start_with_a_retry_hint_and_can_come_with_the_submission() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.user_with_key().await;
+    let response = app
+        .http
+        .post(app.url("/v1/analyze"))
+        .bearer_auth(&key)
+        .header("accept", "text/event-stream")
+        .json(&serde_json::json!({ "prompt": "Why is the sky blue?", "models": ["mock/alpha"] }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(response.headers()["location"].to_str().expect("ascii").starts_with("/v1/jobs/"));
+    let mut reader = SseReader::new(response);
+    assert!(matches!(reader.next_frame().await, Some(Frame::Retry(2_000))), "retry: comes first");
+    let events = reader.collect_events().await;
+    let lifecycle: Vec<_> = events.iter().filter(|e| e.id.is_some()).cloned().collect();
+    assert_eq!(ids(&lifecycle), (1..=5).collect::<Vec<_>>());
+    assert_eq!(lifecycle.last().and_then(|e| e.event.as_deref()), Some("succeeded"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_browser_streams_with_a_single_use_ticket() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.user_with_key().await;
+    let (_, other) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    app.wait_for_terminal(&key, id).await;
+
+    let issue = |who: &str, job: uuid::Uuid| {
+        app.http.post(app.url(&format!("/v1/jobs/{job}/stream-ticket"))).bearer_auth(who.to_owned()).send()
+    };
+    problem(issue(&other, id).await.expect("issue"), StatusCode::NOT_FOUND).await;
+    let ticket: Value = issue(&key, id).await.expect("issue").json().await.expect("JSON");
+    assert_eq!(ticket["expires_in"], 60);
+    let url = app.url(ticket["url"].as_str().expect("url"));
+
+    // No Authorization header, as an EventSource would.
+    let events = SseReader::new(app.http.get(&url).send().await.expect("stream")).collect_events().await;
+    assert_eq!(events.last().and_then(|e| e.event.as_deref()), Some("succeeded"));
+    problem(app.http.get(&url).send().await.expect("stream"), StatusCode::UNAUTHORIZED).await;
+
+    // A ticket is bound to its job.
+    let second = app.submit_ok(&key, &["mock/alpha"]).await;
+    let ticket: Value = issue(&key, id).await.expect("issue").json().await.expect("JSON");
+    let elsewhere = app.url(&format!("/v1/jobs/{second}/events?ticket={}", ticket["ticket"].as_str().expect("ticket")));
+    problem(app.http.get(&elsewhere).send().await.expect("stream"), StatusCode::UNAUTHORIZED).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_streams_close_and_open_streams_are_limited_by_tier() {
+    let mut options = Options { worker: false, ..Default::default() };
+    options.sse_idle_secs = 1;
+    let app = TestApp::spawn_with(options).await;
+    let (_, key) = app.user_in_tier("free").await; // five streams at once
+    let id = app.submit_ok(&key, &["mock/alpha"]).await; // no worker: it stays queued
+
+    let started = std::time::Instant::now();
+    let events = SseReader::new(app.events(&key, id, None).await).collect_events().await;
+    assert_eq!(events.len(), 1, "the queued event, then silence");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "an idle stream is closed");
+
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        open.push(app.events(&key, id, None).await);
+    }
+    assert!(open.iter().all(|r| r.status() == StatusCode::OK));
+    let refused = problem(app.events(&key, id, None).await, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(refused["type"], "https://ultra.dev/problems/stream-limit");
+    // Streams that end (here: idle for a second) give their slots back.
+    drop(open);
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(app.events(&key, id, None).await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_on_one_api_process_sees_jobs_run_anywhere() {
+    let mut app = TestApp::spawn().await;
+    let second = app.spawn_second_api().await;
+    let (_, key) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await;
+    let response =
+        app.http.get(format!("{second}/v1/jobs/{id}/events")).bearer_auth(&key).send().await.expect("stream");
+    let events = SseReader::new(response).collect_events().await;
+    let lifecycle: Vec<_> = events.iter().filter(|e| e.id.is_some()).cloned().collect();
+    assert_eq!(ids(&lifecycle), (1..=7).collect::<Vec<_>>());
     app.stop().await;
 }

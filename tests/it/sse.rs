@@ -12,11 +12,12 @@ pub struct SseEvent {
     pub data: Value,
 }
 
-/// Something read from the stream: an event, or a comment (heartbeat).
+/// Something read from the stream: an event, a comment (heartbeat), or a `retry:` hint.
 #[derive(Debug, Clone)]
 pub enum Frame {
     Event(SseEvent),
     Comment,
+    Retry(u64),
 }
 
 pub struct SseReader {
@@ -59,6 +60,7 @@ impl SseReader {
 fn parse_block(block: &str) -> Frame {
     let (mut id, mut event, mut data) = (None, None, String::new());
     let mut comment = true;
+    let mut retry = None;
     for line in block.lines() {
         if line.starts_with(':') || line.is_empty() {
             continue;
@@ -69,11 +71,15 @@ fn parse_block(block: &str) -> Frame {
             "id" => id = Some(value.to_owned()),
             "event" => event = Some(value.to_owned()),
             "data" => data.push_str(value),
+            "retry" => retry = value.parse().ok(),
             _ => {}
         }
     }
     if comment {
         return Frame::Comment;
+    }
+    if let (Some(retry), true) = (retry, data.is_empty()) {
+        return Frame::Retry(retry);
     }
     Frame::Event(SseEvent { id, event, data: serde_json::from_str(&data).unwrap_or(Value::Null) })
 }

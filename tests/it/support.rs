@@ -27,6 +27,7 @@ pub struct Options {
     pub amqp_url: Option<String>,
     pub redis_url: Option<String>,
     pub sse_heartbeat_secs: u64,
+    pub sse_idle_secs: u64,
     /// Reach PostgreSQL, RabbitMQ and Redis through proxies the test can cut.
     pub proxied: bool,
     pub cors_origins: Vec<String>,
@@ -43,6 +44,7 @@ impl Default for Options {
             amqp_url: None,
             redis_url: None,
             sse_heartbeat_secs: 10,
+            sse_idle_secs: 300,
             proxied: false,
             cors_origins: Vec::new(),
             config_toml: None,
@@ -99,6 +101,7 @@ impl TestApp {
         config.mock_latency_ms = options.mock_latency_ms;
         config.concurrency = options.concurrency;
         config.sse_heartbeat_secs = options.sse_heartbeat_secs;
+        config.sse_idle_secs = options.sse_idle_secs;
         config.relay_interval_ms = 200;
         config.cors_origins = options.cors_origins.clone();
         if let Some(toml) = &options.config_toml {

@@ -47,7 +47,19 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
         let state = req.data::<Arc<AppState>>().cloned().ok_or_else(|| ApiError::Internal("state missing".into()))?;
         let ip = client_ip(&req);
         let mut principal = None;
-        if let Some(token) = bearer_token(&req) {
+        if let Some((job_id, ticket)) = stream_ticket(&req) {
+            match super::authenticate_ticket(&state, &ticket, job_id).await {
+                Ok(found) => {
+                    // The operation's bearer scheme wants a header; the principal it
+                    // will be handed is this one, bound to this job's stream.
+                    req.headers_mut()
+                        .insert("authorization", poem::http::HeaderValue::from_static("Bearer stream-ticket"));
+                    principal = Some(found);
+                }
+                Err(ApiError::Unauthorized) => {}
+                Err(err) => return Err(err.into()),
+            }
+        } else if let Some(token) = bearer_token(&req) {
             match authenticate(&state, &token).await {
                 Ok(found) => principal = Some(found),
                 Err(ApiError::Unauthorized) => {} // the operation answers 401
@@ -101,6 +113,16 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
         write_headers(&decisions, response.headers_mut());
         Ok(response)
     }
+}
+
+/// `GET /v1/jobs/{id}/events?ticket=…` without an `Authorization` header.
+fn stream_ticket(req: &Request) -> Option<(uuid::Uuid, String)> {
+    if req.method() != Method::GET || req.headers().contains_key("authorization") {
+        return None;
+    }
+    let job_id = req.uri().path().strip_prefix("/v1/jobs/")?.strip_suffix("/events")?.parse().ok()?;
+    let ticket = req.uri().query()?.split('&').find_map(|pair| pair.strip_prefix("ticket="))?;
+    Some((job_id, ticket.to_owned()))
 }
 
 fn bearer_token(req: &Request) -> Option<String> {

@@ -9,6 +9,7 @@ pub mod jwt;
 pub mod middleware;
 pub mod password;
 pub mod refresh;
+pub mod ticket;
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ use crate::{error::ApiError, state::AppState};
 pub enum Credential {
     ApiKey(Uuid),
     AccessToken,
+    /// A single-use stream ticket; good for one job's event stream only.
+    StreamTicket(Uuid),
 }
 
 /// Who is calling.
@@ -74,4 +77,13 @@ pub async fn authenticate(state: &Arc<AppState>, token: &str) -> Result<Principa
         return Err(ApiError::Unauthorized);
     }
     Ok(Principal { user_id: user.id, role: user.role, tier: user.tier, credential: Credential::AccessToken })
+}
+
+/// Resolves `?ticket=` on `GET /v1/jobs/{id}/events` to the user it was issued to.
+pub async fn authenticate_ticket(state: &Arc<AppState>, ticket: &str, job_id: Uuid) -> Result<Principal, ApiError> {
+    let user_id =
+        ticket::redeem(&state.redis, &state.config.redis_prefix, ticket, job_id).await.ok_or(ApiError::Unauthorized)?;
+    let user = db::users::get(&state.pool, user_id).await?.filter(|u| u.disabled_at.is_none());
+    let user = user.ok_or(ApiError::Unauthorized)?;
+    Ok(Principal { user_id: user.id, role: user.role, tier: user.tier, credential: Credential::StreamTicket(job_id) })
 }

@@ -4,7 +4,12 @@
 use std::{collections::HashMap, sync::Arc};
 
 use common::{db, domain::Pattern, queue::JobMessage};
-use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
+use futures::stream::BoxStream;
+use poem_openapi::{
+    param::Header,
+    payload::{EventStream, Json},
+    ApiResponse, Object, OpenApi,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -14,7 +19,10 @@ use crate::{
     body::JsonBody,
     error::{ApiError, FieldError},
     relay,
-    routes::{jobs::JobLinks, ApiTags},
+    routes::{
+        jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
+        ApiTags,
+    },
     state::AppState,
 };
 
@@ -85,6 +93,10 @@ pub enum AnalyzeResponse {
     /// Accepted: poll `Location` or stream `links.events`.
     #[oai(status = 202)]
     Accepted(Json<AnalyzeAccepted>, #[oai(header = "Location")] String),
+    /// Accepted, and streamed at once (the request sent `Accept: text/event-stream`):
+    /// the job's events, as `GET /v1/jobs/{id}/events` would send them.
+    #[oai(status = 200)]
+    Streaming(EventStream<BoxStream<'static, StreamItemView>>, #[oai(header = "Location")] String),
 }
 
 pub struct AnalyzeApi {
@@ -98,9 +110,20 @@ impl AnalyzeApi {
     /// Validates the request and queues the job. The job is durable from the moment
     /// this returns 202, even while the message broker is down.
     #[oai(path = "/analyze", method = "post")]
-    async fn analyze(&self, auth: BearerAuth, body: JsonBody<AnalyzeRequest>) -> Result<AnalyzeResponse, ApiError> {
+    async fn analyze(
+        &self,
+        auth: BearerAuth,
+        body: JsonBody<AnalyzeRequest>,
+        /// `text/event-stream` to submit and stream the job's events in one request.
+        #[oai(name = "Accept")]
+        accept: Header<Option<String>>,
+    ) -> Result<AnalyzeResponse, ApiError> {
         let state = &self.state;
         let request = body.0;
+        // A stream slot is taken before anything is accepted: refusing the stream after
+        // queueing the job would invite the client to submit it twice.
+        let wants_stream = accept.0.as_deref().is_some_and(|a| a.contains("text/event-stream"));
+        let stream_slot = if wants_stream { Some(stream_permit(state, &auth.0)?) } else { None };
         let tier = state.tiers.for_user(&auth.0.tier);
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let accepted = validate(state, &request, models_allowed)?;
@@ -166,6 +189,9 @@ impl AnalyzeApi {
 
         let links = JobLinks::for_job(id);
         let location = links.self_.clone();
+        if let Some(permit) = stream_slot {
+            return Ok(AnalyzeResponse::Streaming(event_stream(state, permit, id, 0, false), location));
+        }
         Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id, status: "queued".to_owned(), links }), location))
     }
 }

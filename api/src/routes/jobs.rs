@@ -21,11 +21,11 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    auth::BearerAuth,
+    auth::{ticket, BearerAuth, Credential, Principal},
     error::ApiError,
     routes::ApiTags,
     state::AppState,
-    stream::{JobEventStream, Partials, StreamItem},
+    stream::{limit::StreamPermit, JobEventStream, Partials, Sources, StreamItem},
 };
 
 /// Largest page of `GET /v1/jobs`.
@@ -195,12 +195,19 @@ pub struct SnapshotView {
     pub text: String,
 }
 
+/// The reconnection delay the stream asks for (sent once, as SSE `retry:`).
+#[derive(Debug, Clone, Object)]
+pub struct RetryView {
+    pub retry_ms: u64,
+}
+
 /// What an event stream carries.
 #[derive(Debug, Clone, Union)]
 pub enum StreamItemView {
     Event(EventView),
     Token(TokenView),
     Snapshot(SnapshotView),
+    Retry(RetryView),
 }
 
 impl StreamItemView {
@@ -229,6 +236,7 @@ impl StreamItemView {
             }
             StreamItemView::Token(_) => Event::message(self.to_json_string()).event_type("token"),
             StreamItemView::Snapshot(_) => Event::message(self.to_json_string()).event_type("snapshot"),
+            StreamItemView::Retry(r) => Event::retry(r.retry_ms),
         }
     }
 }
@@ -306,12 +314,31 @@ impl JobsApi {
         Ok(Json(JobPage { jobs, next_cursor }))
     }
 
+    /// Get a stream ticket
+    ///
+    /// For browsers: `EventSource` cannot send an `Authorization` header, and a
+    /// long-lived token must never go in a URL. The ticket is single-use, valid 60 s,
+    /// and good for this job's event stream only.
+    #[oai(path = "/jobs/:id/stream-ticket", method = "post")]
+    async fn stream_ticket(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<StreamTicket>, ApiError> {
+        let job = self.owned_job(&auth, id.0).await?;
+        let state = &self.state;
+        let ticket = ticket::issue(&state.redis, &state.config.redis_prefix, auth.0.user_id, job.id)
+            .await
+            .map_err(|e| ApiError::Unavailable(Box::new(e)))?;
+        let url = format!("/v1/jobs/{}/events?ticket={ticket}", job.id);
+        Ok(Json(StreamTicket { ticket, expires_in: ticket::TICKET_TTL.as_secs(), url }))
+    }
+
     /// Stream a job's events
     ///
     /// Server-Sent Events: `id:` is the event's sequence number (1, 2, 3, … without
     /// gaps), `event:` its kind, `data:` the event as JSON. Reconnect with
-    /// `Last-Event-ID` to resume after that event with nothing missed or repeated. A
-    /// comment line is sent as a heartbeat; the stream ends after the terminal event.
+    /// `Last-Event-ID` to resume after that event with nothing missed or repeated.
+    /// While models answer, `token` events (no `id:`, live only) carry their text as
+    /// it streams; a client joining mid-step first gets a `snapshot` of each running
+    /// step. A comment line is sent as a heartbeat; the stream ends after the terminal
+    /// event, or after `ULTRA_SSE_IDLE_SECS` with nothing to send.
     #[oai(path = "/jobs/:id/events", method = "get")]
     async fn job_events(
         &self,
@@ -320,7 +347,14 @@ impl JobsApi {
         /// Resume after this sequence number.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
+        /// A stream ticket from `POST /v1/jobs/{id}/stream-ticket`, for browsers'
+        /// `EventSource` (which cannot send `Authorization`).
+        #[allow(unused_variables)]
+        ticket: Query<Option<String>>,
     ) -> Result<EventStream<BoxStream<'static, StreamItemView>>, ApiError> {
+        if matches!(auth.0.credential, Credential::StreamTicket(job) if job != id.0) {
+            return Err(ApiError::NotFound("job not found"));
+        }
         let after = match last_event_id.0.as_deref().map(str::trim) {
             None | Some("") => 0,
             Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
@@ -328,23 +362,60 @@ impl JobsApi {
             })?,
         };
         let job = self.owned_job(&auth, id.0).await?;
-        let state = &self.state;
-        let job_id = job.id;
-        let events = JobEventStream::new(
-            state.pool.clone(),
-            state.hub.clone(),
-            job.id,
-            after,
-            job.status.is_terminal(),
-            Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
-            state.shutdown.clone(),
-        )
-        .into_stream()
-        .map(move |item| StreamItemView::from_item(job_id, item))
-        .boxed();
-        let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
-        Ok(EventStream::new(events).keep_alive(heartbeat).to_event(|item| item.to_sse()))
+        let permit = stream_permit(&self.state, &auth.0)?;
+        Ok(event_stream(&self.state, permit, job.id, after, job.status.is_terminal()))
     }
+}
+
+/// The SSE response for one job's events after `after`: a `retry:` hint first, then
+/// the stream, with heartbeats while it is quiet.
+pub fn event_stream(
+    state: &AppState,
+    permit: StreamPermit,
+    job_id: Uuid,
+    after: i64,
+    job_ended: bool,
+) -> EventStream<BoxStream<'static, StreamItemView>> {
+    let sources = Sources {
+        pool: state.pool.clone(),
+        hub: state.hub.clone(),
+        partials: Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
+        shutdown: state.shutdown.clone(),
+        idle_limit: state.config.sse_idle(),
+    };
+    let stream = JobEventStream::new(sources, job_id, after, job_ended);
+    let retry = futures::stream::once(async { StreamItemView::Retry(RetryView { retry_ms: RECONNECT_AFTER_MS }) });
+    // The permit lives as long as the stream, which ends when it is done, idle, or its
+    // client is found gone (at the next write).
+    let items = retry
+        .chain(stream.into_stream().map(move |item| {
+            let _open = &permit;
+            StreamItemView::from_item(job_id, item)
+        }))
+        .boxed();
+    let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
+    EventStream::new(items).keep_alive(heartbeat).to_event(|item| item.to_sse())
+}
+
+/// A slot for one more open stream of this caller, within their tier's limit.
+pub fn stream_permit(state: &AppState, principal: &Principal) -> Result<StreamPermit, ApiError> {
+    let limit = state.tiers.for_user(&principal.tier).concurrent_streams;
+    state.streams.acquire(principal.user_id, limit).ok_or_else(|| {
+        ApiError::TooManyStreams(format!("{limit} event streams are open; close one or wait for a job to end"))
+    })
+}
+
+/// How long a disconnected `EventSource` waits before reconnecting (SSE `retry:`).
+const RECONNECT_AFTER_MS: u64 = 2_000;
+
+/// A single-use ticket to open one job's event stream without an `Authorization` header.
+#[derive(Debug, Object)]
+pub struct StreamTicket {
+    pub ticket: String,
+    /// Seconds the ticket stays valid (it works once).
+    pub expires_in: u64,
+    /// The stream URL with the ticket, for `new EventSource(url)`.
+    pub url: String,
 }
 
 impl JobsApi {

@@ -55,7 +55,7 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
          problem documents (`application/problem+json`) whose `type` is one of \
          `https://ultra.dev/problems/{malformed-request, unauthorized, forbidden, not-found, conflict, \
          payload-too-large, unsupported-media-type, validation-error, rate-limited, budget-exceeded, \
-         concurrency-limit, internal-error, service-unavailable, timeout}`. Every response carries \
+         concurrency-limit, stream-limit, internal-error, service-unavailable, timeout}`. Every response carries \
          `RateLimit-Policy` and `RateLimit` headers; a 429 carries `Retry-After`.",
     )
 }

@@ -9,6 +9,7 @@
 //! Redis), then only the deltas after it; a client that falls behind loses token
 //! events, never lifecycle ones, and gets a fresh snapshot when it catches up.
 
+pub mod limit;
 mod tokens;
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
@@ -39,6 +40,16 @@ pub enum StreamItem {
     Snapshot { stage: Stage, model: String, text: String },
 }
 
+/// What every stream of a process reads from.
+pub struct Sources {
+    pub pool: PgPool,
+    pub hub: Arc<EventHub>,
+    pub partials: Partials,
+    pub shutdown: CancellationToken,
+    /// A stream with nothing to send for this long is closed.
+    pub idle_limit: Duration,
+}
+
 /// Where running steps' texts so far are kept.
 #[derive(Clone)]
 pub struct Partials {
@@ -67,6 +78,10 @@ pub struct JobEventStream {
     partials: Partials,
     /// A snapshot of running steps is owed (on joining, and after falling behind).
     snapshot_due: bool,
+    /// A stream with nothing to send for this long is closed (the client may resume
+    /// with `Last-Event-ID`); heartbeats do not count.
+    idle_limit: Duration,
+    idle_since: tokio::time::Instant,
     /// Replay must run before waiting for live events.
     needs_replay: bool,
     /// The job had ended when the stream opened: once the database has nothing more
@@ -78,15 +93,8 @@ pub struct JobEventStream {
 
 impl JobEventStream {
     /// Subscribes at once, before any replay, so nothing published in between is missed.
-    pub fn new(
-        pool: PgPool,
-        hub: Arc<EventHub>,
-        job_id: Uuid,
-        after_seq: i64,
-        job_ended: bool,
-        partials: Partials,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(sources: Sources, job_id: Uuid, after_seq: i64, job_ended: bool) -> Self {
+        let Sources { pool, hub, partials, shutdown, idle_limit } = sources;
         let subscription = hub.subscribe(job_id);
         Self {
             pool,
@@ -99,6 +107,8 @@ impl JobEventStream {
             tokens: TokenTracker::default(),
             partials,
             snapshot_due: true,
+            idle_limit,
+            idle_since: tokio::time::Instant::now(),
             needs_replay: true,
             job_ended,
             finished: false,
@@ -107,7 +117,12 @@ impl JobEventStream {
     }
 
     pub fn into_stream(self) -> BoxStream<'static, StreamItem> {
-        futures::stream::unfold(self, |mut s| async move { s.next_event().await.map(|e| (e, s)) }).boxed()
+        futures::stream::unfold(self, |mut s| async move {
+            let item = s.next_event().await?;
+            s.idle_since = tokio::time::Instant::now();
+            Some((item, s))
+        })
+        .boxed()
     }
 
     /// The next item to send, or `None` once the terminal event is sent or the
@@ -158,6 +173,7 @@ impl JobEventStream {
             let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep_until(self.idle_since + self.idle_limit) => return None,
                 message = self.subscription.receiver.recv() => match message {
                     Ok(HubMessage::Event(event)) => self.pending.push_back((*event).clone()),
                     Ok(HubMessage::Token(token)) => {
