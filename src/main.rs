@@ -2,6 +2,7 @@
 //! the worker, both, or an admin command.
 
 mod admin;
+mod bench;
 mod serve;
 
 use std::sync::Arc;
@@ -35,6 +36,15 @@ enum Command {
     /// Administrative commands.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Benchmarks against the local services.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Hold many SSE subscribers on one api process; report RSS, delivery latency, events/s.
+    Sse(bench::SseBench),
 }
 
 #[tokio::main]
@@ -63,5 +73,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker { .. } => serve::worker(config).await,
         Command::Migrate => admin::migrate(&config).await,
         Command::Admin(command) => admin::run(&config, command).await,
+        Command::Bench(BenchCommand::Sse(args)) => bench::sse(&config, args).await,
     }
 }
