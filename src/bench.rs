@@ -51,6 +51,15 @@ pub async fn sse(config: &Config, args: SseBench) -> anyhow::Result<()> {
         bail!("--subscribers and --jobs must be at least 1, --models 1 to 3");
     }
     let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let result = sse_run(config, &args, &run).await;
+    // The child processes are gone by now (killed on drop); their queues go too.
+    if let Err(err) = common::queue::Topology::new(&format!("{run}.")).delete(&config.amqp_url).await {
+        eprintln!("warning: could not delete the benchmark's queues: {err}");
+    }
+    result
+}
+
+async fn sse_run(config: &Config, args: &SseBench, run: &str) -> anyhow::Result<()> {
     let database_url = with_database(&config.database_url, "ultra_bench")?;
     let pool = db::connect_and_prepare(&database_url, &CancellationToken::new()).await?;
     let env = |cmd: &mut Command| {
@@ -58,7 +67,7 @@ pub async fn sse(config: &Config, args: SseBench) -> anyhow::Result<()> {
             .env("AMQP_URL", &config.amqp_url)
             .env("REDIS_URL", &config.redis_url)
             .env("ULTRA_QUEUE_PREFIX", format!("{run}."))
-            .env("ULTRA_REDIS_PREFIX", &run)
+            .env("ULTRA_REDIS_PREFIX", run)
             .env("ULTRA_LISTEN", args.listen.to_string())
             .env("ULTRA_WORKER_LISTEN", "127.0.0.1:0")
             .env("ULTRA_MOCK_LATENCY_MS", args.mock_latency_ms.to_string())
@@ -144,7 +153,8 @@ pub async fn sse(config: &Config, args: SseBench) -> anyhow::Result<()> {
 
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
     latencies.sort_unstable();
-    let pick = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied();
+    let pick =
+        |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied();
     let total = events.load(Ordering::Relaxed);
     let summary = serde_json::json!({
         "subscribers": args.subscribers,
@@ -166,8 +176,13 @@ pub async fn sse(config: &Config, args: SseBench) -> anyhow::Result<()> {
         println!("subscribers        {}", args.subscribers);
         println!("failed streams     {failures}");
         println!("connected in       {:.1} s", connect_time.as_secs_f64());
-        println!("api RSS            {:.0} MB connected, {:.0} MB peak", rss_connected.unwrap_or(0.0), peak_rss.unwrap_or(0.0));
-        println!("delivery p50 / p99 {:?} / {:?} ms", pick(0.50), pick(0.99));
+        println!(
+            "api RSS            {:.0} MB connected, {:.0} MB peak",
+            rss_connected.unwrap_or(0.0),
+            peak_rss.unwrap_or(0.0)
+        );
+        let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        println!("delivery p50 / p99 {} / {} ms", ms(pick(0.50)), ms(pick(0.99)));
         println!("events delivered   {total} ({:.0}/s)", total as f64 / live_time.as_secs_f64());
     }
     if failures > 0 {
@@ -236,7 +251,14 @@ async fn stop(child: &mut Child) {
 /// A `/proc/<pid>/status` memory figure in MB (`VmRSS` now, `VmHWM` peak).
 fn rss_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix(field))?.trim_start_matches(':').trim().split_whitespace().next()?.parse().ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     Some(kb / 1024.0)
 }
 

@@ -120,18 +120,5 @@ pub fn unique_prefix() -> String {
 
 /// Removes a test's queues and exchanges.
 pub async fn delete_topology(prefix: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let topology = common::queue::Topology::new(prefix);
-    let Ok(conn) = common::queue::connect(&amqp_url(), "ultra-tests-cleanup").await else {
-        return;
-    };
-    if let Ok(channel) = conn.create_channel().await {
-        for queue in [&topology.analyze_queue, &topology.dead_queue] {
-            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        for exchange in [&topology.jobs_exchange, &topology.dead_exchange] {
-            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = common::queue::Topology::new(prefix).delete(&amqp_url()).await;
 }

@@ -99,6 +99,22 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Deletes the queues and exchanges (tests and benchmarks clean up after themselves).
+    pub async fn delete(&self, amqp_url: &str) -> Result<(), lapin::Error> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let connection = connect(amqp_url, "ultra-cleanup").await?;
+        let channel = connection.create_channel().await?;
+        for queue in [&self.analyze_queue, &self.dead_queue] {
+            channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        for exchange in [&self.jobs_exchange, &self.dead_exchange] {
+            channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
+        }
+        connection.close(200, "done".into()).await
+    }
+}
+
 /// Quorum queues: replicated, and they count deliveries (https://www.rabbitmq.com/docs/quorum-queues).
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
