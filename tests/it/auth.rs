@@ -32,8 +32,10 @@ async fn requests_without_a_valid_key_are_unauthorized() {
                 request = request.json(&serde_json::json!({ "prompt": "hi", "models": ["mock/alpha"] }));
             }
             let response = request.send().await.expect("send");
-            assert_eq!(response.headers().get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]));
-            problem(response, StatusCode::UNAUTHORIZED).await;
+            let challenge = response.headers().get("www-authenticate").map(|v| v.as_bytes().to_vec());
+            let status = response.status();
+            let body = problem(response, StatusCode::UNAUTHORIZED).await;
+            assert_eq!(challenge.as_deref(), Some(&b"Bearer"[..]), "{method} {path} with {header:?}: {status} {body}");
         }
     }
     assert_eq!(app.get(&key, "/v1/models").await.status(), StatusCode::OK);
