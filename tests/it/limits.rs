@@ -61,6 +61,7 @@ async fn limits_hold_across_two_api_processes_sharing_redis() {
     let second = app.spawn_second_api().await;
     let (_, key) = app.user_in_tier("free").await; // 60 requests per minute
     let mut allowed = 0;
+    let started = std::time::Instant::now();
     for i in 0..80 {
         let base = if i % 2 == 0 { app.base.clone() } else { second.clone() };
         let response = app.http.get(format!("{base}/v1/models")).bearer_auth(&key).send().await.expect("GET");
@@ -70,8 +71,9 @@ async fn limits_hold_across_two_api_processes_sharing_redis() {
             assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         }
     }
-    // One shared budget (60, plus at most one refill during the run), not 60 per replica.
-    assert!((60..=62).contains(&allowed), "{allowed} requests passed across both replicas");
+    // One shared budget: 60, plus one refill a second while the run lasts — not 60 per replica.
+    let refills = started.elapsed().as_secs() as usize + 1;
+    assert!((60..=60 + refills).contains(&allowed), "{allowed} requests passed across both replicas");
     app.stop().await;
 }
 
@@ -86,11 +88,14 @@ async fn without_redis_limits_still_apply_in_process() {
     let (_, key) = app.user_in_tier("free").await;
     let started = std::time::Instant::now();
     let mut statuses = Vec::new();
-    for _ in 0..61 {
+    for _ in 0..70 {
         statuses.push(app.get(&key, "/v1/models").await.status());
     }
+    let allowed = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refills = started.elapsed().as_secs() as usize + 1;
     assert!(statuses[..60].iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
-    assert_eq!(statuses[60], StatusCode::TOO_MANY_REQUESTS);
+    assert!((60..=60 + refills).contains(&allowed), "{allowed} passed; the rest must be refused");
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS));
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "a missing Redis must not stall requests");
     let ready: Value = app.http.get(app.url("/health/ready")).send().await.expect("ready").json().await.expect("JSON");
     assert_eq!(ready["status"], "degraded");
