@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::events::{channel_pattern, JobEvent, LiveMessage, TokenEvent};
+use common::events::{channel_pattern, JobEvent, LiveMessage, Rendered, TokenEvent};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -21,11 +21,13 @@ use uuid::Uuid;
 /// Events buffered per job for slow streams before they must resynchronise.
 const PER_JOB_BUFFER: usize = 256;
 
+/// Messages carry their JSON as it came from Redis: with thousands of streams on one
+/// job, each event is serialised once, not once per subscriber.
 #[derive(Debug, Clone)]
 pub enum HubMessage {
-    Event(Arc<JobEvent>),
+    Event(Arc<Rendered<JobEvent>>),
     /// A piece of a streaming answer (live only).
-    Token(Arc<TokenEvent>),
+    Token(Arc<Rendered<TokenEvent>>),
     /// Live events may have been missed: read the database.
     Resync,
 }
@@ -122,9 +124,15 @@ impl EventHub {
                 _ = shutdown.cancelled() => return Ok(()),
                 message = messages.next() => {
                     let Some(message) = message else { return Ok(()) };
-                    match serde_json::from_slice::<LiveMessage>(message.get_payload_bytes()) {
-                        Ok(LiveMessage::Lifecycle(event)) => self.dispatch(event.job_id, HubMessage::Event(Arc::new(event))),
-                        Ok(LiveMessage::Token(token)) => self.dispatch(token.job_id, HubMessage::Token(Arc::new(token))),
+                    let payload = message.get_payload_bytes();
+                    let json = String::from_utf8_lossy(payload).into_owned();
+                    match serde_json::from_slice::<LiveMessage>(payload) {
+                        Ok(LiveMessage::Lifecycle(event)) => {
+                            self.dispatch(event.job_id, HubMessage::Event(Arc::new(Rendered { value: event, json })))
+                        }
+                        Ok(LiveMessage::Token(token)) => {
+                            self.dispatch(token.job_id, HubMessage::Token(Arc::new(Rendered { value: token, json })))
+                        }
                         Err(err) => tracing::warn!(error = %err, channel = message.get_channel_name(), "ignoring malformed live event"),
                     }
                 }

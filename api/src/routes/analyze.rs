@@ -20,7 +20,7 @@ use crate::{
     error::{ApiError, FieldError},
     relay,
     routes::{
-        jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
+        jobs::{event_stream, stream_permit, JobLinks, SseFrame},
         ApiTags,
     },
     state::AppState,
@@ -96,7 +96,7 @@ pub enum AnalyzeResponse {
     /// Accepted, and streamed at once (the request sent `Accept: text/event-stream`):
     /// the job's events, as `GET /v1/jobs/{id}/events` would send them.
     #[oai(status = 200)]
-    Streaming(EventStream<BoxStream<'static, StreamItemView>>, #[oai(header = "Location")] String),
+    Streaming(EventStream<BoxStream<'static, SseFrame>>, #[oai(header = "Location")] String),
 }
 
 pub struct AnalyzeApi {

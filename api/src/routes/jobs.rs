@@ -1,7 +1,7 @@
 //! Reading jobs: one job with its steps, the caller's jobs page by page, and a job's
 //! events as Server-Sent Events. Another user's job answers exactly like a missing one.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use common::{
@@ -14,7 +14,8 @@ use poem::web::sse::Event;
 use poem_openapi::{
     param::{Header, Path, Query},
     payload::{EventStream, Json},
-    types::ToJSON,
+    registry::{MetaSchemaRef, Registry},
+    types::{ToJSON, Type},
     Object, OpenApi, Union,
 };
 use serde_json::Value;
@@ -210,34 +211,56 @@ pub enum StreamItemView {
     Retry(RetryView),
 }
 
-impl StreamItemView {
-    fn from_item(job_id: Uuid, item: StreamItem) -> Self {
-        match item {
-            StreamItem::Event(event) => StreamItemView::Event(event.into()),
-            StreamItem::Token(t) => StreamItemView::Token(TokenView {
-                job_id,
-                stage: t.stage,
-                model: t.model,
-                delta: t.delta,
-                index: t.index as u64,
-            }),
-            StreamItem::Snapshot { stage, model, text } => {
-                StreamItemView::Snapshot(SnapshotView { job_id, stage, model, text })
-            }
-        }
+/// One SSE frame, built from JSON rendered once per event (not once per subscriber).
+/// Its documented schema is `StreamItemView`'s.
+pub struct SseFrame(Event);
+
+impl Type for SseFrame {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        StreamItemView::name()
     }
 
-    /// The SSE frame: lifecycle events carry their sequence number as `id:`; tokens
-    /// and snapshots carry none, so `Last-Event-ID` always names a persisted event.
-    fn to_sse(&self) -> Event {
-        match self {
-            StreamItemView::Event(e) => {
-                Event::message(self.to_json_string()).id(e.seq.to_string()).event_type(e.kind.clone())
+    fn schema_ref() -> MetaSchemaRef {
+        StreamItemView::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        StreamItemView::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(std::iter::once(self))
+    }
+}
+
+impl ToJSON for SseFrame {
+    /// Frames are written by `to_event`, never through this.
+    fn to_json(&self) -> Option<Value> {
+        None
+    }
+}
+
+impl SseFrame {
+    /// Lifecycle events carry their sequence number as `id:`; tokens and snapshots
+    /// carry none, so `Last-Event-ID` always names a persisted event.
+    fn from_item(job_id: Uuid, item: StreamItem) -> Self {
+        SseFrame(match item {
+            StreamItem::Event(e) => {
+                Event::message(e.json.as_str()).id(e.value.seq.to_string()).event_type(e.value.kind.as_str())
             }
-            StreamItemView::Token(_) => Event::message(self.to_json_string()).event_type("token"),
-            StreamItemView::Snapshot(_) => Event::message(self.to_json_string()).event_type("snapshot"),
-            StreamItemView::Retry(r) => Event::retry(r.retry_ms),
-        }
+            StreamItem::Token(t) => Event::message(t.json.as_str()).event_type("token"),
+            StreamItem::Snapshot { stage, model, text } => {
+                Event::message(SnapshotView { job_id, stage, model, text }.to_json_string()).event_type("snapshot")
+            }
+        })
     }
 }
 
@@ -351,7 +374,7 @@ impl JobsApi {
         /// `EventSource` (which cannot send `Authorization`).
         #[allow(unused_variables)]
         ticket: Query<Option<String>>,
-    ) -> Result<EventStream<BoxStream<'static, StreamItemView>>, ApiError> {
+    ) -> Result<EventStream<BoxStream<'static, SseFrame>>, ApiError> {
         if matches!(auth.0.credential, Credential::StreamTicket(job) if job != id.0) {
             return Err(ApiError::NotFound("job not found"));
         }
@@ -375,7 +398,7 @@ pub fn event_stream(
     job_id: Uuid,
     after: i64,
     job_ended: bool,
-) -> EventStream<BoxStream<'static, StreamItemView>> {
+) -> EventStream<BoxStream<'static, SseFrame>> {
     let sources = Sources {
         pool: state.pool.clone(),
         hub: state.hub.clone(),
@@ -384,17 +407,17 @@ pub fn event_stream(
         idle_limit: state.config.sse_idle(),
     };
     let stream = JobEventStream::new(sources, job_id, after, job_ended);
-    let retry = futures::stream::once(async { StreamItemView::Retry(RetryView { retry_ms: RECONNECT_AFTER_MS }) });
+    let retry = futures::stream::once(async { SseFrame(Event::retry(RECONNECT_AFTER_MS)) });
     // The permit lives as long as the stream, which ends when it is done, idle, or its
     // client is found gone (at the next write).
     let items = retry
         .chain(stream.into_stream().map(move |item| {
             let _open = &permit;
-            StreamItemView::from_item(job_id, item)
+            SseFrame::from_item(job_id, item)
         }))
         .boxed();
     let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
-    EventStream::new(items).keep_alive(heartbeat).to_event(|item| item.to_sse())
+    EventStream::new(items).keep_alive(heartbeat).to_event(|frame| frame.0)
 }
 
 /// A slot for one more open stream of this caller, within their tier's limit.

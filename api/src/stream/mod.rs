@@ -17,7 +17,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use common::{
     db,
     domain::Stage,
-    events::{partial_key, JobEvent, TokenEvent},
+    events::{partial_key, JobEvent, Rendered, TokenEvent},
     redis::RedisHandle,
 };
 use futures::{stream::BoxStream, StreamExt};
@@ -32,10 +32,10 @@ use crate::hub::{EventHub, HubMessage, Subscription};
 /// What a stream sends.
 #[derive(Debug, Clone)]
 pub enum StreamItem {
-    /// A persisted lifecycle event.
-    Event(JobEvent),
-    /// A piece of a running step's answer.
-    Token(TokenEvent),
+    /// A persisted lifecycle event (with its JSON).
+    Event(Arc<Rendered<JobEvent>>),
+    /// A piece of a running step's answer (with its JSON).
+    Token(Arc<Rendered<TokenEvent>>),
     /// A running step's text so far, for a client that joined mid-step.
     Snapshot { stage: Stage, model: String, text: String },
 }
@@ -71,7 +71,7 @@ pub struct JobEventStream {
     job_id: Uuid,
     /// The last sequence number sent to the client.
     last_seq: i64,
-    pending: VecDeque<JobEvent>,
+    pending: VecDeque<Arc<Rendered<JobEvent>>>,
     /// Tokens and snapshots ready to send (they go before waiting for more).
     ready: VecDeque<StreamItem>,
     tokens: TokenTracker,
@@ -135,7 +135,8 @@ impl JobEventStream {
             if let Some(item) = self.ready.pop_front() {
                 return Some(item);
             }
-            while let Some(event) = self.pending.pop_front() {
+            while let Some(rendered) = self.pending.pop_front() {
+                let event = &rendered.value;
                 if event.seq <= self.last_seq {
                     if event.kind.is_terminal() {
                         return None; // the client already has the end of the story
@@ -149,8 +150,8 @@ impl JobEventStream {
                 }
                 self.last_seq = event.seq;
                 self.finished = event.kind.is_terminal();
-                self.tokens.observe(&event);
-                return Some(StreamItem::Event(event));
+                self.tokens.observe(event);
+                return Some(StreamItem::Event(rendered));
             }
             if self.needs_replay {
                 self.needs_replay = false;
@@ -175,10 +176,12 @@ impl JobEventStream {
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep_until(self.idle_since + self.idle_limit) => return None,
                 message = self.subscription.receiver.recv() => match message {
-                    Ok(HubMessage::Event(event)) => self.pending.push_back((*event).clone()),
+                    Ok(HubMessage::Event(event)) => self.pending.push_back(event),
                     Ok(HubMessage::Token(token)) => {
-                        if let Some(token) = self.tokens.admit(&token) {
-                            self.ready.push_back(StreamItem::Token(token));
+                        if let Some(admitted) = self.tokens.admit(&token.value) {
+                            // Untrimmed, it keeps the JSON rendered once for every stream.
+                            let item = if admitted.index == token.value.index { token } else { Arc::new(Rendered::new(admitted)) };
+                            self.ready.push_back(StreamItem::Token(item));
                         }
                     }
                     Ok(HubMessage::Resync) => self.needs_replay = true,
@@ -214,7 +217,7 @@ impl JobEventStream {
     /// Reads everything after `last_seq` into `pending`. Returns false if the
     /// database could not be read (the stream stays open and retries).
     async fn replay(&mut self) -> bool {
-        let mut after = self.pending.back().map_or(self.last_seq, |e| e.seq.max(self.last_seq));
+        let mut after = self.pending.back().map_or(self.last_seq, |e| e.value.seq.max(self.last_seq));
         loop {
             match db::events::after(&self.pool, self.job_id, after, REPLAY_BATCH).await {
                 Ok(events) => {
@@ -222,7 +225,7 @@ impl JobEventStream {
                     if let Some(last) = events.last() {
                         after = last.seq;
                     }
-                    self.pending.extend(events);
+                    self.pending.extend(events.into_iter().map(|e| Arc::new(Rendered::new(e))));
                     if !full {
                         return true;
                     }
