@@ -233,3 +233,40 @@ async fn a_stream_on_one_api_process_sees_jobs_run_anywhere() {
     assert_eq!(ids(&lifecycle), (1..=7).collect::<Vec<_>>());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_live_event_whose_predecessor_was_never_published_arrives_in_order() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/alpha"]).await; // seq 1, and no worker to add more
+    let mut reader = SseReader::new(app.events(&key, id, None).await);
+    let first = loop {
+        if let Some(Frame::Event(event)) = reader.next_frame().await {
+            break event;
+        }
+    };
+    assert_eq!(first.id.as_deref(), Some("1"));
+
+    // Seq 2 is committed but its Redis publish is lost; seq 3 is committed and published.
+    let redis = common::redis::RedisHandle::new(&app.config.redis_url).expect("redis");
+    let publisher = common::events::EventPublisher::new(redis, app.config.redis_prefix.clone());
+    let append = |kind, data| {
+        let pool = app.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let event = common::db::events::append(&mut tx, id, kind, data).await.expect("append");
+            tx.commit().await.expect("commit");
+            event
+        }
+    };
+    let _lost = append(common::domain::EventKind::Started, serde_json::json!({ "attempt": 1 })).await;
+    let third = append(common::domain::EventKind::Failed, serde_json::json!({ "status": "failed" })).await;
+    publisher.publish(&third).await;
+
+    // The stream sees 3 arrive after 1, reads the gap from PostgreSQL, and sends 2 then 3.
+    let rest = reader.collect_events().await;
+    let lifecycle: Vec<_> = rest.iter().filter(|e| e.id.is_some()).cloned().collect();
+    assert_eq!(ids(&lifecycle), [2, 3]);
+    assert_eq!(kinds(&lifecycle), ["started", "failed"]);
+    app.stop().await;
+}
