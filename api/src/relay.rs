@@ -18,6 +18,8 @@ use crate::state::AppState;
 /// Outbox rows younger than this belong to a fast path that may not have locked its
 /// row yet (it does so right after the job's commit).
 const MIN_AGE_MS: i64 = 2_000;
+/// How often expired idempotency keys are deleted.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 /// Rows published per relay transaction.
 const BATCH: i64 = 100;
 
@@ -48,10 +50,18 @@ async fn try_publish_now(
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(state.config.relay_interval());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_purge = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
+        }
+        // Housekeeping rides along: expired idempotency keys, every few minutes.
+        if tokio::time::Instant::now() >= next_purge {
+            next_purge += PURGE_EVERY;
+            if let Err(err) = db::idempotency::purge_expired(&state.pool, state.config.idempotency_retention()).await {
+                tracing::debug!(error = %err, "idempotency key purge failed; will retry");
+            }
         }
         match relay_once(&state).await {
             Ok(0) => {}

@@ -142,6 +142,10 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub default_max_tokens: u32,
 
+    /// How long an `Idempotency-Key` is remembered.
+    #[arg(long, env = "ULTRA_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
+    pub idempotency_retention_secs: u64,
+
     /// How long a cached answer (`options.cache: true`) is kept.
     #[arg(long, env = "ULTRA_CACHE_TTL_SECS", default_value_t = 86_400, global = true)]
     pub cache_ttl_secs: u64,
@@ -205,6 +209,10 @@ impl Config {
 
     pub fn refresh_token_ttl(&self) -> Duration {
         Duration::from_secs(self.refresh_token_ttl_secs.max(1))
+    }
+
+    pub fn idempotency_retention(&self) -> Duration {
+        Duration::from_secs(self.idempotency_retention_secs.max(1))
     }
 
     pub fn sse_idle(&self) -> Duration {

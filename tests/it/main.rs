@@ -6,6 +6,7 @@ mod auth;
 mod delivery;
 mod events;
 mod health;
+mod idempotency;
 mod jobs;
 mod jwt;
 mod limits;

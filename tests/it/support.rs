@@ -28,6 +28,7 @@ pub struct Options {
     pub redis_url: Option<String>,
     pub sse_heartbeat_secs: u64,
     pub sse_idle_secs: u64,
+    pub idempotency_retention_secs: u64,
     /// Reach PostgreSQL, RabbitMQ and Redis through proxies the test can cut.
     pub proxied: bool,
     pub cors_origins: Vec<String>,
@@ -45,6 +46,7 @@ impl Default for Options {
             redis_url: None,
             sse_heartbeat_secs: 10,
             sse_idle_secs: 300,
+            idempotency_retention_secs: 86_400,
             proxied: false,
             cors_origins: Vec::new(),
             config_toml: None,
@@ -102,6 +104,7 @@ impl TestApp {
         config.concurrency = options.concurrency;
         config.sse_heartbeat_secs = options.sse_heartbeat_secs;
         config.sse_idle_secs = options.sse_idle_secs;
+        config.idempotency_retention_secs = options.idempotency_retention_secs;
         config.relay_interval_ms = 200;
         config.cors_origins = options.cors_origins.clone();
         if let Some(toml) = &options.config_toml {

@@ -12,6 +12,7 @@ use poem_openapi::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::{
@@ -27,7 +28,7 @@ use crate::{
 };
 
 /// An analysis request: one prompt, the models to ask, and how to combine them.
-#[derive(Debug, Deserialize, Object)]
+#[derive(Debug, Serialize, Deserialize, Object)]
 #[serde(deny_unknown_fields)]
 #[oai(example)]
 pub struct AnalyzeRequest {
@@ -117,9 +118,15 @@ impl AnalyzeApi {
         /// `text/event-stream` to submit and stream the job's events in one request.
         #[oai(name = "Accept")]
         accept: Header<Option<String>>,
+        /// Makes a retried submission safe: the same key with the same body returns the
+        /// original job; with another body, 422; while the first is in progress, 409.
+        /// Keys are per user, kept `ULTRA_IDEMPOTENCY_RETENTION_SECS` (a day).
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
     ) -> Result<AnalyzeResponse, ApiError> {
         let state = &self.state;
         let request = body.0;
+        let idempotency_key = idempotency_key.0.map(check_idempotency_key).transpose()?;
         // A stream slot is taken before anything is accepted: refusing the stream after
         // queueing the job would invite the client to submit it twice.
         let wants_stream = accept.0.as_deref().is_some_and(|a| a.contains("text/event-stream"));
@@ -130,6 +137,8 @@ impl AnalyzeApi {
         // The effective `max_tokens` is stored with the job, so the reservation below is
         // a real bound: every call of every stage reads the prompt (estimated at four
         // characters a token) and writes at most `max_tokens`.
+        // What the key vouches for: the request as parsed (so whitespace does not matter).
+        let request_hash = Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec();
         let mut options = request.options.unwrap_or_default();
         let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
         let calls = request.models.len() as i64 * accepted.pattern.stages() as i64;
@@ -138,7 +147,31 @@ impl AnalyzeApi {
         let options = serde_json::to_value(options).map_err(|e| ApiError::Internal(e.into()))?;
         let id = Uuid::now_v7();
 
+        let retention = state.config.idempotency_retention();
+        if let Some(key) = &idempotency_key {
+            if let Some(recorded) = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await? {
+                return replay(state, &auth, recorded, &request_hash, stream_slot).await;
+            }
+        }
         let mut tx = state.pool.begin().await?;
+        if let Some(key) = &idempotency_key {
+            // A concurrent request holding the same key answers 409 rather than waiting.
+            sqlx::query("SET LOCAL lock_timeout = '100ms'").execute(&mut *tx).await?;
+            match db::idempotency::claim(&mut tx, auth.0.user_id, key, &request_hash, id, retention).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tx.rollback().await?;
+                    let recorded = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await?;
+                    let recorded = recorded.ok_or_else(|| ApiError::Conflict(IN_PROGRESS.into()))?;
+                    return replay(state, &auth, recorded, &request_hash, stream_slot).await;
+                }
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                    return Err(ApiError::Conflict(IN_PROGRESS.into()));
+                }
+                Err(err) => return Err(err.into()),
+            }
+            sqlx::query("SET LOCAL lock_timeout = 0").execute(&mut *tx).await?;
+        }
         // The user's row lock serialises their submissions, so the checks below and
         // the reservation are one atomic step: racing requests cannot overspend.
         db::usage::lock_user(&mut tx, auth.0.user_id).await?;
@@ -198,6 +231,41 @@ impl AnalyzeApi {
 
 struct Accepted {
     pattern: Pattern,
+}
+
+const IN_PROGRESS: &str = "a request with this Idempotency-Key is still being processed; retry shortly";
+
+/// 1 to 255 visible ASCII characters (a UUID is the usual choice).
+fn check_idempotency_key(key: String) -> Result<String, ApiError> {
+    let valid = (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        Ok(key)
+    } else {
+        Err(ApiError::BadRequest("invalid header `Idempotency-Key`: 1 to 255 visible ASCII characters".into()))
+    }
+}
+
+/// The answer to a repeated `Idempotency-Key`: the original job, as first accepted.
+async fn replay(
+    state: &AppState,
+    auth: &BearerAuth,
+    recorded: db::idempotency::Recorded,
+    request_hash: &[u8],
+    stream_slot: Option<crate::stream::limit::StreamPermit>,
+) -> Result<AnalyzeResponse, ApiError> {
+    if recorded.request_hash != request_hash {
+        return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
+    }
+    let job = db::jobs::get_owned(&state.pool, recorded.job_id, auth.0.user_id)
+        .await?
+        .ok_or(ApiError::Conflict(IN_PROGRESS.into()))?;
+    let links = JobLinks::for_job(job.id);
+    let location = links.self_.clone();
+    if let Some(permit) = stream_slot {
+        let stream = event_stream(state, permit, job.id, 0, job.status.is_terminal());
+        return Ok(AnalyzeResponse::Streaming(stream, location));
+    }
+    Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id: job.id, status: "queued".to_owned(), links }), location))
 }
 
 /// Checks everything at once, so the client can fix every field in one round trip.

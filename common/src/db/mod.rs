@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod events;
+pub mod idempotency;
 pub mod jobs;
 pub mod outbox;
 pub mod refresh_tokens;

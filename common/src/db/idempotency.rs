@@ -1,0 +1,67 @@
+//! `idempotency_keys`: what a client's `Idempotency-Key` created, per user.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Recorded {
+    pub request_hash: Vec<u8>,
+    pub job_id: Uuid,
+}
+
+/// The live (unexpired) record of a key.
+pub async fn get(
+    ex: impl PgExecutor<'_>,
+    user_id: Uuid,
+    key: &str,
+    retention: Duration,
+) -> Result<Option<Recorded>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT request_hash, job_id FROM idempotency_keys
+          WHERE user_id = $1 AND key = $2 AND created_at > now() - make_interval(secs => $3)",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(retention.as_secs_f64())
+    .fetch_optional(ex)
+    .await
+}
+
+/// Claims the key for `job_id` in the caller's transaction (replacing an expired
+/// record). False if a live record exists: a concurrent transaction that holds the key
+/// makes this wait, up to the transaction's `lock_timeout`.
+pub async fn claim(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    key: &str,
+    request_hash: &[u8],
+    job_id: Uuid,
+    retention: Duration,
+) -> Result<bool, sqlx::Error> {
+    let claimed: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (user_id, key, request_hash, job_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id, key) DO UPDATE
+            SET request_hash = EXCLUDED.request_hash, job_id = EXCLUDED.job_id, created_at = now()
+          WHERE idempotency_keys.created_at <= now() - make_interval(secs => $5)
+         RETURNING job_id",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(request_hash)
+    .bind(job_id)
+    .bind(retention.as_secs_f64())
+    .fetch_optional(conn)
+    .await?;
+    Ok(claimed.is_some())
+}
+
+/// Forgets records past their retention (housekeeping).
+pub async fn purge_expired(ex: impl PgExecutor<'_>, retention: Duration) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1)")
+        .bind(retention.as_secs_f64())
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected())
+}
