@@ -3,6 +3,7 @@
 
 mod accounts;
 mod auth;
+mod cancel;
 mod delivery;
 mod events;
 mod health;

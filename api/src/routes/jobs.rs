@@ -6,7 +6,7 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use common::{
     db,
-    domain::{JobStatus, Stage, StepStatus},
+    domain::{EventKind, JobStatus, Stage, StepStatus},
     events::JobEvent,
 };
 use futures::{stream::BoxStream, StreamExt};
@@ -16,9 +16,9 @@ use poem_openapi::{
     payload::{EventStream, Json},
     registry::{MetaSchemaRef, Registry},
     types::{ToJSON, Type},
-    Object, OpenApi, Union,
+    ApiResponse, Object, OpenApi, Union,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::{
@@ -337,6 +337,49 @@ impl JobsApi {
         Ok(Json(JobPage { jobs, next_cursor }))
     }
 
+    /// Cancel a job
+    ///
+    /// A queued job is cancelled at once and never starts (200). A running job's
+    /// worker is asked to stop: its in-flight provider calls are aborted within about a
+    /// second and the job ends `cancelled`, keeping the steps already done (202;
+    /// follow its events). A job that has already ended answers 409. Owner or admin.
+    #[oai(path = "/jobs/:id/cancel", method = "post")]
+    async fn cancel_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<CancelResponse, ApiError> {
+        let state = &self.state;
+        let job = match auth.0.is_admin() {
+            true => db::jobs::get(&state.pool, id.0).await?.ok_or(ApiError::NotFound("job not found"))?,
+            false => self.owned_job(&auth, id.0).await?,
+        };
+        let mut tx = state.pool.begin().await?;
+        let status = db::jobs::lock_status(&mut tx, job.id).await?.ok_or(ApiError::NotFound("job not found"))?;
+        let view = |status: JobStatus| CancelView { id: job.id, status, links: JobLinks::for_job(job.id) };
+        match status {
+            status if status.is_terminal() => Err(ApiError::Conflict(format!("the job has already ended ({status})"))),
+            JobStatus::Queued => {
+                let error = json!({ "code": "cancelled", "message": "cancelled before it started" });
+                db::jobs::finish(&mut *tx, job.id, JobStatus::Cancelled, None, Some(&error)).await?;
+                db::usage::settle(&mut tx, job.id).await?;
+                let event = db::events::append(
+                    &mut tx,
+                    job.id,
+                    EventKind::Cancelled,
+                    json!({ "status": "cancelled", "error": error }),
+                )
+                .await?;
+                tx.commit().await?;
+                state.events.publish(&event).await;
+                tracing::info!(job_id = %job.id, "queued job cancelled");
+                Ok(CancelResponse::Cancelled(Json(view(JobStatus::Cancelled))))
+            }
+            _ => {
+                db::jobs::request_cancel(&mut *tx, job.id).await?;
+                tx.commit().await?;
+                tracing::info!(job_id = %job.id, "cancellation requested for a running job");
+                Ok(CancelResponse::Cancelling(Json(view(status))))
+            }
+        }
+    }
+
     /// Get a stream ticket
     ///
     /// For browsers: `EventSource` cannot send an `Authorization` header, and a
@@ -430,6 +473,24 @@ pub fn stream_permit(state: &AppState, principal: &Principal) -> Result<StreamPe
 
 /// How long a disconnected `EventSource` waits before reconnecting (SSE `retry:`).
 const RECONNECT_AFTER_MS: u64 = 2_000;
+
+#[derive(Debug, Object)]
+pub struct CancelView {
+    pub id: Uuid,
+    /// `cancelled`, or `running` while the worker stops it.
+    pub status: JobStatus,
+    pub links: JobLinks,
+}
+
+#[derive(ApiResponse)]
+pub enum CancelResponse {
+    /// The job was queued and is now cancelled.
+    #[oai(status = 200)]
+    Cancelled(Json<CancelView>),
+    /// The job is running; its worker is stopping it.
+    #[oai(status = 202)]
+    Cancelling(Json<CancelView>),
+}
 
 /// A single-use ticket to open one job's event stream without an `Authorization` header.
 #[derive(Debug, Object)]

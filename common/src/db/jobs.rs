@@ -136,3 +136,26 @@ pub async fn finish(
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// A job's status, locked for the caller's transaction.
+pub async fn lock_status(conn: &mut PgConnection, id: Uuid) -> Result<Option<JobStatus>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(conn).await
+}
+
+/// Asks the worker running a job to stop it.
+pub async fn request_cancel(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()) WHERE id = $1")
+        .bind(id)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
+/// Whether someone asked to cancel the job.
+pub async fn cancel_requested(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, sqlx::Error> {
+    let requested: Option<bool> = sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(ex)
+        .await?;
+    Ok(requested.unwrap_or(false))
+}

@@ -17,6 +17,7 @@ use common::{
 };
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::providers::Providers;
@@ -46,6 +47,9 @@ pub enum PipelineError {
     Database(#[from] sqlx::Error),
 }
 
+/// How often a running job checks whether it was cancelled.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Minimum models that must answer for a job to succeed.
 const MIN_MODELS: usize = 1;
 
@@ -69,11 +73,29 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
 
     let done: HashMap<(Stage, String), Step> =
         db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
+    let cancel = CancellationToken::new();
     let runs = job.models.iter().map(|model| {
         let previous = done.get(&(Stage::Initial, model.clone()));
-        step::run(ctx, &job, Stage::Initial, model, previous)
+        step::run(ctx, &job, Stage::Initial, model, previous, &cancel)
     });
-    let results = futures::future::join_all(runs).await;
+    let steps = futures::future::join_all(runs);
+    tokio::pin!(steps);
+    // A cancellation request is noticed within a poll interval and aborts the calls.
+    let results = loop {
+        tokio::select! {
+            results = &mut steps => break results,
+            _ = tokio::time::sleep(CANCEL_POLL), if !cancel.is_cancelled() => {
+                if db::jobs::cancel_requested(&ctx.pool, job_id).await.unwrap_or(false) {
+                    tracing::info!(%job_id, "cancellation requested; aborting provider calls");
+                    cancel.cancel();
+                }
+            }
+        }
+    };
+    if cancel.is_cancelled() || db::jobs::cancel_requested(&ctx.pool, job_id).await? {
+        let error = json!({ "code": "cancelled", "message": "the job was cancelled" });
+        return finish(ctx, job_id, JobStatus::Cancelled, None, Some(error)).await;
+    }
 
     let mut answers = Vec::new();
     let mut failures = Vec::new();

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::{JobContext, PipelineError};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::tokens::TokenRelay;
 use crate::providers::{Completion, CompletionRequest, ProviderError};
@@ -29,6 +30,7 @@ pub async fn run(
     stage: Stage,
     model: &str,
     previous: Option<&Step>,
+    cancel: &CancellationToken,
 ) -> Result<StepResult, PipelineError> {
     if let Some(step) = previous.filter(|s| s.status == StepStatus::Succeeded) {
         tracing::debug!(job_id = %job.id, %stage, model, "step already done; reusing its output");
@@ -48,7 +50,11 @@ pub async fn run(
     tx.commit().await?;
     ctx.events.publish(&started).await;
 
-    let result = call(ctx, job, stage, model).await;
+    // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
+    let result = tokio::select! {
+        result = call(ctx, job, stage, model) => result,
+        _ = cancel.cancelled() => Err(json!({ "code": "cancelled", "message": "the job was cancelled", "retryable": false })),
+    };
 
     let (outcome, (kind, data)) = match &result {
         Ok(Answer { completion, cost_micros, cached }) => (
