@@ -22,6 +22,13 @@ pub struct Tier {
     /// Event streams open at once (per api replica).
     #[serde(default = "default_streams")]
     pub concurrent_streams: u32,
+    /// The longest deadline (`options.timeout_s`) a job may ask for, in seconds.
+    #[serde(default = "default_max_job_seconds")]
+    pub max_job_seconds: u32,
+}
+
+fn default_max_job_seconds() -> u32 {
+    1_800
 }
 
 fn default_streams() -> u32 {
@@ -44,6 +51,7 @@ impl Tiers {
                 models_per_job,
                 daily_tokens,
                 concurrent_streams: streams,
+                max_job_seconds: default_max_job_seconds(),
             };
         Self(BTreeMap::from([
             ("free".to_owned(), tier(60, 10, 2, 3, 100_000, 5)),

@@ -61,3 +61,22 @@ async fn a_running_job_stops_within_a_second_keeping_what_is_done() {
     problem(cancel(&app, &key, id).await, StatusCode::CONFLICT).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_past_its_deadline_fails_and_its_calls_are_aborted() {
+    let app = TestApp::spawn_with(Options { mock_latency_ms: 20_000, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let body = serde_json::json!({ "prompt": "hi", "models": ["mock/alpha"], "options": { "timeout_s": 1 } });
+    let response = app.submit(&key, &body).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+    let started = Instant::now();
+    let job = app.wait_for_terminal(&key, id).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("deadline_exceeded")));
+    assert_eq!(job["steps"][0]["error"]["code"], "deadline_exceeded");
+
+    let zero = serde_json::json!({ "prompt": "hi", "models": ["mock/alpha"], "options": { "timeout_s": 0 } });
+    problem(app.submit(&key, &zero).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    app.stop().await;
+}

@@ -29,6 +29,7 @@ async fn the_relay_publishes_a_job_whose_fast_path_publish_never_happened() {
         options: &json!({}),
         reserved_tokens: 0,
         reserved_day: None,
+        timeout_secs: 600,
     };
     db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
     db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued event");

@@ -70,6 +70,10 @@ pub struct AnalyzeOptions {
     /// this one). A cached answer costs nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
+    /// The job's deadline in seconds from submission, at most the tier's
+    /// `max_job_seconds`; past it the job fails `deadline_exceeded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
 }
 
 /// The job was accepted; it runs in the background.
@@ -141,6 +145,7 @@ impl AnalyzeApi {
         let request_hash = Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec();
         let mut options = request.options.unwrap_or_default();
         let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
+        let timeout = options.timeout_s;
         let calls = request.models.len() as i64 * accepted.pattern.stages() as i64;
         let prompt_tokens = request.prompt.chars().count().div_ceil(4) as i64;
         let reserve = calls * (i64::from(max_tokens) + prompt_tokens);
@@ -203,6 +208,7 @@ impl AnalyzeApi {
                 options: &options,
                 reserved_tokens: reserve,
                 reserved_day: Some(today),
+                timeout_secs: timeout.unwrap_or(state.config.default_job_timeout_secs).min(tier.max_job_seconds),
             },
         )
         .await?;
@@ -323,6 +329,9 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
             if !(1..=32_768).contains(&m) {
                 errors.push(FieldError::new("options.max_tokens", "must be between 1 and 32768"));
             }
+        }
+        if options.timeout_s == Some(0) {
+            errors.push(FieldError::new("options.timeout_s", "must be at least 1 second"));
         }
     }
     match pattern {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::domain::JobStatus;
 
 const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
-                       created_at, started_at, finished_at";
+                       created_at, started_at, finished_at, deadline_at";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Job {
@@ -25,6 +25,8 @@ pub struct Job {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Past this the job fails `deadline_exceeded`.
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 /// What a client asked for, validated.
@@ -39,12 +41,14 @@ pub struct NewJob<'a> {
     /// Tokens reserved against the user's daily budget, and the day they count for.
     pub reserved_tokens: i64,
     pub reserved_day: Option<chrono::NaiveDate>,
+    /// Seconds from now until the job's deadline.
+    pub timeout_secs: u32,
 }
 
 pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
     sqlx::query_as(&format!(
-        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day, deadline_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9)) RETURNING {COLUMNS}"
     ))
     .bind(job.id)
     .bind(job.user_id)
@@ -54,6 +58,7 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sq
     .bind(job.options)
     .bind(job.reserved_tokens)
     .bind(job.reserved_day)
+    .bind(f64::from(job.timeout_secs))
     .fetch_one(conn)
     .await
 }

@@ -7,7 +7,7 @@
 mod step;
 pub mod tokens;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::{
     catalog::Catalog,
@@ -48,7 +48,7 @@ pub enum PipelineError {
 }
 
 /// How often a running job checks whether it was cancelled.
-const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+const CANCEL_POLL: Duration = Duration::from_millis(250);
 
 /// Minimum models that must answer for a job to succeed.
 const MIN_MODELS: usize = 1;
@@ -71,6 +71,12 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     }
     tracing::info!(%job_id, attempt = job.attempts, "job running");
 
+    let left = job.deadline_at.map(|at| (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO));
+    if left == Some(Duration::ZERO) {
+        return finish(ctx, job_id, JobStatus::Failed, None, Some(deadline_error())).await;
+    }
+    let deadline = tokio::time::Instant::now() + left.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+
     let done: HashMap<(Stage, String), Step> =
         db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
     let cancel = CancellationToken::new();
@@ -80,10 +86,17 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     });
     let steps = futures::future::join_all(runs);
     tokio::pin!(steps);
-    // A cancellation request is noticed within a poll interval and aborts the calls.
+    // A cancellation request is noticed within a poll interval, the deadline at once;
+    // either aborts the calls in flight.
+    let mut deadline_passed = false;
     let results = loop {
         tokio::select! {
             results = &mut steps => break results,
+            _ = tokio::time::sleep_until(deadline), if !cancel.is_cancelled() => {
+                tracing::info!(%job_id, "deadline passed; aborting provider calls");
+                deadline_passed = true;
+                cancel.cancel();
+            }
             _ = tokio::time::sleep(CANCEL_POLL), if !cancel.is_cancelled() => {
                 if db::jobs::cancel_requested(&ctx.pool, job_id).await.unwrap_or(false) {
                     tracing::info!(%job_id, "cancellation requested; aborting provider calls");
@@ -92,6 +105,9 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
             }
         }
     };
+    if deadline_passed {
+        return finish(ctx, job_id, JobStatus::Failed, None, Some(deadline_error())).await;
+    }
     if cancel.is_cancelled() || db::jobs::cancel_requested(&ctx.pool, job_id).await? {
         let error = json!({ "code": "cancelled", "message": "the job was cancelled" });
         return finish(ctx, job_id, JobStatus::Cancelled, None, Some(error)).await;
@@ -118,6 +134,10 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
         ),
     };
     finish(ctx, job_id, status, result, error).await
+}
+
+fn deadline_error() -> Value {
+    json!({ "code": "deadline_exceeded", "message": "the job did not finish before its deadline" })
 }
 
 /// Commits the terminal status with its event; a no-op if another delivery got there first.

@@ -53,7 +53,15 @@ pub async fn run(
     // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
     let result = tokio::select! {
         result = call(ctx, job, stage, model) => result,
-        _ = cancel.cancelled() => Err(json!({ "code": "cancelled", "message": "the job was cancelled", "retryable": false })),
+        _ = cancel.cancelled() => {
+            let past_deadline = job.deadline_at.is_some_and(|at| at <= chrono::Utc::now());
+            let (code, message) = if past_deadline {
+                ("deadline_exceeded", "the job's deadline passed")
+            } else {
+                ("cancelled", "the job was cancelled")
+            };
+            Err(json!({ "code": code, "message": message, "retryable": false }))
+        }
     };
 
     let (outcome, (kind, data)) = match &result {
