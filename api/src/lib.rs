@@ -55,6 +55,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         hub: Arc::new(EventHub::default()),
         catalog: Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
         tiers: Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
+        patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
         jwt: JwtService::new(
             &config.jwt_keys().map_err(anyhow::Error::msg)?,
             &config.jwt_issuer,

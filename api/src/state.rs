@@ -24,6 +24,7 @@ pub struct AppState {
     pub hub: Arc<EventHub>,
     pub catalog: Catalog,
     pub tiers: Tiers,
+    pub patterns: common::patterns::Patterns,
     pub jwt: JwtService,
     pub passwords: Passwords,
     pub limiter: RateLimiter,

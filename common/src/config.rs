@@ -262,6 +262,9 @@ impl Config {
         if let Err(problem) = crate::catalog::Catalog::load(self.config_file.as_deref()) {
             problems.push(problem);
         }
+        if let Err(problem) = crate::patterns::Patterns::load(self.config_file.as_deref()) {
+            problems.push(problem);
+        }
         if self.environment == Environment::Production {
             if self.amqp_url.contains("guest:guest@") {
                 problems.push("AMQP_URL uses RabbitMQ's default guest credentials".to_owned());

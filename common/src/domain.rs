@@ -87,14 +87,6 @@ string_enum! {
 }
 
 string_enum! {
-    /// Analysis patterns. `direct` sends the prompt to every model once; the
-    /// multi-stage patterns arrive with the pipeline.
-    Pattern("pattern") {
-        Direct => "direct",
-    }
-}
-
-string_enum! {
     /// Kinds of job events, as they appear in `job_events.kind` and SSE `event:` lines.
     EventKind("event kind") {
         Queued => "queued",
@@ -105,15 +97,6 @@ string_enum! {
         Succeeded => "succeeded",
         Failed => "failed",
         Cancelled => "cancelled",
-    }
-}
-
-impl Pattern {
-    /// Provider calls per model: the stages the pattern runs.
-    pub fn stages(self) -> usize {
-        match self {
-            Pattern::Direct => 1,
-        }
     }
 }
 
@@ -136,7 +119,7 @@ mod tests {
         for kind in EventKind::ALL {
             assert_eq!(kind.as_str().parse::<EventKind>().ok(), Some(*kind));
         }
-        assert!("nope".parse::<Pattern>().is_err());
+        assert!("nope".parse::<JobStatus>().is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod db;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod patterns;
 pub mod queue;
 pub mod redis;
 pub mod shutdown;

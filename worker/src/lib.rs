@@ -74,6 +74,7 @@ impl Worker {
             providers,
             catalog: catalog.clone(),
             cache: cache::ResponseCache::new(redis.clone(), &config.redis_prefix, config.cache_ttl()),
+            patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
         });
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
 

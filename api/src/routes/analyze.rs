@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use common::{db, domain::Pattern, queue::JobMessage};
+use common::{db, patterns::PatternSpec, queue::JobMessage};
 use futures::stream::BoxStream;
 use poem_openapi::{
     param::Header,
@@ -70,6 +70,13 @@ pub struct AnalyzeOptions {
     /// this one). A cached answer costs nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
+    /// The model that writes the synthesis (one of `models`); by default the first
+    /// model with an answer. If it fails, the next one takes over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthesis_model: Option<String>,
+    /// Answers a stage needs to go on (default 1); fewer fail the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_models: Option<u32>,
     /// The job's deadline in seconds from submission, at most the tier's
     /// `max_job_seconds`; past it the job fails `deadline_exceeded`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,7 +153,7 @@ impl AnalyzeApi {
         let mut options = request.options.unwrap_or_default();
         let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
         let timeout = options.timeout_s;
-        let calls = request.models.len() as i64 * accepted.pattern.stages() as i64;
+        let calls = accepted.spec.calls(request.models.len()) as i64;
         let prompt_tokens = request.prompt.chars().count().div_ceil(4) as i64;
         let reserve = calls * (i64::from(max_tokens) + prompt_tokens);
         let options = serde_json::to_value(options).map_err(|e| ApiError::Internal(e.into()))?;
@@ -202,7 +209,7 @@ impl AnalyzeApi {
             &db::jobs::NewJob {
                 id,
                 user_id: auth.0.user_id,
-                pattern: accepted.pattern.as_str(),
+                pattern: &accepted.name,
                 prompt: &request.prompt,
                 models: &request.models,
                 options: &options,
@@ -236,7 +243,8 @@ impl AnalyzeApi {
 }
 
 struct Accepted {
-    pattern: Pattern,
+    name: String,
+    spec: PatternSpec,
 }
 
 const IN_PROGRESS: &str = "a request with this Idempotency-Key is still being processed; retry shortly";
@@ -311,11 +319,15 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
             ));
         }
     }
-    let pattern = match request.pattern.as_deref().unwrap_or("direct").parse::<Pattern>() {
-        Ok(pattern) => Some(pattern),
-        Err(err) => {
-            let known: Vec<_> = Pattern::ALL.iter().map(|p| p.as_str()).collect();
-            errors.push(FieldError::new("pattern", format!("{err}; known patterns: {}", known.join(", "))));
+    let name = request.pattern.as_deref().unwrap_or("direct");
+    let pattern = match state.patterns.get(name) {
+        Some(spec) => Some((name.to_owned(), spec.clone())),
+        None => {
+            let known: Vec<_> = state.patterns.iter().map(|(name, _)| name).collect();
+            errors.push(FieldError::new(
+                "pattern",
+                format!("unknown pattern `{name}`; known patterns: {} (GET /v1/patterns)", known.join(", ")),
+            ));
             None
         }
     };
@@ -333,9 +345,19 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
         if options.timeout_s == Some(0) {
             errors.push(FieldError::new("options.timeout_s", "must be at least 1 second"));
         }
+        if let Some(model) = &options.synthesis_model {
+            if !request.models.contains(model) {
+                errors.push(FieldError::new("options.synthesis_model", "must be one of `models`"));
+            }
+        }
+        if let Some(min) = options.min_models {
+            if min == 0 || min as usize > request.models.len() {
+                errors.push(FieldError::new("options.min_models", "must be between 1 and the number of models"));
+            }
+        }
     }
     match pattern {
-        Some(pattern) if errors.is_empty() => Ok(Accepted { pattern }),
+        Some((name, spec)) if errors.is_empty() => Ok(Accepted { name, spec }),
         _ => Err(ApiError::validation(errors)),
     }
 }

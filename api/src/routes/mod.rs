@@ -7,6 +7,7 @@ pub mod auth;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod patterns;
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub type Apis = (
     analyze::AnalyzeApi,
     jobs::JobsApi,
     models::ModelsApi,
+    patterns::PatternsApi,
     auth::AuthApi,
     api_keys::ApiKeysApi,
     admin::AdminApi,
@@ -44,6 +46,7 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         analyze::AnalyzeApi { state: state.clone() },
         jobs::JobsApi { state: state.clone() },
         models::ModelsApi { state: state.clone() },
+        patterns::PatternsApi { state: state.clone() },
         auth::AuthApi { state: state.clone() },
         api_keys::ApiKeysApi { state: state.clone() },
         admin::AdminApi { state: state.clone() },

@@ -4,6 +4,7 @@
 //!
 //! The `direct` pattern runs one stage: every model answers the prompt, concurrently.
 
+mod stages;
 mod step;
 pub mod tokens;
 
@@ -20,6 +21,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::stages::{Stages, StagesOutcome};
 use crate::providers::Providers;
 
 /// What a job run needs, shared by every delivery of a worker process.
@@ -29,6 +31,7 @@ pub struct JobContext {
     pub providers: Providers,
     pub catalog: Catalog,
     pub cache: crate::cache::ResponseCache,
+    pub patterns: common::patterns::Patterns,
 }
 
 /// What happened to a delivery's job.
@@ -49,9 +52,6 @@ pub enum PipelineError {
 
 /// How often a running job checks whether it was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
-
-/// Minimum models that must answer for a job to succeed.
-const MIN_MODELS: usize = 1;
 
 pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, PipelineError> {
     let mut tx = ctx.pool.begin().await?;
@@ -80,18 +80,20 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     let done: HashMap<(Stage, String), Step> =
         db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
     let cancel = CancellationToken::new();
-    let runs = job.models.iter().map(|model| {
-        let previous = done.get(&(Stage::Initial, model.clone()));
-        step::run(ctx, &job, Stage::Initial, model, previous, &cancel)
-    });
-    let steps = futures::future::join_all(runs);
-    tokio::pin!(steps);
+    let Some(pattern) = ctx.patterns.get(&job.pattern).cloned() else {
+        let error =
+            json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
+        return finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await;
+    };
+    let stages = Stages { ctx, job: &job, pattern: &pattern, done: &done, cancel: &cancel };
+    let work = stages.run();
+    tokio::pin!(work);
     // A cancellation request is noticed within a poll interval, the deadline at once;
     // either aborts the calls in flight.
     let mut deadline_passed = false;
-    let results = loop {
+    let outcome = loop {
         tokio::select! {
-            results = &mut steps => break results,
+            outcome = &mut work => break outcome?,
             _ = tokio::time::sleep_until(deadline), if !cancel.is_cancelled() => {
                 tracing::info!(%job_id, "deadline passed; aborting provider calls");
                 deadline_passed = true;
@@ -112,28 +114,10 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
         let error = json!({ "code": "cancelled", "message": "the job was cancelled" });
         return finish(ctx, job_id, JobStatus::Cancelled, None, Some(error)).await;
     }
-
-    let mut answers = Vec::new();
-    let mut failures = Vec::new();
-    for (model, result) in job.models.iter().zip(results) {
-        match result? {
-            Ok(output) => answers.push(json!({ "model": model, "output": output })),
-            Err(error) => failures.push(json!({ "model": model, "stage": Stage::Initial, "error": error })),
-        }
+    match outcome {
+        StagesOutcome::Succeeded(result) => finish(ctx, job_id, JobStatus::Succeeded, Some(result), None).await,
+        StagesOutcome::Failed(error) => finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await,
     }
-    let status = if answers.len() >= MIN_MODELS { JobStatus::Succeeded } else { JobStatus::Failed };
-    let (result, error): (Option<Value>, Option<Value>) = match status {
-        JobStatus::Succeeded => (Some(json!({ "answers": answers, "failures": failures })), None),
-        _ => (
-            None,
-            Some(json!({
-                "code": "too_few_models",
-                "message": format!("{} of {} models answered; at least {MIN_MODELS} needed", answers.len(), job.models.len()),
-                "failures": failures,
-            })),
-        ),
-    };
-    finish(ctx, job_id, status, result, error).await
 }
 
 fn deadline_error() -> Value {

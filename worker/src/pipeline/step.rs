@@ -29,6 +29,7 @@ pub async fn run(
     job: &Job,
     stage: Stage,
     model: &str,
+    prompt: &str,
     previous: Option<&Step>,
     cancel: &CancellationToken,
 ) -> Result<StepResult, PipelineError> {
@@ -52,7 +53,7 @@ pub async fn run(
 
     // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
     let result = tokio::select! {
-        result = call(ctx, job, stage, model) => result,
+        result = call(ctx, job, stage, model, prompt) => result,
         _ = cancel.cancelled() => {
             let past_deadline = job.deadline_at.is_some_and(|at| at <= chrono::Utc::now());
             let (code, message) = if past_deadline {
@@ -139,7 +140,7 @@ struct Answer {
     cached: bool,
 }
 
-async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str) -> Result<Answer, Value> {
+async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &str) -> Result<Answer, Value> {
     let Some(spec) = ctx.catalog.get(model) else {
         return Err(
             json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
@@ -150,7 +151,7 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str) -> Result<
     };
     let request = CompletionRequest {
         model: spec,
-        prompt: &job.prompt,
+        prompt,
         temperature: job.options.get("temperature").and_then(Value::as_f64),
         // Never more than the model can write: the provider would refuse the call.
         max_tokens: job

@@ -1,0 +1,141 @@
+//! The stages of an analysis: `initial` (every model answers the prompt), `meta`
+//! (every model that answered revises in view of the others), `synthesis` (one model
+//! writes the final answer; if it fails, the next takes over). A stage goes on with
+//! the models that answered while at least `min_models` remain.
+
+use std::{collections::HashMap, sync::Arc};
+
+use common::{
+    db::{jobs::Job, steps::Step},
+    domain::Stage,
+    patterns::{render, PatternSpec},
+};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{step, JobContext, PipelineError};
+
+/// How the stages ended: a result, or the error the job fails with.
+pub enum StagesOutcome {
+    Succeeded(Value),
+    Failed(Value),
+}
+
+pub struct Stages<'a> {
+    pub ctx: &'a Arc<JobContext>,
+    pub job: &'a Job,
+    pub pattern: &'a PatternSpec,
+    /// Steps a previous delivery finished: reused, never called again.
+    pub done: &'a HashMap<(Stage, String), Step>,
+    pub cancel: &'a CancellationToken,
+}
+
+impl Stages<'_> {
+    pub async fn run(&self) -> Result<StagesOutcome, PipelineError> {
+        let job = self.job;
+        let min_models = job.options.get("min_models").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+        let mut failures = Vec::new();
+
+        let prompts = job.models.iter().map(|m| (m.clone(), job.prompt.clone())).collect();
+        let initial = self.stage(Stage::Initial, prompts, &mut failures).await?;
+        if initial.len() < min_models {
+            return Ok(too_few(Stage::Initial, initial.len(), min_models, failures));
+        }
+
+        let mut current = initial.clone();
+        let mut meta = None;
+        if let Some(template) = &self.pattern.meta_template {
+            let prompts = current
+                .iter()
+                .map(|(model, own)| {
+                    let others = listing(current.iter().filter(|(m, _)| m != model));
+                    let prompt = render(
+                        template,
+                        &[("original_prompt", &job.prompt), ("own_response", own), ("other_responses", &others)],
+                    );
+                    (model.clone(), prompt)
+                })
+                .collect();
+            let revised = self.stage(Stage::Meta, prompts, &mut failures).await?;
+            if revised.len() < min_models {
+                return Ok(too_few(Stage::Meta, revised.len(), min_models, failures));
+            }
+            meta = Some(answers_json(&revised));
+            current = revised;
+        }
+
+        let mut synthesis = None;
+        if let Some(template) = &self.pattern.synthesis_template {
+            let prompt = render(template, &[("original_prompt", &job.prompt), ("responses", &listing(current.iter()))]);
+            // The requested model first, then the others in the job's order.
+            let wanted = job.options.get("synthesis_model").and_then(Value::as_str);
+            let mut candidates: Vec<&String> = current.iter().map(|(m, _)| m).collect();
+            candidates.sort_by_key(|m| Some(m.as_str()) != wanted);
+            for model in candidates {
+                let outcome =
+                    self.stage(Stage::Synthesis, vec![(model.clone(), prompt.clone())], &mut failures).await?;
+                if let Some((model, output)) = outcome.into_iter().next() {
+                    synthesis = Some(json!({ "model": model, "output": output }));
+                    break;
+                }
+            }
+            if synthesis.is_none() {
+                return Ok(StagesOutcome::Failed(json!({
+                    "code": "synthesis_failed",
+                    "message": "every model that could write the synthesis failed",
+                    "failures": failures,
+                })));
+            }
+        }
+
+        let mut result = json!({ "answers": answers_json(&initial), "failures": failures });
+        if let Some(meta) = meta {
+            result["meta"] = meta;
+        }
+        if let Some(synthesis) = synthesis {
+            result["output"] = synthesis["output"].clone();
+            result["synthesis"] = synthesis;
+        }
+        Ok(StagesOutcome::Succeeded(result))
+    }
+
+    /// Runs one stage's steps concurrently; the answers in the job's model order, the
+    /// failures appended to `failures`.
+    async fn stage(
+        &self,
+        stage: Stage,
+        prompts: Vec<(String, String)>,
+        failures: &mut Vec<Value>,
+    ) -> Result<Vec<(String, String)>, PipelineError> {
+        let runs = prompts.iter().map(|(model, prompt)| {
+            let previous = self.done.get(&(stage, model.clone()));
+            step::run(self.ctx, self.job, stage, model, prompt, previous, self.cancel)
+        });
+        let results = futures::future::join_all(runs).await;
+        let mut answers = Vec::new();
+        for ((model, _), result) in prompts.into_iter().zip(results) {
+            match result? {
+                Ok(output) => answers.push((model, output)),
+                Err(error) => failures.push(json!({ "model": model, "stage": stage, "error": error })),
+            }
+        }
+        Ok(answers)
+    }
+}
+
+/// `- model: answer` lines, for templates.
+fn listing<'a>(answers: impl Iterator<Item = &'a (String, String)>) -> String {
+    answers.map(|(model, text)| format!("- {model}: {text}")).collect::<Vec<_>>().join("\n")
+}
+
+fn answers_json(answers: &[(String, String)]) -> Value {
+    answers.iter().map(|(model, output)| json!({ "model": model, "output": output })).collect()
+}
+
+fn too_few(stage: Stage, answered: usize, needed: usize, failures: Vec<Value>) -> StagesOutcome {
+    StagesOutcome::Failed(json!({
+        "code": "too_few_models",
+        "message": format!("{answered} models answered at the {stage} stage; at least {needed} needed"),
+        "failures": failures,
+    }))
+}
