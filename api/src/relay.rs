@@ -18,6 +18,8 @@ use crate::state::AppState;
 /// Outbox rows younger than this belong to a fast path that may not have locked its
 /// row yet (it does so right after the job's commit).
 const MIN_AGE_MS: i64 = 2_000;
+/// How often the reaper looks for running jobs whose lease expired.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often expired idempotency keys are deleted.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 /// Rows published per relay transaction.
@@ -51,10 +53,19 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(state.config.relay_interval());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_purge = tokio::time::Instant::now();
+    let mut next_reap = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
+        }
+        if tokio::time::Instant::now() >= next_reap {
+            next_reap = tokio::time::Instant::now() + REAP_EVERY;
+            match reap(&state).await {
+                Ok(0) => {}
+                Ok(reaped) => tracing::warn!(reaped, "returned jobs whose worker is gone to the queue"),
+                Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
+            }
         }
         // Housekeeping rides along: expired idempotency keys, every few minutes.
         if tokio::time::Instant::now() >= next_purge {
@@ -88,4 +99,20 @@ pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
     }
     tx.commit().await?;
     Ok(published)
+}
+
+/// Returns jobs whose worker is gone (lease expired) to the queue: status `queued`, a
+/// `queued` event, and an outbox row the next relay pass publishes. The new delivery
+/// resumes the job, skipping the steps it finished.
+pub async fn reap(state: &AppState) -> Result<usize, sqlx::Error> {
+    let mut tx = state.pool.begin().await?;
+    let reaped = db::jobs::reap_expired(&mut tx, BATCH).await?;
+    let mut events = Vec::with_capacity(reaped.len());
+    for job_id in &reaped {
+        let data = serde_json::json!({ "status": "queued", "reason": "worker lost; requeued" });
+        events.push(db::events::append(&mut tx, *job_id, common::domain::EventKind::Queued, data).await?);
+    }
+    tx.commit().await?;
+    state.events.publish_all(&events).await;
+    Ok(reaped.len())
 }

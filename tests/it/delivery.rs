@@ -96,3 +96,76 @@ async fn jobs_accepted_while_rabbitmq_is_down_run_when_it_returns() {
     }
     app.stop().await;
 }
+
+/// A job as a worker that died mid-run leaves it: running, its lease expired, one of
+/// its two steps finished.
+async fn orphan(app: &TestApp, user_id: Uuid, lease_ends_in_secs: i64) -> Uuid {
+    let id = Uuid::now_v7();
+    let models = vec!["mock/alpha".to_owned(), "mock/beta".to_owned()];
+    let mut tx = app.pool.begin().await.expect("begin");
+    let new_job = db::jobs::NewJob {
+        id,
+        user_id,
+        pattern: "direct",
+        prompt: "orphaned",
+        models: &models,
+        options: &json!({}),
+        reserved_tokens: 0,
+        reserved_day: None,
+        timeout_secs: 600,
+    };
+    db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
+    db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued");
+    sqlx::query(
+        "UPDATE jobs SET status = 'running', attempts = 1, started_at = now(), lease_owner = $2,
+                lease_until = now() + make_interval(secs => $3) WHERE id = $1",
+    )
+    .bind(id)
+    .bind(Uuid::new_v4())
+    .bind(lease_ends_in_secs as f64)
+    .execute(&mut *tx)
+    .await
+    .expect("lease");
+    let outcome = db::steps::StepOutcome::Succeeded {
+        output: "[mock/alpha] done before the crash.",
+        input_tokens: 1,
+        output_tokens: 6,
+        cost_micros: 0,
+        cached: false,
+    };
+    db::steps::finish(&mut *tx, id, common::domain::Stage::Initial, "mock/alpha", &outcome).await.expect("step");
+    tx.commit().await.expect("commit");
+    id
+}
+
+#[tokio::test]
+async fn the_reaper_returns_a_dead_workers_job_which_resumes_without_repeating_steps() {
+    let app = TestApp::spawn().await;
+    let (user_id, key) = app.user_with_key().await;
+    let id = orphan(&app, user_id, -1).await;
+
+    let job = app.wait_for_terminal(&key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(app.mock.calls(), 1, "only the unfinished step was called");
+    assert_eq!(job["steps"][0]["output"], "[mock/alpha] done before the crash.");
+    let queued = app.count("SELECT count(*) FROM job_events WHERE job_id = $1 AND kind = 'queued'", id).await;
+    assert_eq!(queued, 2, "the requeue is an event too");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_of_a_job_leased_to_a_live_worker_is_dropped() {
+    let app = TestApp::spawn_with(Options { concurrency: 1, ..Default::default() }).await;
+    let (user_id, key) = app.user_with_key().await;
+    let id = orphan(&app, user_id, 120).await; // the other worker is alive
+
+    let publisher = Publisher::new(app.config.amqp_url.clone(), Topology::new(&app.config.queue_prefix));
+    publisher.publish(&JobMessage::new(id, 2)).await.expect("publish");
+    let marker = app.submit_ok(&key, &["mock/gamma"]).await;
+    app.wait_for_terminal(&key, marker).await;
+    publisher.close().await;
+
+    assert_eq!(app.mock.calls(), 1, "only the marker job called a provider");
+    assert_eq!(app.job(&key, id).await["status"], "running", "left to its owner");
+    app.stop().await;
+}

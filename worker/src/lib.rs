@@ -21,6 +21,7 @@ use common::{
 use poem::{listener::TcpAcceptor, Server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::{
     consumer::Consumer,
@@ -75,6 +76,8 @@ impl Worker {
             catalog: catalog.clone(),
             cache: cache::ResponseCache::new(redis.clone(), &config.redis_prefix, config.cache_ttl()),
             patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
+            worker_id: Uuid::new_v4(),
+            running: pipeline::RunningJobs::default(),
         });
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
 

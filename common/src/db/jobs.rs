@@ -97,26 +97,90 @@ pub async fn list_owned(
     .await
 }
 
-/// Takes a job for a run: `queued` or `running` (a redelivery after a crash) becomes
-/// `running` with one more attempt. Returns the job and whether it was queued until
-/// now, or `None` if it is terminal or missing.
-pub async fn claim(conn: &mut PgConnection, id: Uuid) -> Result<Option<(Job, bool)>, sqlx::Error> {
-    let before: Option<JobStatus> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(before) = before.filter(|s| !s.is_terminal()) else {
-        return Ok(None);
-    };
-    let job: Job = sqlx::query_as(&format!(
+/// Why a delivery's job was not claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unclaimed {
+    /// Terminal or unknown: the delivery is a duplicate.
+    Finished,
+    /// Another worker holds a live lease on it: that worker will finish it, or the
+    /// reaper will return it to the queue if it dies.
+    Leased,
+}
+
+/// Takes a job for a run with one atomic update: a `queued` job, or a `running` one
+/// whose lease has expired (or is this worker's own: it stopped running it when its
+/// broker connection dropped), becomes `running`, leased to `owner` for `lease`, with
+/// one more attempt. Returns the job and whether this is its first run.
+pub async fn claim(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Uuid,
+    lease: std::time::Duration,
+) -> Result<Result<(Job, bool), Unclaimed>, sqlx::Error> {
+    let job: Option<Job> = sqlx::query_as(&format!(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1,
-                started_at = coalesce(started_at, now()), updated_at = now()
-          WHERE id = $1 RETURNING {COLUMNS}"
+                started_at = coalesce(started_at, now()), updated_at = now(),
+                lease_owner = $2, lease_until = now() + make_interval(secs => $3)
+          WHERE id = $1
+            AND (status = 'queued'
+                 OR (status = 'running' AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)))
+          RETURNING {COLUMNS}"
     ))
     .bind(id)
-    .fetch_one(&mut *conn)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(Some((job, before == JobStatus::Queued)))
+    if let Some(job) = job {
+        let first = job.attempts == 1;
+        return Ok(Ok((job, first)));
+    }
+    let status: Option<JobStatus> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+    Ok(Err(match status {
+        Some(JobStatus::Running) => Unclaimed::Leased,
+        _ => Unclaimed::Finished,
+    }))
+}
+
+/// Extends a lease the worker still holds. False if it lost it (the job was reaped
+/// and claimed elsewhere, or ended).
+pub async fn renew_lease(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    owner: Uuid,
+    lease: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $3)
+          WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Returns running jobs whose lease expired (their worker is gone) to the queue, with
+/// an outbox row each so the relay publishes them. Returns how many.
+pub async fn reap_expired(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH expired AS (
+            SELECT id FROM jobs WHERE status = 'running' AND lease_until < now()
+             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED
+         ), requeued AS (
+            UPDATE jobs j SET status = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now()
+              FROM expired WHERE j.id = expired.id RETURNING j.id, j.attempts
+         ), published AS (
+            INSERT INTO outbox (job_id, attempt) SELECT id, attempts + 1 FROM requeued RETURNING job_id
+         )
+         SELECT job_id FROM published",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
 }
 
 /// Moves a running job to its terminal status with its result or error. Returns

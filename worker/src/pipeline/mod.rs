@@ -32,6 +32,34 @@ pub struct JobContext {
     pub catalog: Catalog,
     pub cache: crate::cache::ResponseCache,
     pub patterns: common::patterns::Patterns,
+    /// This process, as the owner of its leases.
+    pub worker_id: Uuid,
+    /// Jobs this process is running now.
+    pub running: RunningJobs,
+}
+
+/// The jobs one worker process is running, so a duplicate delivery of one of them is
+/// dropped rather than run twice at once.
+#[derive(Default)]
+pub struct RunningJobs(std::sync::Mutex<std::collections::HashSet<Uuid>>);
+
+/// Marks a job running here until dropped (also when its task is aborted).
+pub struct RunningGuard<'a> {
+    jobs: &'a RunningJobs,
+    job_id: Uuid,
+}
+
+impl RunningJobs {
+    pub fn enter(&self, job_id: Uuid) -> Option<RunningGuard<'_>> {
+        let mut jobs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.insert(job_id).then_some(RunningGuard { jobs: self, job_id })
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.jobs.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.job_id);
+    }
 }
 
 /// What happened to a delivery's job.
@@ -50,15 +78,27 @@ pub enum PipelineError {
     Database(#[from] sqlx::Error),
 }
 
+/// How long a claim holds a job without renewal; renewed every third of it. A worker
+/// gone for longer has its jobs returned to the queue by the reaper.
+pub const LEASE: Duration = Duration::from_secs(30);
+
 /// How often a running job checks whether it was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
 
 pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, PipelineError> {
-    let mut tx = ctx.pool.begin().await?;
-    let Some((job, first_run)) = db::jobs::claim(&mut tx, job_id).await? else {
-        tx.rollback().await?;
-        tracing::info!(%job_id, "job already finished or unknown; dropping duplicate delivery");
+    // A job this process is running already: the delivery is a duplicate.
+    let Some(_running_here) = ctx.running.enter(job_id) else {
+        tracing::info!(%job_id, "job already running in this worker; dropping duplicate delivery");
         return Ok(Outcome::Skipped);
+    };
+    let mut tx = ctx.pool.begin().await?;
+    let (job, first_run) = match db::jobs::claim(&mut tx, job_id, ctx.worker_id, LEASE).await? {
+        Ok(claimed) => claimed,
+        Err(unclaimed) => {
+            tx.rollback().await?;
+            tracing::info!(%job_id, ?unclaimed, "job finished, unknown or leased elsewhere; dropping duplicate delivery");
+            return Ok(Outcome::Skipped);
+        }
     };
     let started = if first_run {
         Some(db::events::append(&mut tx, job_id, EventKind::Started, json!({ "attempt": job.attempts })).await?)
@@ -91,6 +131,7 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     // A cancellation request is noticed within a poll interval, the deadline at once;
     // either aborts the calls in flight.
     let mut deadline_passed = false;
+    let mut last_renewal = tokio::time::Instant::now();
     let outcome = loop {
         tokio::select! {
             outcome = &mut work => break outcome?,
@@ -103,6 +144,14 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
                 if db::jobs::cancel_requested(&ctx.pool, job_id).await.unwrap_or(false) {
                     tracing::info!(%job_id, "cancellation requested; aborting provider calls");
                     cancel.cancel();
+                }
+                if last_renewal.elapsed() >= LEASE / 3 {
+                    last_renewal = tokio::time::Instant::now();
+                    match db::jobs::renew_lease(&ctx.pool, job_id, ctx.worker_id, LEASE).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(%job_id, "lease lost: the job was reaped or ended elsewhere"),
+                        Err(err) => tracing::warn!(%job_id, error = %err, "cannot renew the lease; retrying"),
+                    }
                 }
             }
         }
