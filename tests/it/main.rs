@@ -11,6 +11,7 @@ mod idempotency;
 mod jobs;
 mod jwt;
 mod limits;
+mod outages;
 mod pipeline;
 mod processes;
 mod providers;
