@@ -6,7 +6,7 @@ use common::{
     domain::EventKind,
     queue::{JobMessage, Publisher, Topology},
 };
-use serde_json::json;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::{Options, TestApp};
@@ -167,5 +167,64 @@ async fn a_delivery_of_a_job_leased_to_a_live_worker_is_dropped() {
 
     assert_eq!(app.mock.calls(), 1, "only the marker job called a provider");
     assert_eq!(app.job(&key, id).await["status"], "running", "left to its owner");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_job_fails_with_the_reason_and_an_admin_can_replay_it() {
+    use lapin::{options::BasicPublishOptions, BasicProperties};
+
+    let app = TestApp::spawn().await;
+    let (user_id, key) = app.user_with_key().await;
+    let (admin_id, admin) = app.user_with_key().await;
+    sqlx::query("UPDATE users SET role = 'admin' WHERE id = $1")
+        .bind(admin_id)
+        .execute(&app.pool)
+        .await
+        .expect("promote");
+    let id = orphan(&app, user_id, 120).await;
+
+    // What the broker does with a message past its delivery limit.
+    let topology = Topology::new(&app.config.queue_prefix);
+    let connection = common::queue::connect(&app.config.amqp_url, "test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    // The worker may not have declared the queues yet: without them the message would vanish.
+    topology.declare(&channel).await.expect("declare");
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.expect("confirms");
+    let payload = serde_json::to_vec(&JobMessage::new(id, 11)).expect("json");
+    channel
+        .basic_publish(
+            topology.dead_exchange.as_str().into(),
+            common::queue::ANALYZE_ROUTING_KEY.into(),
+            BasicPublishOptions::default(),
+            &payload,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm")
+        .is_ack()
+        .then_some(())
+        .expect("the broker took the dead letter");
+    let _ = connection.close(200, "done".into()).await;
+
+    let failed = app.wait_for_terminal(&key, id).await;
+    assert_eq!((failed["status"].as_str(), failed["error"]["code"].as_str()), (Some("failed"), Some("dead_lettered")));
+
+    let listed: Value = app.get(&admin, "/v1/admin/dead-letters").await.json().await.expect("JSON");
+    assert_eq!(listed["dead_letters"][0]["job_id"], json!(id));
+    crate::support::problem(app.get(&key, "/v1/admin/dead-letters").await, reqwest::StatusCode::FORBIDDEN).await;
+
+    let replay = |who: &str| {
+        app.http.post(app.url(&format!("/v1/admin/dead-letters/{id}/replay"))).bearer_auth(who.to_owned()).send()
+    };
+    crate::support::problem(replay(&key).await.expect("replay"), reqwest::StatusCode::FORBIDDEN).await;
+    let replayed = replay(&admin).await.expect("replay");
+    assert_eq!(replayed.status(), reqwest::StatusCode::OK);
+    let job = app.wait_for_terminal(&key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(app.mock.calls(), 1, "the step finished before the dead letter was not called again");
+    crate::support::problem(replay(&admin).await.expect("replay"), reqwest::StatusCode::NOT_FOUND).await;
     app.stop().await;
 }

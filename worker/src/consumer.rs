@@ -79,9 +79,18 @@ impl Consumer {
                     FieldTable::default(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>((connection, channel, deliveries))
+            // Dead letters are few: the same channel records their jobs as failed.
+            let dead = channel
+                .basic_consume(
+                    topology.dead_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((connection, channel, deliveries, dead))
         };
-        let (connection, channel, mut deliveries) = tokio::select! {
+        let (connection, channel, mut deliveries, mut dead) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             setup = tokio::time::timeout(SETUP_TIMEOUT, setup) => {
                 setup.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "RabbitMQ session set-up timed out"))??
@@ -103,6 +112,11 @@ impl Consumer {
                     Some(Ok(delivery)) => { in_flight.spawn(handle(self.ctx.clone(), delivery, shutdown.clone())); }
                     Some(Err(err)) => break Err(err),
                     None => break Err(lapin::Error::from(std::io::Error::other("the broker cancelled the consumer"))),
+                },
+                letter = dead.next() => match letter {
+                    Some(Ok(letter)) => { in_flight.spawn(handle_dead_letter(self.ctx.clone(), letter)); }
+                    Some(Err(err)) => break Err(err),
+                    None => break Err(lapin::Error::from(std::io::Error::other("the broker cancelled the dead-letter consumer"))),
                 },
             }
         };
@@ -179,5 +193,28 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: Cancellation
     };
     if let Err(err) = settled {
         tracing::warn!(%job_id, error = %err, "could not settle the delivery; the broker will redeliver it");
+    }
+}
+
+/// A dead letter: a message the broker gave up on (past its delivery limit, or
+/// rejected as unreadable). Its job ends `failed` with code `dead_lettered`, so the
+/// client is told, the budget is released, and an admin can replay it.
+async fn handle_dead_letter(ctx: Arc<JobContext>, delivery: Delivery) {
+    match serde_json::from_slice::<JobMessage>(&delivery.data) {
+        Ok(message) => {
+            let job_id = message.job_id();
+            match pipeline::dead_lettered(&ctx, job_id).await {
+                Ok(_) => tracing::error!(%job_id, "job dead-lettered; it is failed and can be replayed"),
+                Err(err) => {
+                    tracing::warn!(%job_id, error = %err, "cannot record a dead letter yet; it stays queued");
+                    let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    return;
+                }
+            }
+        }
+        Err(err) => tracing::error!(error = %err, "unreadable dead letter dropped"),
+    }
+    if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %err, "could not ack a dead letter; it will come back");
     }
 }

@@ -32,12 +32,73 @@ pub struct AdminUserView {
     pub disabled: bool,
 }
 
+#[derive(Debug, Object)]
+pub struct DeadLetterView {
+    pub job_id: Uuid,
+    pub user_id: Uuid,
+    pub attempts: i32,
+    pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Debug, Object)]
+pub struct DeadLetterList {
+    /// Jobs whose message the broker gave up on, newest first (at most 100).
+    pub dead_letters: Vec<DeadLetterView>,
+}
+
+#[derive(Debug, Object)]
+pub struct Replayed {
+    pub job_id: Uuid,
+    /// `queued` again.
+    pub status: common::domain::JobStatus,
+}
+
 pub struct AdminApi {
     pub state: Arc<AppState>,
 }
 
 #[OpenApi(prefix_path = "/v1/admin", tag = "ApiTags::Admin")]
 impl AdminApi {
+    /// List dead-lettered jobs
+    #[oai(path = "/dead-letters", method = "get")]
+    async fn dead_letters(&self, auth: BearerAuth) -> Result<Json<DeadLetterList>, ApiError> {
+        require_admin(&auth)?;
+        let letters = db::jobs::dead_letters(&self.state.pool, 100).await?;
+        let dead_letters = letters
+            .into_iter()
+            .map(|d| DeadLetterView {
+                job_id: d.id,
+                user_id: d.user_id,
+                attempts: d.attempts,
+                failed_at: d.finished_at,
+            })
+            .collect();
+        Ok(Json(DeadLetterList { dead_letters }))
+    }
+
+    /// Replay a dead-lettered job
+    ///
+    /// Puts it back in the queue; it resumes, skipping the steps it finished. Its budget
+    /// reservation is taken again for today. Anything but a dead-lettered job is 404.
+    #[oai(path = "/dead-letters/:job_id/replay", method = "post")]
+    async fn replay(&self, auth: BearerAuth, job_id: Path<Uuid>) -> Result<Json<Replayed>, ApiError> {
+        require_admin(&auth)?;
+        let state = &self.state;
+        let mut tx = state.pool.begin().await?;
+        let job =
+            db::jobs::requeue_dead_letter(&mut tx, job_id.0).await?.ok_or(ApiError::NotFound("no such dead letter"))?;
+        let today = db::usage::today(&mut *tx).await?;
+        db::usage::reserve_again(&mut tx, job.user_id, today, job.id).await?;
+        let data = serde_json::json!({ "status": "queued", "reason": "replayed by an administrator" });
+        let event = db::events::append(&mut tx, job.id, common::domain::EventKind::Queued, data).await?;
+        let outbox_id = db::outbox::insert(&mut *tx, job.id, job.attempts + 1).await?;
+        tx.commit().await?;
+        state.events.publish(&event).await;
+        crate::relay::publish_now(state, outbox_id, &common::queue::JobMessage::new(job.id, job.attempts + 1)).await;
+        tracing::info!(admin = %auth.0.user_id, job_id = %job.id, "dead letter replayed");
+        Ok(Json(Replayed { job_id: job.id, status: job.status }))
+    }
+
     /// Change a user's tier or disable them
     #[oai(path = "/users/:id", method = "patch")]
     async fn update_user(
@@ -46,9 +107,7 @@ impl AdminApi {
         id: Path<Uuid>,
         body: JsonBody<UserUpdate>,
     ) -> Result<Json<AdminUserView>, ApiError> {
-        if !auth.0.is_admin() {
-            return Err(ApiError::Forbidden("administrators only"));
-        }
+        require_admin(&auth)?;
         let update = body.0;
         if let Some(tier) = &update.tier {
             if self.state.tiers.get(tier).is_none() {
@@ -73,5 +132,13 @@ impl AdminApi {
                 created_at: user.created_at,
             },
         }))
+    }
+}
+
+fn require_admin(auth: &BearerAuth) -> Result<(), ApiError> {
+    if auth.0.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("administrators only"))
     }
 }

@@ -228,3 +228,38 @@ pub async fn cancel_requested(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool,
         .await?;
     Ok(requested.unwrap_or(false))
 }
+
+/// A dead-lettered job, for administrators.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub attempts: i32,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Jobs that failed because their message was dead-lettered, newest first.
+pub async fn dead_letters(ex: impl PgExecutor<'_>, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, user_id, attempts, finished_at FROM jobs
+          WHERE status = 'failed' AND error->>'code' = 'dead_lettered'
+          ORDER BY finished_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(ex)
+    .await
+}
+
+/// Puts a dead-lettered job back in the queue — the one way a terminal job changes,
+/// and only by an administrator. Returns the job, or `None` if it is not dead-lettered.
+pub async fn requeue_dead_letter(conn: &mut PgConnection, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL, lease_owner = NULL,
+                lease_until = NULL, reserved_day = (now() AT TIME ZONE 'utc')::date, updated_at = now()
+          WHERE id = $1 AND status = 'failed' AND error->>'code' = 'dead_lettered'
+          RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}

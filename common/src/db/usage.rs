@@ -81,3 +81,15 @@ pub async fn settle(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::E
     .await?;
     Ok(())
 }
+
+/// Takes a replayed job's reservation again, for `day`.
+pub async fn reserve_again(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    day: NaiveDate,
+    job_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    let tokens: i64 =
+        sqlx::query_scalar("SELECT reserved_tokens FROM jobs WHERE id = $1").bind(job_id).fetch_one(&mut *conn).await?;
+    reserve(conn, user_id, day, tokens).await
+}

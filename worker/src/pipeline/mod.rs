@@ -169,6 +169,15 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     }
 }
 
+/// Ends a job whose message was dead-lettered (a no-op if it already ended).
+pub async fn dead_lettered(ctx: &JobContext, job_id: Uuid) -> Result<Outcome, PipelineError> {
+    let error = json!({
+        "code": "dead_lettered",
+        "message": "the job's message was dead-lettered after repeated delivery failures; an admin can replay it",
+    });
+    finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await
+}
+
 fn deadline_error() -> Value {
     json!({ "code": "deadline_exceeded", "message": "the job did not finish before its deadline" })
 }
