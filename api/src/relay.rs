@@ -90,7 +90,8 @@ pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
     let mut published = 0;
     for row in &batch {
         let message = JobMessage::new(row.job_id, row.attempt);
-        if let Err(err) = state.publisher.publish(&message).await {
+        let delay = std::time::Duration::from_millis(row.delay_ms.max(0) as u64);
+        if let Err(err) = state.publisher.publish_after(&message, delay).await {
             tracing::warn!(job_id = %row.job_id, error = %err, "relay publish failed; will retry");
             break;
         }

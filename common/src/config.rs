@@ -142,6 +142,10 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub default_max_tokens: u32,
 
+    /// Runs of a job before transient provider failures stop being retried.
+    #[arg(long, env = "ULTRA_MAX_ATTEMPTS", default_value_t = 4, global = true)]
+    pub max_attempts: u32,
+
     /// A job's deadline when it asks for none (`options.timeout_s`), in seconds.
     #[arg(long, env = "ULTRA_DEFAULT_JOB_TIMEOUT_SECS", default_value_t = 600, global = true)]
     pub default_job_timeout_secs: u32,

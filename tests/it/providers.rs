@@ -92,7 +92,9 @@ async fn a_job_runs_through_an_openai_compatible_server() {
 async fn a_failing_provider_fails_the_step_with_its_reason() {
     let server = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(401)).mount(&server).await;
-    let app = TestApp::spawn_with(Options { config_toml: Some(catalog(&server.uri())), ..Default::default() }).await;
+    // Retries allowed: a permanent failure must still not be retried.
+    let options = Options { config_toml: Some(catalog(&server.uri())), max_attempts: 3, ..Default::default() };
+    let app = TestApp::spawn_with(options).await;
     let (_, key) = app.user_with_key().await;
     let response =
         app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"], "options": { "cache": true } })).await;
@@ -102,6 +104,7 @@ async fn a_failing_provider_fails_the_step_with_its_reason() {
     assert_eq!(job["steps"][0]["status"], "failed");
     assert_eq!(job["steps"][0]["error"]["code"], "auth");
     assert_eq!(job["error"]["failures"][0]["error"]["retryable"], false);
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 1, "no retry of a permanent failure");
     app.stop().await;
 }
 
@@ -132,5 +135,52 @@ async fn an_open_circuit_shows_in_the_catalog_and_readiness() {
     let job = app.wait_for_terminal(&key, id).await;
     assert_eq!(job["steps"][0]["error"]["code"], "circuit_open");
     assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_later_through_delay_queues() {
+    let server = MockServer::start().await;
+    // First a rate limit asking for 3 s, then an overload, then an answer.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "3"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(answer()),
+        )
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    let options = Options { config_toml: Some(catalog(&server.uri())), max_attempts: 4, ..Default::default() };
+    let app = TestApp::spawn_with(options).await;
+    let (_, key) = app.user_with_key().await;
+    let response = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
+    let id: uuid::Uuid =
+        response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+
+    let job = app.wait_for_terminal(&key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["steps"][0]["output"], "The sky scatters blue light.");
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 3);
+    let retries: Vec<Value> = sqlx::query_scalar(
+        "SELECT data FROM job_events WHERE job_id = $1 AND kind = 'queued' AND data->>'reason' = 'retry' ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .expect("events");
+    assert_eq!(retries.len(), 2, "{retries:?}");
+    assert!(retries[0]["delay_ms"].as_u64() >= Some(3_000), "Retry-After is honoured: {retries:?}");
+    assert_eq!(retries[1]["attempt"], 3);
     app.stop().await;
 }

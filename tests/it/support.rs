@@ -29,6 +29,9 @@ pub struct Options {
     pub sse_heartbeat_secs: u64,
     pub sse_idle_secs: u64,
     pub idempotency_retention_secs: u64,
+    /// Runs of a job before transient failures are final (1: no retries, the default
+    /// in tests so that failures are immediate).
+    pub max_attempts: u32,
     /// Reach PostgreSQL, RabbitMQ and Redis through proxies the test can cut.
     pub proxied: bool,
     pub cors_origins: Vec<String>,
@@ -47,6 +50,7 @@ impl Default for Options {
             sse_heartbeat_secs: 10,
             sse_idle_secs: 300,
             idempotency_retention_secs: 86_400,
+            max_attempts: 1,
             proxied: false,
             cors_origins: Vec::new(),
             config_toml: None,
@@ -105,6 +109,7 @@ impl TestApp {
         config.sse_heartbeat_secs = options.sse_heartbeat_secs;
         config.sse_idle_secs = options.sse_idle_secs;
         config.idempotency_retention_secs = options.idempotency_retention_secs;
+        config.max_attempts = options.max_attempts;
         config.relay_interval_ms = 200;
         config.cors_origins = options.cors_origins.clone();
         if let Some(toml) = &options.config_toml {

@@ -77,6 +77,7 @@ impl Worker {
             cache: cache::ResponseCache::new(redis.clone(), &config.redis_prefix, config.cache_ttl()),
             patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
             worker_id: Uuid::new_v4(),
+            max_attempts: config.max_attempts.max(1),
             running: pipeline::RunningJobs::default(),
         });
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };

@@ -263,3 +263,23 @@ pub async fn requeue_dead_letter(conn: &mut PgConnection, id: Uuid) -> Result<Op
     .fetch_optional(conn)
     .await
 }
+
+/// Sends a running job back to the queue for a retry: `queued`, lease released, and
+/// an outbox row that publishes it through a delay queue — all in the caller's
+/// transaction, so a crash cannot lose it.
+pub async fn requeue_for_retry(
+    conn: &mut PgConnection,
+    id: Uuid,
+    attempt: i32,
+    delay_ms: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now()
+          WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    super::outbox::insert_delayed(&mut *conn, id, attempt, delay_ms).await?;
+    Ok(())
+}

@@ -8,6 +8,8 @@ pub struct Pending {
     pub id: i64,
     pub job_id: Uuid,
     pub attempt: i32,
+    /// Publish through a delay queue (a retry's backoff); 0 for now.
+    pub delay_ms: i32,
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, job_id: Uuid, attempt: i32) -> Result<i64, sqlx::Error> {
@@ -27,6 +29,21 @@ pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error>
     Ok(row.is_some())
 }
 
+/// A retry: published through a delay queue of about `delay_ms`.
+pub async fn insert_delayed(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    attempt: i32,
+    delay_ms: i32,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("INSERT INTO outbox (job_id, attempt, delay_ms) VALUES ($1, $2, $3) RETURNING id")
+        .bind(job_id)
+        .bind(attempt)
+        .bind(delay_ms)
+        .fetch_one(ex)
+        .await
+}
+
 pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(ex).await?;
     Ok(())
@@ -36,7 +53,7 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error>
 /// age keeps the relay from racing the fast path for a job being published right now.
 pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, job_id, attempt FROM outbox
+        "SELECT id, job_id, attempt, delay_ms FROM outbox
           WHERE created_at < now() - make_interval(secs => $1::float8 / 1000)
           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )

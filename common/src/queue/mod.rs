@@ -8,6 +8,8 @@
 //!                                               | x-delivery-limit exceeded / rejected
 //!                                               v
 //! exchange ultra.dead (direct) --"analyze"--> quorum queue ultra.analyze.dead
+//!
+//! classic queues ultra.delay.{1,5,30,120}s (TTL) --dead-lettered--> exchange ultra.jobs
 //! ```
 //! Declarations are idempotent and use only arguments RabbitMQ 3.10 and 4.x both
 //! accept, so every process may declare on start-up.
@@ -43,15 +45,37 @@ pub struct Topology {
     pub analyze_queue: String,
     pub dead_exchange: String,
     pub dead_queue: String,
+    /// Delay queues, shortest first: a message waits out the queue's TTL, then is
+    /// dead-lettered back to the jobs exchange.
+    pub delay_queues: Vec<(Duration, String)>,
 }
 
+/// The delay tiers. Fixed tiers (rather than a TTL per message) keep a long delay from
+/// holding up short ones queued behind it: RabbitMQ expires messages only at a
+/// queue's head.
+pub const DELAY_TIERS: [Duration; 4] =
+    [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120)];
+
 impl Topology {
+    /// The delay queue for waiting `delay`: the shortest tier that covers it (or the
+    /// longest one).
+    pub fn delay_queue(&self, delay: Duration) -> &str {
+        let (_, queue) = self
+            .delay_queues
+            .iter()
+            .find(|(ttl, _)| *ttl >= delay)
+            .or(self.delay_queues.last())
+            .unwrap_or_else(|| unreachable!("there are delay tiers"));
+        queue
+    }
+
     pub fn new(prefix: &str) -> Self {
         Self {
             jobs_exchange: format!("{prefix}ultra.jobs"),
             analyze_queue: format!("{prefix}ultra.analyze"),
             dead_exchange: format!("{prefix}ultra.dead"),
             dead_queue: format!("{prefix}ultra.analyze.dead"),
+            delay_queues: DELAY_TIERS.iter().map(|d| (*d, format!("{prefix}ultra.delay.{}s", d.as_secs()))).collect(),
         }
     }
 
@@ -83,6 +107,14 @@ impl Topology {
         work_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange.as_str().into()));
         channel.queue_declare(self.analyze_queue.as_str().into(), QueueDeclareOptions::durable(), work_args).await?;
         channel.queue_declare(self.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum_args()).await?;
+        for (ttl, queue) in &self.delay_queues {
+            // Classic queues: per-queue TTL and dead-lettering work alike on 3.10 and 4.x.
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl.as_millis() as i32));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange.as_str().into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(ANALYZE_ROUTING_KEY.into()));
+            channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+        }
 
         for (queue, exchange) in [(&self.analyze_queue, &self.jobs_exchange), (&self.dead_queue, &self.dead_exchange)] {
             channel
@@ -105,7 +137,8 @@ impl Topology {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let connection = connect(amqp_url, "ultra-cleanup").await?;
         let channel = connection.create_channel().await?;
-        for queue in [&self.analyze_queue, &self.dead_queue] {
+        let delays = self.delay_queues.iter().map(|(_, queue)| queue);
+        for queue in [&self.analyze_queue, &self.dead_queue].into_iter().chain(delays) {
             channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
         for exchange in [&self.jobs_exchange, &self.dead_exchange] {
@@ -175,5 +208,8 @@ mod tests {
         let topology = Topology::new("t1.");
         assert_eq!(topology.analyze_queue, "t1.ultra.analyze");
         assert_eq!(topology.dead_queue, "t1.ultra.analyze.dead");
+        assert_eq!(topology.delay_queue(Duration::from_millis(800)), "t1.ultra.delay.1s");
+        assert_eq!(topology.delay_queue(Duration::from_secs(3)), "t1.ultra.delay.5s");
+        assert_eq!(topology.delay_queue(Duration::from_secs(900)), "t1.ultra.delay.120s");
     }
 }

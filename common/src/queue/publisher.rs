@@ -58,6 +58,12 @@ impl Publisher {
 
     /// Publishes one job message as persistent and waits for the broker's confirm.
     pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
+        self.publish_after(message, std::time::Duration::ZERO).await
+    }
+
+    /// Publishes for delivery after about `delay`: through the delay queue that fits
+    /// (the default exchange routes by queue name), or at once for no delay.
+    pub async fn publish_after(&self, message: &JobMessage, delay: std::time::Duration) -> Result<(), PublishError> {
         let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
         let properties = BasicProperties::default()
@@ -67,15 +73,13 @@ impl Publisher {
         // mandatory: an unroutable message comes back instead of vanishing.
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let result = async {
-            let confirm = channel
-                .basic_publish(
-                    self.topology.jobs_exchange.as_str().into(),
-                    ANALYZE_ROUTING_KEY.into(),
-                    options,
-                    &payload,
-                    properties,
-                )
-                .await?;
+            let (exchange, routing_key) = if delay.is_zero() {
+                (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY)
+            } else {
+                ("", self.topology.delay_queue(delay))
+            };
+            let confirm =
+                channel.basic_publish(exchange.into(), routing_key.into(), options, &payload, properties).await?;
             match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
                 Err(_) => Err(PublishError::ConfirmTimeout),
                 Ok(Err(err)) => Err(err.into()),

@@ -32,6 +32,8 @@ pub struct JobContext {
     pub catalog: Catalog,
     pub cache: crate::cache::ResponseCache,
     pub patterns: common::patterns::Patterns,
+    /// Runs of a job before transient failures are final.
+    pub max_attempts: u32,
     /// This process, as the owner of its leases.
     pub worker_id: Uuid,
     /// Jobs this process is running now.
@@ -67,6 +69,8 @@ impl Drop for RunningGuard<'_> {
 pub enum Outcome {
     /// The job reached this terminal status now.
     Finished(JobStatus),
+    /// A transient failure: the job is queued again for a later run.
+    Retried,
     /// Already terminal, or unknown: a duplicate delivery; nothing was done.
     Skipped,
 }
@@ -125,7 +129,8 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
             json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
         return finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await;
     };
-    let stages = Stages { ctx, job: &job, pattern: &pattern, done: &done, cancel: &cancel };
+    let stages =
+        Stages { ctx, job: &job, pattern: &pattern, done: &done, cancel: &cancel, max_attempts: ctx.max_attempts };
     let work = stages.run();
     tokio::pin!(work);
     // A cancellation request is noticed within a poll interval, the deadline at once;
@@ -166,7 +171,22 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     match outcome {
         StagesOutcome::Succeeded(result) => finish(ctx, job_id, JobStatus::Succeeded, Some(result), None).await,
         StagesOutcome::Failed(error) => finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await,
+        StagesOutcome::Retry(delay) => retry_later(ctx, &job, delay).await,
     }
+}
+
+/// Sends the job back to the queue to run again after `delay` (through a delay queue,
+/// published by the relay from the outbox), with a `queued` event saying why.
+async fn retry_later(ctx: &JobContext, job: &db::jobs::Job, delay: Duration) -> Result<Outcome, PipelineError> {
+    let delay_ms = i32::try_from(delay.as_millis()).unwrap_or(i32::MAX);
+    let mut tx = ctx.pool.begin().await?;
+    db::jobs::requeue_for_retry(&mut tx, job.id, job.attempts + 1, delay_ms).await?;
+    let data = json!({ "status": "queued", "reason": "retry", "attempt": job.attempts + 1, "delay_ms": delay_ms });
+    let event = db::events::append(&mut tx, job.id, EventKind::Queued, data).await?;
+    tx.commit().await?;
+    ctx.events.publish(&event).await;
+    tracing::info!(job_id = %job.id, attempt = job.attempts + 1, delay_ms, "transient failure; retrying later");
+    Ok(Outcome::Retried)
 }
 
 /// Ends a job whose message was dead-lettered (a no-op if it already ended).

@@ -3,7 +3,7 @@
 //! writes the final answer; if it fails, the next takes over). A stage goes on with
 //! the models that answered while at least `min_models` remain.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::{
     db::{jobs::Job, steps::Step},
@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{step, JobContext, PipelineError};
 
-/// How the stages ended: a result, or the error the job fails with.
+/// How the stages ended: a result, the error the job fails with, or a transient
+/// failure worth another run after the delay.
 pub enum StagesOutcome {
     Succeeded(Value),
     Failed(Value),
+    Retry(Duration),
 }
 
 pub struct Stages<'a> {
@@ -28,6 +30,8 @@ pub struct Stages<'a> {
     /// Steps a previous delivery finished: reused, never called again.
     pub done: &'a HashMap<(Stage, String), Step>,
     pub cancel: &'a CancellationToken,
+    /// Runs a job may have before transient failures are final.
+    pub max_attempts: u32,
 }
 
 impl Stages<'_> {
@@ -38,6 +42,9 @@ impl Stages<'_> {
 
         let prompts = job.models.iter().map(|m| (m.clone(), job.prompt.clone())).collect();
         let initial = self.stage(Stage::Initial, prompts, &mut failures).await?;
+        if let Some(delay) = self.retry_delay(&failures) {
+            return Ok(StagesOutcome::Retry(delay));
+        }
         if initial.len() < min_models {
             return Ok(too_few(Stage::Initial, initial.len(), min_models, failures));
         }
@@ -57,6 +64,9 @@ impl Stages<'_> {
                 })
                 .collect();
             let revised = self.stage(Stage::Meta, prompts, &mut failures).await?;
+            if let Some(delay) = self.retry_delay(&failures) {
+                return Ok(StagesOutcome::Retry(delay));
+            }
             if revised.len() < min_models {
                 return Ok(too_few(Stage::Meta, revised.len(), min_models, failures));
             }
@@ -80,6 +90,9 @@ impl Stages<'_> {
                 }
             }
             if synthesis.is_none() {
+                if let Some(delay) = self.retry_delay(&failures) {
+                    return Ok(StagesOutcome::Retry(delay));
+                }
                 return Ok(StagesOutcome::Failed(json!({
                     "code": "synthesis_failed",
                     "message": "every model that could write the synthesis failed",
@@ -97,6 +110,27 @@ impl Stages<'_> {
             result["synthesis"] = synthesis;
         }
         Ok(StagesOutcome::Succeeded(result))
+    }
+
+    /// If a failure so far was transient and the job has runs left: how long to wait
+    /// before the next run. Exponential backoff from one second (capped at two
+    /// minutes) with jitter, and never sooner than a provider's `Retry-After`. The
+    /// steps that succeeded are kept; only the failed ones run again.
+    fn retry_delay(&self, failures: &[Value]) -> Option<Duration> {
+        if self.job.attempts as u32 >= self.max_attempts {
+            return None;
+        }
+        let transient: Vec<&Value> =
+            failures.iter().filter(|f| f["error"]["retryable"].as_bool().unwrap_or(false)).collect();
+        if transient.is_empty() || self.cancel.is_cancelled() {
+            return None;
+        }
+        let asked =
+            transient.iter().filter_map(|f| f["error"]["retry_after_ms"].as_u64()).max().map(Duration::from_millis);
+        let exponent = (self.job.attempts.max(1) - 1).min(7) as u32;
+        let base = Duration::from_secs(1).saturating_mul(1 << exponent).min(Duration::from_secs(120));
+        let jittered = base.mul_f64(rand::random_range(0.5..1.5));
+        Some(asked.map_or(jittered, |asked| asked.max(jittered)))
     }
 
     /// Runs one stage's steps concurrently; the answers in the job's model order, the

@@ -132,7 +132,11 @@ impl ProviderError {
 
     /// The `{code, message, retryable}` stored on a failed step.
     pub fn to_json(&self) -> Value {
-        json!({ "code": self.code(), "message": self.to_string(), "retryable": self.is_retryable() })
+        let mut value = json!({ "code": self.code(), "message": self.to_string(), "retryable": self.is_retryable() });
+        if let Some(wait) = self.retry_after() {
+            value["retry_after_ms"] = json!(wait.as_millis() as u64);
+        }
+        value
     }
 }
 
