@@ -22,10 +22,14 @@ async fn free_port() -> u16 {
 }
 
 async fn spawn_worker(app: &TestApp) -> WorkerProcess {
+    spawn_worker_with(app, 1).await
+}
+
+async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
     let port = free_port().await;
     let config = &app.config;
     let mut child = Command::new(env!("CARGO_BIN_EXE_ultra"))
-        .args(["worker", "--concurrency", "1"])
+        .args(["worker", "--concurrency", &concurrency.to_string()])
         .env_clear()
         .env("DATABASE_URL", &config.database_url)
         .env("AMQP_URL", &config.amqp_url)
@@ -129,4 +133,75 @@ async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
         assert!(stderr.contains(problem), "missing `{problem}` in: {stderr}");
     }
     assert!(!stderr.contains("too-short"), "a secret must never be printed");
+}
+
+/// The chaos test of the delivery guarantees: three worker processes share 200 jobs
+/// while one of them is SIGKILLed and restarted every second or two. Every job must
+/// end, once, with every step recorded once — whatever was in flight when a worker
+/// died is resumed elsewhere (through redelivery or, once its lease expires, the
+/// reaper).
+#[tokio::test]
+async fn two_hundred_jobs_survive_workers_killed_mid_run() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let mut workers =
+        vec![spawn_worker_with(&app, 8).await, spawn_worker_with(&app, 8).await, spawn_worker_with(&app, 8).await];
+    for worker in &workers {
+        wait_ready(&app, worker).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        ids.push(app.submit_ok(&key, &["mock/alpha", "mock/beta"]).await);
+    }
+
+    let started = std::time::Instant::now();
+    let mut kills = 0;
+    let unfinished = |app: &TestApp| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+        }
+    };
+    while unfinished(&app).await > 0 {
+        assert!(started.elapsed() < Duration::from_secs(120), "jobs did not drain after {kills} kills");
+        if kills < 6 {
+            let victim = workers.remove(kills % workers.len());
+            let pid = victim.child.id().expect("pid").to_string();
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+            drop(victim);
+            kills += 1;
+            let replacement = spawn_worker_with(&app, 8).await;
+            workers.push(replacement);
+        }
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+
+    for id in &ids {
+        let count = |sql: &'static str| app.count(sql, *id);
+        assert_eq!(count("SELECT count(*) FROM jobs WHERE id = $1 AND status = 'succeeded'").await, 1, "job {id}");
+        assert_eq!(
+            count("SELECT count(*) FROM job_events WHERE job_id = $1 AND kind IN ('succeeded', 'failed', 'cancelled')")
+                .await,
+            1,
+            "exactly one result for {id}"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM job_events WHERE job_id = $1 AND kind = 'step.completed'").await,
+            2,
+            "each finished step recorded once for {id}"
+        );
+    }
+    let leftover: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
+    assert_eq!(leftover, 0, "nothing left to publish");
+    for worker in workers {
+        let (status, _) = terminate(worker).await;
+        assert!(status.success());
+    }
+    eprintln!("chaos: 200 jobs, {kills} workers killed, drained in {:?}", started.elapsed());
+    app.stop().await;
 }

@@ -169,7 +169,7 @@ pub async fn reap_expired(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uui
     sqlx::query_scalar(
         "WITH expired AS (
             SELECT id FROM jobs WHERE status = 'running' AND lease_until < now()
-             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED
+             ORDER BY lease_until LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED
          ), requeued AS (
             UPDATE jobs j SET status = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now()
               FROM expired WHERE j.id = expired.id RETURNING j.id, j.attempts
@@ -206,9 +206,10 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
-/// A job's status, locked for the caller's transaction.
+/// A job's status, locked for the caller's transaction (`FOR NO KEY UPDATE`, so the
+/// foreign-key checks of concurrent step and event writes are not blocked).
 pub async fn lock_status(conn: &mut PgConnection, id: Uuid) -> Result<Option<JobStatus>, sqlx::Error> {
-    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(conn).await
+    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR NO KEY UPDATE").bind(id).fetch_optional(conn).await
 }
 
 /// Asks the worker running a job to stop it.

@@ -30,8 +30,11 @@ pub async fn get(ex: impl PgExecutor<'_>, user_id: Uuid, day: NaiveDate) -> Resu
 }
 
 /// Serialises one user's submissions: the caller holds this lock until commit.
+/// `FOR NO KEY UPDATE`, not `FOR UPDATE`: it must not block the `FOR KEY SHARE` that
+/// foreign-key checks on the user's rows take (a worker finishing one of the user's
+/// jobs needs it), or a submit and a finishing job deadlock.
 pub async fn lock_user(conn: &mut PgConnection, user_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user_id).execute(conn).await?;
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE").bind(user_id).execute(conn).await?;
     Ok(())
 }
 
