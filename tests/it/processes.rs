@@ -136,7 +136,8 @@ async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
 }
 
 /// The chaos test of the delivery guarantees: three worker processes share 200 jobs
-/// while one of them is SIGKILLed and restarted every second or two. Every job must
+/// while one of them is SIGKILLed and restarted every second or two, and once all
+/// of the app's broker connections are closed under it. Every job must
 /// end, once, with every step recorded once — whatever was in flight when a worker
 /// died is resumed elsewhere (through redelivery or, once its lease expires, the
 /// reaper).
@@ -169,6 +170,13 @@ async fn two_hundred_jobs_survive_workers_killed_mid_run() {
     };
     while unfinished(&app).await > 0 {
         assert!(started.elapsed() < Duration::from_secs(120), "jobs did not drain after {kills} kills");
+        if kills == 3 {
+            // And once, the operator closes every broker connection of this app.
+            let prefix = app.config.queue_prefix.clone();
+            tokio::task::spawn_blocking(move || crate::support::close_broker_connections(&prefix))
+                .await
+                .expect("close");
+        }
         if kills < 6 {
             let victim = workers.remove(kills % workers.len());
             let pid = victim.child.id().expect("pid").to_string();

@@ -66,7 +66,9 @@ impl Consumer {
         let topology = Topology::new(&self.config.queue_prefix);
         // A broker that accepts TCP but stalls must not hang the worker.
         let setup = async {
-            let connection = queue::connect(&self.config.amqp_url, "ultra-worker").await?;
+            // Named after the topology, so an operator (or a test) can find this one.
+            let name = format!("ultra-worker {}", topology.jobs_exchange);
+            let connection = queue::connect(&self.config.amqp_url, &name).await?;
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
             // At most `concurrency` unacked deliveries: the broker does the bounding.

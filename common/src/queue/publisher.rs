@@ -132,7 +132,8 @@ impl Publisher {
     /// TCP but stalls must not hold every submit behind this lock.
     async fn open(&self) -> Result<Link, lapin::Error> {
         let open = async {
-            let connection = connect(&self.url, "ultra-publisher").await?;
+            // Named after the topology, so an operator (or a test) can find this one.
+            let connection = connect(&self.url, &format!("ultra-publisher {}", self.topology.jobs_exchange)).await?;
             let channel = connection.create_channel().await?;
             self.topology.declare(&channel).await?;
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
