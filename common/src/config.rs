@@ -142,6 +142,11 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub default_max_tokens: u32,
 
+    /// Answers a stage needs to go on, when a job does not say (`options.min_models`);
+    /// never more than the job's models.
+    #[arg(long, env = "ULTRA_MIN_MODELS", default_value_t = 1, global = true)]
+    pub min_models: u32,
+
     /// Runs of a job before transient provider failures stop being retried.
     #[arg(long, env = "ULTRA_MAX_ATTEMPTS", default_value_t = 4, global = true)]
     pub max_attempts: u32,

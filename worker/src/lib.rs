@@ -78,6 +78,7 @@ impl Worker {
             patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
             worker_id: Uuid::new_v4(),
             max_attempts: config.max_attempts.max(1),
+            default_min_models: config.min_models.max(1),
             running: pipeline::RunningJobs::default(),
         });
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };

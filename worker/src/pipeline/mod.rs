@@ -34,6 +34,8 @@ pub struct JobContext {
     pub patterns: common::patterns::Patterns,
     /// Runs of a job before transient failures are final.
     pub max_attempts: u32,
+    /// The quorum of a stage when a job sets none.
+    pub default_min_models: u32,
     /// This process, as the owner of its leases.
     pub worker_id: Uuid,
     /// Jobs this process is running now.
@@ -129,8 +131,15 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
             json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
         return finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await;
     };
-    let stages =
-        Stages { ctx, job: &job, pattern: &pattern, done: &done, cancel: &cancel, max_attempts: ctx.max_attempts };
+    let stages = Stages {
+        ctx,
+        job: &job,
+        pattern: &pattern,
+        done: &done,
+        cancel: &cancel,
+        max_attempts: ctx.max_attempts,
+        default_min_models: ctx.default_min_models,
+    };
     let work = stages.run();
     tokio::pin!(work);
     // A cancellation request is noticed within a poll interval, the deadline at once;

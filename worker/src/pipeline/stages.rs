@@ -32,12 +32,18 @@ pub struct Stages<'a> {
     pub cancel: &'a CancellationToken,
     /// Runs a job may have before transient failures are final.
     pub max_attempts: u32,
+    /// The quorum when a job sets none.
+    pub default_min_models: u32,
 }
 
 impl Stages<'_> {
     pub async fn run(&self) -> Result<StagesOutcome, PipelineError> {
         let job = self.job;
-        let min_models = job.options.get("min_models").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+        let min_models = match job.options.get("min_models").and_then(Value::as_u64) {
+            Some(asked) => asked as usize,
+            None => (self.default_min_models as usize).min(job.models.len()),
+        }
+        .max(1);
         let mut failures = Vec::new();
 
         let prompts = job.models.iter().map(|m| (m.clone(), job.prompt.clone())).collect();
