@@ -28,9 +28,13 @@ async fn spawn_worker(app: &TestApp) -> WorkerProcess {
 async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
     let port = free_port().await;
     let config = &app.config;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ultra"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ultra"));
+    command.env_clear();
+    if let Some(file) = &config.config_file {
+        command.env("ULTRA_CONFIG_FILE", file);
+    }
+    let mut child = command
         .args(["worker", "--concurrency", &concurrency.to_string()])
-        .env_clear()
         .env("DATABASE_URL", &config.database_url)
         .env("AMQP_URL", &config.amqp_url)
         .env("REDIS_URL", &config.redis_url)
@@ -211,5 +215,76 @@ async fn two_hundred_jobs_survive_workers_killed_mid_run() {
         assert!(status.success());
     }
     eprintln!("chaos: 200 jobs, {kills} workers killed, drained in {:?}", started.elapsed());
+    app.stop().await;
+}
+
+/// Checkpoints across a crash: a worker process is SIGKILLed while one of a job's two
+/// provider calls is in flight. The job succeeds on another worker, and the provider
+/// (a local server that counts its requests) is asked once more only for the call
+/// that had not finished.
+#[tokio::test]
+async fn a_worker_killed_mid_job_costs_only_the_unfinished_call_again() {
+    use wiremock::{
+        matchers::{body_partial_json, method},
+        Mock, MockServer, ResponseTemplate,
+    };
+    let answer = |text: &str| {
+        let chunk =
+            serde_json::json!({ "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": "stop" }] });
+        ResponseTemplate::new(200)
+            .insert_header("content-type", "text/event-stream")
+            .set_body_string(format!("data: {chunk}\n\ndata: [DONE]\n\n"))
+    };
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(serde_json::json!({ "model": "fast" })))
+        .respond_with(answer("quick"))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(serde_json::json!({ "model": "slow" })))
+        .respond_with(answer("eventually").set_delay(Duration::from_secs(3)))
+        .mount(&server)
+        .await;
+    let catalog = format!(
+        "[providers.local]\nkind = \"openai\"\nbase_url = \"{}/v1\"\n\n\
+         [[models]]\nid = \"local/fast\"\nprovider = \"local\"\nupstream = \"fast\"\n\n\
+         [[models]]\nid = \"local/slow\"\nprovider = \"local\"\nupstream = \"slow\"\n",
+        server.uri()
+    );
+    let app = TestApp::spawn_with(Options { worker: false, config_toml: Some(catalog), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let doomed = spawn_worker(&app).await;
+    wait_ready(&app, &doomed).await;
+    let id = app.submit_ok(&key, &["local/fast", "local/slow"]).await;
+
+    // Wait until the fast step is recorded and the slow one is in flight, then kill.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while app.count("SELECT count(*) FROM job_steps WHERE job_id = $1 AND status = 'succeeded'", id).await < 1 {
+        assert!(std::time::Instant::now() < deadline, "the first step never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = doomed.child.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    drop(doomed);
+
+    let survivor = spawn_worker(&app).await;
+    let job = loop {
+        let job = app.job(&key, id).await;
+        if job["status"] == "succeeded" || job["status"] == "failed" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(60), "the job never resumed: {job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let requests = server.received_requests().await.expect("recorded");
+    let calls = |model: &str| {
+        requests.iter().filter(|r| String::from_utf8_lossy(&r.body).contains(&format!("\"model\":\"{model}\""))).count()
+    };
+    assert_eq!(calls("fast"), 1, "the finished step was not called again");
+    assert_eq!(calls("slow"), 2, "the call in flight at the crash was made again");
+    let (status, _) = terminate(survivor).await;
+    assert!(status.success());
     app.stop().await;
 }
