@@ -17,22 +17,8 @@ async fn the_relay_publishes_a_job_whose_fast_path_publish_never_happened() {
     let (user_id, key) = app.user_with_key().await;
 
     // Exactly what an api that crashed between commit and publish leaves behind.
-    let id = Uuid::now_v7();
-    let models = vec!["mock/alpha".to_owned()];
     let mut tx = app.pool.begin().await.expect("begin");
-    let new_job = db::jobs::NewJob {
-        id,
-        user_id,
-        pattern: "direct",
-        prompt: "hello",
-        models: &models,
-        options: &json!({}),
-        reserved_tokens: 0,
-        reserved_day: None,
-        timeout_secs: 600,
-    };
-    db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
-    db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued event");
+    let id = insert_queued_job(&mut tx, user_id, "hello", &["mock/alpha"]).await;
     db::outbox::insert(&mut *tx, id, 1).await.expect("outbox row");
     tx.commit().await.expect("commit");
 
@@ -100,22 +86,8 @@ async fn jobs_accepted_while_rabbitmq_is_down_run_when_it_returns() {
 /// A job as a worker that died mid-run leaves it: running, its lease expired, one of
 /// its two steps finished.
 async fn orphan(app: &TestApp, user_id: Uuid, lease_ends_in_secs: i64) -> Uuid {
-    let id = Uuid::now_v7();
-    let models = vec!["mock/alpha".to_owned(), "mock/beta".to_owned()];
     let mut tx = app.pool.begin().await.expect("begin");
-    let new_job = db::jobs::NewJob {
-        id,
-        user_id,
-        pattern: "direct",
-        prompt: "orphaned",
-        models: &models,
-        options: &json!({}),
-        reserved_tokens: 0,
-        reserved_day: None,
-        timeout_secs: 600,
-    };
-    db::jobs::insert(&mut tx, &new_job).await.expect("insert job");
-    db::events::append(&mut tx, id, EventKind::Queued, json!({})).await.expect("queued");
+    let id = insert_queued_job(&mut tx, user_id, "orphaned", &["mock/alpha", "mock/beta"]).await;
     sqlx::query(
         "UPDATE jobs SET status = 'running', attempts = 1, started_at = now(), lease_owner = $2,
                 lease_until = now() + make_interval(secs => $3) WHERE id = $1",
@@ -227,4 +199,24 @@ async fn a_dead_lettered_job_fails_with_the_reason_and_an_admin_can_replay_it() 
     assert_eq!(app.mock.calls(), 1, "the step finished before the dead letter was not called again");
     crate::support::problem(replay(&admin).await.expect("replay"), reqwest::StatusCode::NOT_FOUND).await;
     app.stop().await;
+}
+
+/// A queued job and its `queued` event, written the way the api writes them.
+async fn insert_queued_job(tx: &mut sqlx::PgConnection, user_id: Uuid, prompt: &str, models: &[&str]) -> Uuid {
+    let id = Uuid::now_v7();
+    let models: Vec<String> = models.iter().map(|m| (*m).to_owned()).collect();
+    let new_job = db::jobs::NewJob {
+        id,
+        user_id,
+        pattern: "direct",
+        prompt,
+        models: &models,
+        options: &json!({}),
+        reserved_tokens: 0,
+        reserved_day: None,
+        timeout_secs: 600,
+    };
+    db::jobs::insert(&mut *tx, &new_job).await.expect("insert job");
+    db::events::append(&mut *tx, id, EventKind::Queued, json!({})).await.expect("queued event");
+    id
 }
