@@ -88,6 +88,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
         .with(Tracing)
+        .with(middleware::RequestId)
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);

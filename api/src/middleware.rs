@@ -100,3 +100,41 @@ impl<E: Endpoint> Endpoint for TimeoutEndpoint<E> {
         }
     }
 }
+
+/// `X-Request-Id`: taken from the request when it is a sane value (1 to 128 visible
+/// ASCII characters), generated otherwise; returned on the response and carried by a
+/// tracing span around the request, so every log line of its work names it.
+pub struct RequestId;
+
+impl<E: Endpoint> Middleware<E> for RequestId {
+    type Output = RequestIdEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        RequestIdEndpoint { inner }
+    }
+}
+
+pub struct RequestIdEndpoint<E> {
+    inner: E,
+}
+
+impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        use tracing::Instrument;
+        let given = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
+        let id = given
+            .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        let span = tracing::info_span!("request", request_id = %id);
+        let mut response = match self.inner.call(req).instrument(span).await {
+            Ok(output) => output.into_response(),
+            Err(err) => crate::error::into_problem(err).await,
+        };
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+}

@@ -109,3 +109,17 @@ async fn streams_survive_losing_redis_mid_job() {
     assert_eq!(body["checks"]["redis"]["status"], "down");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn every_response_names_its_request() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let given = app.http.get(app.url("/health/live")).header("x-request-id", "trace-me-42").send().await.expect("live");
+    assert_eq!(given.headers()["x-request-id"], "trace-me-42");
+    let generated = app.http.get(app.url("/v1/nope")).send().await.expect("404");
+    let id = generated.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let refused =
+        app.http.get(app.url("/health/live")).header("x-request-id", "x".repeat(500)).send().await.expect("live");
+    assert_ne!(refused.headers()["x-request-id"], "x".repeat(500).as_str(), "an unreasonable id is replaced");
+    app.stop().await;
+}
