@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use common::{
     db,
     domain::{EventKind, JobStatus, Stage, StepStatus},
-    events::JobEvent,
 };
 use futures::{stream::BoxStream, StreamExt};
 use poem::web::sse::Event;
@@ -261,12 +260,6 @@ impl SseFrame {
                 Event::message(SnapshotView { job_id, stage, model, text }.to_json_string()).event_type("snapshot")
             }
         })
-    }
-}
-
-impl From<JobEvent> for EventView {
-    fn from(e: JobEvent) -> Self {
-        Self { job_id: e.job_id, seq: e.seq, kind: e.kind.as_str().to_owned(), data: e.data, created_at: e.created_at }
     }
 }
 

@@ -32,11 +32,6 @@ impl StreamCounter {
         *count += 1;
         Some(StreamPermit { counter: self.clone(), user_id })
     }
-
-    /// All streams open in this process (for metrics and tests).
-    pub fn total(&self) -> usize {
-        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).values().sum()
-    }
 }
 
 impl Drop for StreamPermit {

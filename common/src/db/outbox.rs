@@ -62,7 +62,3 @@ pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) ->
     .fetch_all(conn)
     .await
 }
-
-pub async fn backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(ex).await
-}

@@ -52,10 +52,6 @@ impl Publisher {
         Self { url: url.into(), topology, state: Mutex::new(State::Disconnected { retry_at: Instant::now() }) }
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
     /// Publishes one job message as persistent and waits for the broker's confirm.
     pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
         self.publish_after(message, std::time::Duration::ZERO).await

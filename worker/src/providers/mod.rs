@@ -175,7 +175,6 @@ pub async fn collect(mut stream: EventStream, mut on_delta: impl FnMut(&str)) ->
 #[derive(Clone)]
 pub struct Providers {
     by_name: HashMap<String, Arc<Guarded>>,
-    mock: Arc<MockProvider>,
 }
 
 impl Providers {
@@ -195,7 +194,7 @@ impl Providers {
             };
             by_name.insert(name.to_owned(), Arc::new(Guarded::new(name, spec, client, catalog, redis.clone())));
         }
-        Ok(Self { by_name, mock })
+        Ok(Self { by_name })
     }
 
     /// Just the mock, for tests and benchmarks.
@@ -207,14 +206,10 @@ impl Providers {
                 (name.to_owned(), Arc::new(Guarded::new(name, spec, client, &Catalog::builtin(), None)))
             })
             .collect();
-        Self { by_name, mock }
+        Self { by_name }
     }
 
     pub fn for_model(&self, model: &ModelSpec) -> Option<Arc<Guarded>> {
         self.by_name.get(&model.provider).cloned()
-    }
-
-    pub fn mock(&self) -> &Arc<MockProvider> {
-        &self.mock
     }
 }
