@@ -218,8 +218,7 @@ impl Catalog {
     /// models. Every problem found is reported at once.
     pub fn load(file: Option<&Path>) -> Result<Self, String> {
         let Some(path) = file else { return Ok(Self::builtin()) };
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: File = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: File = crate::config::read_file(path)?;
         if file.models.is_empty() {
             return Ok(Self::builtin());
         }

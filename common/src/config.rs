@@ -268,8 +268,9 @@ impl Config {
         if let Err(problem) = crate::tiers::Tiers::load(self.config_file.as_deref()) {
             problems.push(problem);
         }
-        if let Err(problem) = crate::catalog::Catalog::load(self.config_file.as_deref()) {
-            problems.push(problem);
+        let catalog = crate::catalog::Catalog::load(self.config_file.as_deref());
+        if let Err(problem) = &catalog {
+            problems.push(problem.clone());
         }
         if let Err(problem) = crate::patterns::Patterns::load(self.config_file.as_deref()) {
             problems.push(problem);
@@ -289,7 +290,7 @@ impl Config {
                 }
             }
             // The mock provider must never answer production traffic.
-            if crate::catalog::Catalog::load(self.config_file.as_deref()).is_ok_and(|c| c.uses_mock()) {
+            if catalog.as_ref().is_ok_and(|c| c.uses_mock()) {
                 problems
                     .push("the mock provider is enabled (configure real providers in ULTRA_CONFIG_FILE)".to_owned());
             }
@@ -324,6 +325,13 @@ fn is_default_password(password: &str) -> bool {
     let password = password.to_ascii_lowercase();
     ["postgres", "password", "redis", "rabbitmq", "secret", "admin", "ultra"].contains(&password.as_str())
         || password.starts_with("change-me")
+}
+
+/// Reads the tables of the configuration file (`ULTRA_CONFIG_FILE`) that `T` names;
+/// the tiers, the catalog and the patterns each read their own and ignore the rest.
+pub fn read_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `scheme://user@host` (no `:password` in the user-info part).

@@ -118,8 +118,7 @@ impl Patterns {
             #[serde(default)]
             patterns: BTreeMap<String, PatternSpec>,
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: File = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: File = crate::config::read_file(path)?;
         patterns.0.extend(file.patterns);
         Ok(patterns)
     }

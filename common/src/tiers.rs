@@ -70,8 +70,7 @@ impl Tiers {
             #[serde(default)]
             tiers: BTreeMap<String, Tier>,
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: File = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: File = crate::config::read_file(path)?;
         tiers.0.extend(file.tiers);
         if !tiers.0.contains_key(DEFAULT_TIER) {
             return Err(format!("{}: the `{DEFAULT_TIER}` tier must exist", path.display()));
