@@ -8,7 +8,7 @@ use wiremock::{
     Mock, MockServer, ResponseTemplate,
 };
 
-use crate::support::{problem, Options, TestApp};
+use crate::support::{openai_answer as answer, problem, Options, TestApp};
 
 async fn run(app: &TestApp, key: &str, body: Value) -> Value {
     let response = app.submit(key, &body).await;
@@ -63,13 +63,6 @@ async fn a_critique_runs_three_stages_and_names_its_synthesis_model() {
     let refused = problem(app.submit(&key, &bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(crate::support::fields(&refused), ["options.synthesis_model", "options.min_models"]);
     app.stop().await;
-}
-
-fn answer(text: &str) -> ResponseTemplate {
-    let chunk = json!({ "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": "stop" }] });
-    ResponseTemplate::new(200)
-        .insert_header("content-type", "text/event-stream")
-        .set_body_string(format!("data: {chunk}\n\ndata: [DONE]\n\n"))
 }
 
 const TWO_MODELS: &str = r#"

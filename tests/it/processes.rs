@@ -224,16 +224,10 @@ async fn two_hundred_jobs_survive_workers_killed_mid_run() {
 /// that had not finished.
 #[tokio::test]
 async fn a_worker_killed_mid_job_costs_only_the_unfinished_call_again() {
+    use crate::support::openai_answer as answer;
     use wiremock::{
         matchers::{body_partial_json, method},
-        Mock, MockServer, ResponseTemplate,
-    };
-    let answer = |text: &str| {
-        let chunk =
-            serde_json::json!({ "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": "stop" }] });
-        ResponseTemplate::new(200)
-            .insert_header("content-type", "text/event-stream")
-            .set_body_string(format!("data: {chunk}\n\ndata: [DONE]\n\n"))
+        Mock, MockServer,
     };
     let server = MockServer::start().await;
     Mock::given(method("POST"))

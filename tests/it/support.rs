@@ -316,3 +316,11 @@ pub fn close_broker_connections(prefix: &str) -> usize {
     }
     pids.len()
 }
+
+/// An OpenAI-compatible server's streamed answer: one chunk of `text`, then `[DONE]`.
+pub fn openai_answer(text: &str) -> wiremock::ResponseTemplate {
+    let chunk = json!({ "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": "stop" }] });
+    wiremock::ResponseTemplate::new(200)
+        .insert_header("content-type", "text/event-stream")
+        .set_body_string(format!("data: {chunk}\n\ndata: [DONE]\n\n"))
+}

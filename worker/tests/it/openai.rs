@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use common::catalog::ProviderKind;
 use serde_json::json;
-use ultra_worker::providers::{collect, CompletionRequest, ProviderError};
+use ultra_worker::providers::{collect, CompletionRequest, EventStream, ProviderError};
 use wiremock::{
     matchers::{body_partial_json, header, method, path},
     Mock, MockServer, ResponseTemplate,
@@ -30,6 +30,14 @@ fn stream(with_done: bool) -> String {
         events.push((None, "[DONE]".to_owned()));
     }
     sse_body(&events)
+}
+
+/// Asks the server's `gpt-test` model to say hi.
+async fn say_hi(server: &MockServer) -> Result<EventStream, ProviderError> {
+    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
+    let model = model("openai", "gpt-test");
+    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    client(&spec).stream(&request).await
 }
 
 async fn server() -> MockServer {
@@ -72,19 +80,13 @@ async fn streams_a_chat_completion_and_reads_usage() {
 async fn a_stream_cut_before_done_is_an_error() {
     let server = server().await;
     Mock::given(method("POST")).respond_with(sse_response(stream(false))).mount(&server).await;
-    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
-    let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
-    let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
+    let result = collect(say_hi(&server).await.expect("stream"), |_| {}).await;
     assert!(matches!(result, Err(ProviderError::Truncated(_))), "{result:?}");
 }
 
 #[tokio::test]
 async fn error_statuses_say_whether_to_retry() {
     let server = server().await;
-    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
-    let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
     let cases = [
         (
             ResponseTemplate::new(429).insert_header("retry-after", "7"),
@@ -100,7 +102,7 @@ async fn error_statuses_say_whether_to_retry() {
     for (response, expected) in cases {
         server.reset().await;
         Mock::given(method("POST")).respond_with(response).mount(&server).await;
-        let error = client(&spec).stream(&request).await.err().expect("fails");
+        let error = say_hi(&server).await.err().expect("fails");
         assert_eq!(error, expected);
         assert_eq!(error.is_retryable(), !matches!(expected, ProviderError::Auth));
         assert!(!error.to_json().to_string().contains("sk-test-secret"), "keys never appear in errors");
@@ -109,7 +111,7 @@ async fn error_statuses_say_whether_to_retry() {
     server.reset().await;
     let echo = json!({ "error": { "message": "Incorrect request for key sk-test-secret: unknown parameter" } });
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(echo)).mount(&server).await;
-    let error = client(&spec).stream(&request).await.err().expect("fails");
+    let error = say_hi(&server).await.err().expect("fails");
     assert!(
         matches!(error, ProviderError::BadRequest(ref m) if m.contains("[redacted]") && !m.contains("sk-test-secret")),
         "{error:?}"
@@ -118,7 +120,7 @@ async fn error_statuses_say_whether_to_retry() {
     server.reset().await;
     let too_long = json!({ "error": { "message": "This model's maximum context length is 10 tokens", "code": "context_length_exceeded" } });
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(too_long)).mount(&server).await;
-    let error = client(&spec).stream(&request).await.err().expect("fails");
+    let error = say_hi(&server).await.err().expect("fails");
     assert!(matches!(error, ProviderError::ContextTooLong(_)) && !error.is_retryable(), "{error:?}");
 }
 
@@ -129,10 +131,7 @@ async fn a_slow_server_times_out() {
         .respond_with(sse_response(stream(true)).set_delay(Duration::from_secs(3)))
         .mount(&server)
         .await;
-    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
-    let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
-    let error = client(&spec).stream(&request).await.err().expect("fails");
+    let error = say_hi(&server).await.err().expect("fails");
     assert_eq!(error, ProviderError::Timeout);
     assert!(error.is_retryable());
 }
@@ -144,9 +143,6 @@ async fn redirects_are_not_followed() {
         .respond_with(ResponseTemplate::new(307).insert_header("location", "http://169.254.169.254/latest"))
         .mount(&server)
         .await;
-    let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
-    let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
-    let error = client(&spec).stream(&request).await.err().expect("fails");
+    let error = say_hi(&server).await.err().expect("fails");
     assert!(matches!(error, ProviderError::BadRequest(ref m) if m.contains("307")), "{error:?}");
 }
