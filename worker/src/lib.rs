@@ -81,6 +81,10 @@ impl Worker {
             default_min_models: config.min_models.max(1),
             running: pipeline::RunningJobs::default(),
         });
+        // Runs until the consumer has drained, so jobs finishing after shutdown keep their
+        // leases and still see cancellations.
+        let watcher_stop = CancellationToken::new();
+        let watcher = tokio::spawn(pipeline::watch(ctx.clone(), watcher_stop.clone()));
         let consumer = Consumer { config: config.clone(), ctx, connected: connected.clone() };
 
         let health = match health_listener {
@@ -98,6 +102,8 @@ impl Worker {
         };
 
         consumer.run(shutdown.clone()).await;
+        watcher_stop.cancel();
+        watcher.await.context("job watcher task")?;
         if let Some(health) = health {
             health.await.context("health server task")?.context("health server")?;
         }

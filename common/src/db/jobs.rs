@@ -143,24 +143,21 @@ pub async fn claim(
     }))
 }
 
-/// Extends a lease the worker still holds. False if it lost it (the job was reaped
-/// and claimed elsewhere, or ended).
-pub async fn renew_lease(
+/// Extends every lease `owner` holds on a running job (one query for a whole worker).
+pub async fn renew_leases(
     ex: impl PgExecutor<'_>,
-    id: Uuid,
     owner: Uuid,
     lease: std::time::Duration,
-) -> Result<bool, sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE jobs SET lease_until = now() + make_interval(secs => $3)
-          WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $2)
+          WHERE lease_owner = $1 AND status = 'running'",
     )
-    .bind(id)
     .bind(owner)
     .bind(lease.as_secs_f64())
     .execute(ex)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.rows_affected())
 }
 
 /// Returns running jobs whose lease expired (their worker is gone) to the queue, with
@@ -219,6 +216,14 @@ pub async fn request_cancel(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), sql
         .execute(ex)
         .await?;
     Ok(())
+}
+
+/// Which of `ids` someone asked to cancel.
+pub async fn cancel_requested_among(ex: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1) AND cancel_requested_at IS NOT NULL")
+        .bind(ids)
+        .fetch_all(ex)
+        .await
 }
 
 /// Whether someone asked to cancel the job.

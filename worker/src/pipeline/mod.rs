@@ -42,10 +42,11 @@ pub struct JobContext {
     pub running: RunningJobs,
 }
 
-/// The jobs one worker process is running, so a duplicate delivery of one of them is
-/// dropped rather than run twice at once.
+/// The jobs one worker process is running, each with the token that aborts it: a
+/// duplicate delivery of one of them is dropped rather than run twice at once, and one
+/// watcher (`watch`) serves them all.
 #[derive(Default)]
-pub struct RunningJobs(std::sync::Mutex<std::collections::HashSet<Uuid>>);
+pub struct RunningJobs(std::sync::Mutex<HashMap<Uuid, CancellationToken>>);
 
 /// Marks a job running here until dropped (also when its task is aborted).
 pub struct RunningGuard<'a> {
@@ -54,9 +55,55 @@ pub struct RunningGuard<'a> {
 }
 
 impl RunningJobs {
-    pub fn enter(&self, job_id: Uuid) -> Option<RunningGuard<'_>> {
+    pub fn enter(&self, job_id: Uuid, cancel: CancellationToken) -> Option<RunningGuard<'_>> {
         let mut jobs = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.insert(job_id).then_some(RunningGuard { jobs: self, job_id })
+        if jobs.contains_key(&job_id) {
+            return None;
+        }
+        jobs.insert(job_id, cancel);
+        Some(RunningGuard { jobs: self, job_id })
+    }
+
+    fn ids(&self) -> Vec<Uuid> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    fn cancel(&self, job_id: Uuid) {
+        if let Some(token) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&job_id) {
+            token.cancel();
+        }
+    }
+}
+
+/// Watches this process's running jobs with one query per interval, whatever their
+/// number: cancellation requests (within `CANCEL_POLL`) and lease renewals (every third
+/// of `LEASE`). Runs until `shutdown`.
+pub async fn watch(ctx: Arc<JobContext>, shutdown: CancellationToken) {
+    let mut last_renewal = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CANCEL_POLL) => {}
+        }
+        let ids = ctx.running.ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match db::jobs::cancel_requested_among(&ctx.pool, &ids).await {
+            Ok(cancelled) => {
+                for job_id in cancelled {
+                    tracing::info!(%job_id, "cancellation requested; aborting provider calls");
+                    ctx.running.cancel(job_id);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot check for cancellations; retrying"),
+        }
+        if last_renewal.elapsed() >= LEASE / 3 {
+            last_renewal = tokio::time::Instant::now();
+            if let Err(err) = db::jobs::renew_leases(&ctx.pool, ctx.worker_id, LEASE).await {
+                tracing::warn!(error = %err, "cannot renew leases; retrying");
+            }
+        }
     }
 }
 
@@ -93,7 +140,8 @@ const CANCEL_POLL: Duration = Duration::from_millis(250);
 
 pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, PipelineError> {
     // A job this process is running already: the delivery is a duplicate.
-    let Some(_running_here) = ctx.running.enter(job_id) else {
+    let cancel = CancellationToken::new();
+    let Some(_running_here) = ctx.running.enter(job_id, cancel.clone()) else {
         tracing::info!(%job_id, "job already running in this worker; dropping duplicate delivery");
         return Ok(Outcome::Skipped);
     };
@@ -125,7 +173,6 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
 
     let done: HashMap<(Stage, String), Step> =
         db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
-    let cancel = CancellationToken::new();
     let Some(pattern) = ctx.patterns.get(&job.pattern).cloned() else {
         let error =
             json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
@@ -142,10 +189,9 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     };
     let work = stages.run();
     tokio::pin!(work);
-    // A cancellation request is noticed within a poll interval, the deadline at once;
-    // either aborts the calls in flight.
+    // The deadline aborts the calls in flight at once; a cancellation request does so
+    // through the process's watcher, which cancels the same token.
     let mut deadline_passed = false;
-    let mut last_renewal = tokio::time::Instant::now();
     let outcome = loop {
         tokio::select! {
             outcome = &mut work => break outcome?,
@@ -153,20 +199,6 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
                 tracing::info!(%job_id, "deadline passed; aborting provider calls");
                 deadline_passed = true;
                 cancel.cancel();
-            }
-            _ = tokio::time::sleep(CANCEL_POLL), if !cancel.is_cancelled() => {
-                if db::jobs::cancel_requested(&ctx.pool, job_id).await.unwrap_or(false) {
-                    tracing::info!(%job_id, "cancellation requested; aborting provider calls");
-                    cancel.cancel();
-                }
-                if last_renewal.elapsed() >= LEASE / 3 {
-                    last_renewal = tokio::time::Instant::now();
-                    match db::jobs::renew_lease(&ctx.pool, job_id, ctx.worker_id, LEASE).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::warn!(%job_id, "lease lost: the job was reaped or ended elsewhere"),
-                        Err(err) => tracing::warn!(%job_id, error = %err, "cannot renew the lease; retrying"),
-                    }
-                }
             }
         }
     };
