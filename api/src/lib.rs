@@ -7,7 +7,9 @@ pub mod body;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod middleware;
+pub mod queues;
 pub mod relay;
 pub mod routes;
 pub mod state;
@@ -79,16 +81,20 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
     // Blank entries must not turn into "no list", which CORS would read as "any origin".
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+    common::metrics::install();
+    let routes = Arc::new(metrics::RouteTemplates::from_spec(&service.spec(), &["/docs", "/openapi.json", "/metrics"]));
     let app = Route::new()
         .nest("/docs", service.swagger_ui())
         .at("/openapi.json", service.spec_endpoint())
+        .at("/metrics", poem::get(metrics::endpoint))
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate)
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
         .with(Tracing)
-        .with(middleware::RequestId)
+        .with(middleware::RequestContext)
+        .with(metrics::HttpMetrics(routes))
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use common::config::Environment;
+use common::{
+    config::Environment,
+    trace::{self, TraceContext},
+};
 use poem::{
     http::{HeaderValue, Method},
     middleware::Cors,
@@ -101,33 +104,44 @@ impl<E: Endpoint> Endpoint for TimeoutEndpoint<E> {
     }
 }
 
-/// `X-Request-Id`: taken from the request when it is a sane value (1 to 128 visible
-/// ASCII characters), generated otherwise; returned on the response and carried by a
-/// tracing span around the request, so every log line of its work names it.
-pub struct RequestId;
+/// `X-Request-Id` and W3C `traceparent`. The request id is taken from the request
+/// when it is a sane value (1 to 128 visible ASCII characters), generated otherwise,
+/// and returned on the response. The trace continues the caller's `traceparent` or
+/// starts a new one; the request's own span context goes into the request's data
+/// (the submit handler stores it with the job's message). Both ids ride on a tracing
+/// span around the request, so every log line of its work names them.
+pub struct RequestContext;
 
-impl<E: Endpoint> Middleware<E> for RequestId {
-    type Output = RequestIdEndpoint<E>;
+impl<E: Endpoint> Middleware<E> for RequestContext {
+    type Output = RequestContextEndpoint<E>;
 
     fn transform(&self, inner: E) -> Self::Output {
-        RequestIdEndpoint { inner }
+        RequestContextEndpoint { inner }
     }
 }
 
-pub struct RequestIdEndpoint<E> {
+pub struct RequestContextEndpoint<E> {
     inner: E,
 }
 
-impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
+impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> Result<Response> {
+    async fn call(&self, mut req: Request) -> Result<Response> {
         use tracing::Instrument;
         let given = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
         let id = given
             .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        let span = tracing::info_span!("request", request_id = %id);
+        let parent = req.headers().get(trace::HEADER).and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
+        let context = parent.map_or_else(TraceContext::root, |p| p.child());
+        req.extensions_mut().insert(context);
+        let span = tracing::info_span!(
+            "request",
+            request_id = %id,
+            trace_id = %context.trace_id_hex(),
+            span_id = %context.span_id_hex(),
+        );
         let mut response = match self.inner.call(req).instrument(span).await {
             Ok(output) => output.into_response(),
             Err(err) => crate::error::into_problem(err).await,

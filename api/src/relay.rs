@@ -28,8 +28,8 @@ const BATCH: i64 = 100;
 /// Publishes one job now and clears its outbox row on confirm. The row stays locked
 /// while publishing, so a relay never publishes the same job at the same time (it
 /// skips locked rows). A failure is only logged: the row stays for the relay.
-pub async fn publish_now(state: &AppState, outbox_id: i64, message: &JobMessage) {
-    if let Err(err) = try_publish_now(state, outbox_id, message).await {
+pub async fn publish_now(state: &AppState, outbox_id: i64, message: &JobMessage, traceparent: Option<&str>) {
+    if let Err(err) = try_publish_now(state, outbox_id, message, traceparent).await {
         tracing::warn!(job_id = %message.job_id(), error = %err, "fast-path publish failed; the relay will retry");
     }
 }
@@ -38,12 +38,13 @@ async fn try_publish_now(
     state: &AppState,
     outbox_id: i64,
     message: &JobMessage,
+    traceparent: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut tx = state.pool.begin().await?;
     if !db::outbox::lock(&mut tx, outbox_id).await? {
         return Ok(()); // a relay holds it (or already published it)
     }
-    state.publisher.publish(message).await?;
+    state.publisher.publish(message, traceparent).await?;
     db::outbox::delete(&mut *tx, outbox_id).await?;
     tx.commit().await?;
     Ok(())
@@ -91,7 +92,7 @@ pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
     for row in &batch {
         let message = JobMessage::new(row.job_id, row.attempt);
         let delay = std::time::Duration::from_millis(row.delay_ms.max(0) as u64);
-        if let Err(err) = state.publisher.publish_after(&message, delay).await {
+        if let Err(err) = state.publisher.publish_after(&message, delay, row.traceparent.as_deref()).await {
             tracing::warn!(job_id = %row.job_id, error = %err, "relay publish failed; will retry");
             break;
         }

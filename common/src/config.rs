@@ -104,6 +104,15 @@ pub struct Config {
     #[arg(long, env = "ULTRA_SSE_IDLE_SECS", default_value_t = 300, global = true)]
     pub sse_idle_secs: u64,
 
+    /// When set, `/metrics` (api and worker) answers only requests bearing this token
+    /// (`Authorization: Bearer …`). Production requires it: the api's port is public.
+    #[arg(long, env = "ULTRA_METRICS_TOKEN", hide_env_values = true, global = true)]
+    pub metrics_token: Option<String>,
+
+    /// Log prompt text at debug level (worker). Off by default: prompts are user data.
+    #[arg(long, env = "ULTRA_LOG_PROMPTS", default_value_t = false, global = true)]
+    pub log_prompts: bool,
+
     /// Log format; defaults to `pretty` on a terminal and `json` elsewhere.
     #[arg(long, env = "ULTRA_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,
@@ -301,6 +310,11 @@ impl Config {
             }) {
                 problems.push("ULTRA_JWT_KEYS uses the known development key or an example value".to_owned());
             }
+            if self.metrics_token.as_deref().is_none_or(|t| t.trim().len() < 16) {
+                problems.push(
+                    "ULTRA_METRICS_TOKEN is not set (16 characters at least): /metrics would be public".to_owned(),
+                );
+            }
             if self.cors_origins.iter().any(|o| o.trim() == "*") {
                 problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());
             }
@@ -363,9 +377,15 @@ mod tests {
         config.jwt_keys = None;
         config.cors_origins = vec!["*".to_owned()];
         let err = config.validate().expect_err("defaults are unsafe in production");
-        assert_eq!(err.problems.len(), 5, "{err}");
-        for expected in ["guest credentials", "no password", "mock provider", "ULTRA_JWT_KEYS is not set", "any origin"]
-        {
+        assert_eq!(err.problems.len(), 6, "{err}");
+        for expected in [
+            "guest credentials",
+            "no password",
+            "mock provider",
+            "ULTRA_JWT_KEYS is not set",
+            "any origin",
+            "ULTRA_METRICS_TOKEN",
+        ] {
             assert!(err.to_string().contains(expected), "{expected}: {err}");
         }
 

@@ -11,11 +11,13 @@ pub mod db;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod patterns;
 pub mod queue;
 pub mod redis;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tiers;
+pub mod trace;
 
 pub use config::Config;

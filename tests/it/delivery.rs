@@ -19,7 +19,7 @@ async fn the_relay_publishes_a_job_whose_fast_path_publish_never_happened() {
     // Exactly what an api that crashed between commit and publish leaves behind.
     let mut tx = app.pool.begin().await.expect("begin");
     let id = insert_queued_job(&mut tx, user_id, "hello", &["mock/alpha"]).await;
-    db::outbox::insert(&mut *tx, id, 1).await.expect("outbox row");
+    db::outbox::insert(&mut *tx, id, 1, None).await.expect("outbox row");
     tx.commit().await.expect("commit");
 
     let job = app.wait_for_terminal(&key, id).await;
@@ -40,8 +40,8 @@ async fn a_duplicate_delivery_of_a_finished_job_changes_nothing() {
     let events = app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id).await;
 
     let publisher = Publisher::new(app.config.amqp_url.clone(), Topology::new(&app.config.queue_prefix));
-    publisher.publish(&JobMessage::new(id, 1)).await.expect("publish duplicate");
-    publisher.publish(&JobMessage::new(id, 2)).await.expect("publish duplicate");
+    publisher.publish(&JobMessage::new(id, 1), None).await.expect("publish duplicate");
+    publisher.publish(&JobMessage::new(id, 2), None).await.expect("publish duplicate");
     let marker = app.submit_ok(&key, &["mock/gamma"]).await;
     app.wait_for_terminal(&key, marker).await;
     publisher.close().await;
@@ -132,7 +132,7 @@ async fn a_delivery_of_a_job_leased_to_a_live_worker_is_dropped() {
     let id = orphan(&app, user_id, 120).await; // the other worker is alive
 
     let publisher = Publisher::new(app.config.amqp_url.clone(), Topology::new(&app.config.queue_prefix));
-    publisher.publish(&JobMessage::new(id, 2)).await.expect("publish");
+    publisher.publish(&JobMessage::new(id, 2), None).await.expect("publish");
     let marker = app.submit_ok(&key, &["mock/gamma"]).await;
     app.wait_for_terminal(&key, marker).await;
     publisher.close().await;

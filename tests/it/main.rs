@@ -11,6 +11,7 @@ mod idempotency;
 mod jobs;
 mod jwt;
 mod limits;
+mod operations;
 mod outages;
 mod pipeline;
 mod processes;

@@ -131,9 +131,14 @@ async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
         .expect("run ultra");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for problem in
-        ["guest credentials", "DATABASE_URL has no password", "mock provider", "shorter than 32 bytes", "any origin"]
-    {
+    for problem in [
+        "guest credentials",
+        "DATABASE_URL has no password",
+        "mock provider",
+        "shorter than 32 bytes",
+        "any origin",
+        "ULTRA_METRICS_TOKEN",
+    ] {
         assert!(stderr.contains(problem), "missing `{problem}` in: {stderr}");
     }
     assert!(!stderr.contains("too-short"), "a secret must never be printed");
@@ -281,4 +286,48 @@ async fn a_worker_killed_mid_job_costs_only_the_unfinished_call_again() {
     let (status, _) = terminate(survivor).await;
     assert!(status.success());
     app.stop().await;
+}
+
+/// One trace from submit to result: the worker process logs the job's work under the
+/// caller's trace id, and serves its own metrics on its health port.
+#[tokio::test]
+async fn a_worker_process_continues_the_trace_and_serves_its_metrics() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let worker = spawn_worker(&app).await;
+    wait_ready(&app, &worker).await;
+    let (_, key) = app.user_with_key().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = app
+        .http
+        .post(app.url("/v1/analyze"))
+        .bearer_auth(&key)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({ "prompt": "a secret prompt text", "models": ["mock/alpha"] }))
+        .send()
+        .await
+        .expect("submit");
+    let id: uuid::Uuid = response.json::<serde_json::Value>().await.expect("json")["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("job id");
+    assert_eq!(app.wait_for_terminal(&key, id).await["status"], "succeeded");
+
+    let metrics_url = worker.health.replace("/health/ready", "/metrics");
+    let text = app.http.get(&metrics_url).send().await.expect("metrics").text().await.expect("body");
+    for expected in [
+        r#"ultra_jobs_finished_total{pattern="direct",status="succeeded"} 1"#,
+        r#"ultra_step_duration_seconds_count{stage="initial",model="mock/alpha",provider="mock",outcome="succeeded"} 1"#,
+        r#"ultra_steps_in_flight{provider="mock"} 0"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+
+    let (status, log) = terminate(worker).await;
+    assert!(status.success());
+    let job_lines: Vec<&String> = log.iter().filter(|l| l.contains(&id.to_string())).collect();
+    assert!(job_lines.iter().any(|l| l.contains("job finished")), "{log:#?}");
+    for line in &job_lines {
+        assert!(line.contains(trace_id), "a line of the job's work without its trace id: {line}");
+    }
+    assert!(!log.iter().any(|l| l.contains("a secret prompt text")), "prompts stay out of logs");
 }

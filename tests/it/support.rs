@@ -37,6 +37,8 @@ pub struct Options {
     pub cors_origins: Vec<String>,
     /// Contents of a configuration file (TOML), e.g. extra tiers.
     pub config_toml: Option<String>,
+    /// `ULTRA_METRICS_TOKEN`.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             proxied: false,
             cors_origins: Vec::new(),
             config_toml: None,
+            metrics_token: None,
         }
     }
 }
@@ -112,6 +115,7 @@ impl TestApp {
         config.max_attempts = options.max_attempts;
         config.relay_interval_ms = 200;
         config.cors_origins = options.cors_origins.clone();
+        config.metrics_token = options.metrics_token.clone();
         if let Some(toml) = &options.config_toml {
             let path = std::env::temp_dir().join(format!("ultra-test-{db_name}.toml"));
             std::fs::write(&path, toml).expect("write config file");

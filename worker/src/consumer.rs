@@ -14,6 +14,7 @@ use std::{
 
 use common::{
     queue::{self, JobMessage, Topology},
+    trace::{self, TraceContext},
     Config,
 };
 use futures::{FutureExt, StreamExt};
@@ -26,6 +27,7 @@ use lapin::{
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::pipeline::{self, JobContext};
 
@@ -167,9 +169,35 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: Cancellation
         }
     };
     let job_id = message.job_id();
+    // This run is a span of the trace the message carries (or of a new one).
+    let parent = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(trace::HEADER))
+        .and_then(|value| value.as_long_string())
+        .and_then(|value| TraceContext::parse(&value.to_string()));
+    let context = parent.map_or_else(TraceContext::root, |p| p.child());
+    let span = tracing::info_span!(
+        "job",
+        %job_id,
+        trace_id = %context.trace_id_hex(),
+        span_id = %context.span_id_hex(),
+        parent_span_id = parent.map(|p| p.span_id_hex()),
+    );
+    settle(&ctx, delivery, job_id, &context, &shutdown).instrument(span).await;
+}
+
+async fn settle(
+    ctx: &Arc<JobContext>,
+    delivery: Delivery,
+    job_id: uuid::Uuid,
+    context: &TraceContext,
+    shutdown: &CancellationToken,
+) {
     let mut backoff = Duration::from_millis(500);
     let done = loop {
-        match AssertUnwindSafe(pipeline::run(&ctx, job_id)).catch_unwind().await {
+        match AssertUnwindSafe(pipeline::run(ctx, job_id, context)).catch_unwind().await {
             Ok(Ok(_)) => break true,
             Ok(Err(err)) => {
                 tracing::warn!(%job_id, error = %err, retry_in_ms = backoff.as_millis() as u64, "job interrupted by an infrastructure error")
@@ -206,7 +234,10 @@ async fn handle_dead_letter(ctx: Arc<JobContext>, delivery: Delivery) {
         Ok(message) => {
             let job_id = message.job_id();
             match pipeline::dead_lettered(&ctx, job_id).await {
-                Ok(_) => tracing::error!(%job_id, "job dead-lettered; it is failed and can be replayed"),
+                Ok(_) => {
+                    metrics::counter!(common::metrics::DEAD_LETTERS).increment(1);
+                    tracing::error!(%job_id, "job dead-lettered; it is failed and can be replayed")
+                }
                 Err(err) => {
                     tracing::warn!(%job_id, error = %err, "cannot record a dead letter yet; it stays queued");
                     let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;

@@ -14,10 +14,22 @@ pub struct HealthState {
     pub pool: PgPool,
     pub redis: RedisHandle,
     pub consuming: Arc<AtomicBool>,
+    /// `ULTRA_METRICS_TOKEN`: required of scrapes when set.
+    pub metrics_token: Option<String>,
 }
 
 pub fn routes(state: HealthState) -> impl poem::Endpoint {
-    Route::new().at("/health/live", get(live)).at("/health/ready", get(ready)).data(state)
+    Route::new().at("/health/live", get(live)).at("/health/ready", get(ready)).at("/metrics", get(metrics)).data(state)
+}
+
+/// Prometheus metrics of this worker process.
+#[handler]
+fn metrics(req: &poem::Request, state: poem::web::Data<&HealthState>) -> Response {
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    if !common::metrics::authorized(state.metrics_token.as_deref(), authorization) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    common::metrics::render().with_content_type(common::metrics::CONTENT_TYPE).into_response()
 }
 
 #[handler]

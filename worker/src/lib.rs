@@ -52,6 +52,7 @@ impl Worker {
     /// `ultra all` the api's health endpoints cover the process).
     pub async fn run(self, health_listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
+        common::metrics::install();
         let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
         let catalog = Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?;
@@ -80,6 +81,7 @@ impl Worker {
             max_attempts: config.max_attempts.max(1),
             default_min_models: config.min_models.max(1),
             running: pipeline::RunningJobs::default(),
+            log_prompts: config.log_prompts,
         });
         // Runs until the consumer has drained, so jobs finishing after shutdown keep their
         // leases and still see cancellations.
@@ -91,7 +93,12 @@ impl Worker {
             Some(listener) => {
                 let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
                 tracing::info!(%address, "worker health listening");
-                let routes = health::routes(health::HealthState { pool: pool.clone(), redis, consuming: connected });
+                let routes = health::routes(health::HealthState {
+                    pool: pool.clone(),
+                    redis,
+                    consuming: connected,
+                    metrics_token: config.metrics_token.clone(),
+                });
                 let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
                 let stop = shutdown.clone();
                 Some(tokio::spawn(async move {

@@ -101,6 +101,7 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
         let refused = decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after_secs);
         let mut response = match refused {
             Some(decision) => {
+                metrics::counter!(common::metrics::RATE_LIMITED, "policy" => decision.policy.name).increment(1);
                 let error =
                     ApiError::RateLimited { policy: decision.policy.name, retry_after: decision.retry_after_secs };
                 poem::error::ResponseError::as_response(&error)

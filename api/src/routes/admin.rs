@@ -11,6 +11,7 @@ use crate::{
     auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
+    queues::QueuesSnapshot,
     routes::{auth::Account, ApiTags},
     state::AppState,
 };
@@ -59,6 +60,19 @@ pub struct AdminApi {
 
 #[OpenApi(prefix_path = "/v1/admin", tag = "ApiTags::Admin")]
 impl AdminApi {
+    /// Queue depths and backlogs
+    ///
+    /// RabbitMQ's ready messages and consumers for every queue (work, dead letter,
+    /// retry delays), and PostgreSQL's outbox backlog, jobs queued and running, and
+    /// dead-lettered jobs. Scale workers on the work queue's depth; a growing outbox
+    /// backlog means the broker is not taking messages. If RabbitMQ is down, `queues`
+    /// is empty and `broker_error` says why.
+    #[oai(path = "/queues", method = "get")]
+    async fn queues(&self, auth: BearerAuth) -> Result<Json<QueuesSnapshot>, ApiError> {
+        require_admin(&auth)?;
+        Ok(Json(QueuesSnapshot::take(&self.state).await?))
+    }
+
     /// List dead-lettered jobs
     #[oai(path = "/dead-letters", method = "get")]
     async fn dead_letters(&self, auth: BearerAuth) -> Result<Json<DeadLetterList>, ApiError> {
@@ -81,7 +95,13 @@ impl AdminApi {
     /// Puts it back in the queue; it resumes, skipping the steps it finished. Its budget
     /// reservation is taken again for today. Anything but a dead-lettered job is 404.
     #[oai(path = "/dead-letters/:job_id/replay", method = "post")]
-    async fn replay(&self, auth: BearerAuth, job_id: Path<Uuid>) -> Result<Json<Replayed>, ApiError> {
+    async fn replay(
+        &self,
+        auth: BearerAuth,
+        job_id: Path<Uuid>,
+        trace: poem::web::Data<&common::trace::TraceContext>,
+    ) -> Result<Json<Replayed>, ApiError> {
+        let traceparent = trace.0.to_string();
         require_admin(&auth)?;
         let state = &self.state;
         let mut tx = state.pool.begin().await?;
@@ -91,10 +111,11 @@ impl AdminApi {
         db::usage::reserve_again(&mut tx, job.user_id, today, job.id).await?;
         let data = serde_json::json!({ "status": "queued", "reason": "replayed by an administrator" });
         let event = db::events::append(&mut tx, job.id, common::domain::EventKind::Queued, data).await?;
-        let outbox_id = db::outbox::insert(&mut *tx, job.id, job.attempts + 1).await?;
+        let outbox_id = db::outbox::insert(&mut *tx, job.id, job.attempts + 1, Some(&traceparent)).await?;
         tx.commit().await?;
         state.events.publish(&event).await;
-        crate::relay::publish_now(state, outbox_id, &common::queue::JobMessage::new(job.id, job.attempts + 1)).await;
+        let message = common::queue::JobMessage::new(job.id, job.attempts + 1);
+        crate::relay::publish_now(state, outbox_id, &message, Some(&traceparent)).await;
         tracing::info!(admin = %auth.0.user_id, job_id = %job.id, "dead letter replayed");
         Ok(Json(Replayed { job_id: job.id, status: job.status }))
     }

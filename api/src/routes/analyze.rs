@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use common::{db, patterns::PatternSpec, queue::JobMessage};
+use common::{db, patterns::PatternSpec, queue::JobMessage, trace::TraceContext};
 use futures::stream::BoxStream;
 use poem_openapi::{
     param::Header,
@@ -134,7 +134,9 @@ impl AnalyzeApi {
         /// Keys are per user, kept `ULTRA_IDEMPOTENCY_RETENTION_SECS` (a day).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
+        trace: poem::web::Data<&TraceContext>,
     ) -> Result<AnalyzeResponse, ApiError> {
+        let traceparent = trace.0.to_string();
         let state = &self.state;
         let request = body.0;
         let idempotency_key = idempotency_key.0.map(check_idempotency_key).transpose()?;
@@ -226,12 +228,13 @@ impl AnalyzeApi {
             json!({ "status": "queued", "pattern": job.pattern, "models": job.models }),
         )
         .await?;
-        let outbox_id = db::outbox::insert(&mut *tx, id, 1).await?;
+        let outbox_id = db::outbox::insert(&mut *tx, id, 1, Some(&traceparent)).await?;
         tx.commit().await?;
+        metrics::counter!(common::metrics::JOBS_SUBMITTED, "pattern" => job.pattern.clone()).increment(1);
         tracing::info!(job_id = %id, models = job.models.len(), pattern = %job.pattern, "job accepted");
 
         state.events.publish(&queued).await;
-        relay::publish_now(state, outbox_id, &JobMessage::new(id, 1)).await;
+        relay::publish_now(state, outbox_id, &JobMessage::new(id, 1), Some(&traceparent)).await;
 
         let links = JobLinks::for_job(id);
         let location = links.self_.clone();

@@ -350,7 +350,7 @@ impl JobsApi {
             status if status.is_terminal() => Err(ApiError::Conflict(format!("the job has already ended ({status})"))),
             JobStatus::Queued => {
                 let error = json!({ "code": "cancelled", "message": "cancelled before it started" });
-                db::jobs::finish(&mut *tx, job.id, JobStatus::Cancelled, None, Some(&error)).await?;
+                let finished = db::jobs::finish(&mut *tx, job.id, JobStatus::Cancelled, None, Some(&error)).await?;
                 db::usage::settle(&mut tx, job.id).await?;
                 let event = db::events::append(
                     &mut tx,
@@ -361,6 +361,9 @@ impl JobsApi {
                 .await?;
                 tx.commit().await?;
                 state.events.publish(&event).await;
+                if let Some(finished) = finished {
+                    common::metrics::job_finished(&finished, JobStatus::Cancelled);
+                }
                 tracing::info!(job_id = %job.id, "queued job cancelled");
                 Ok(CancelResponse::Cancelled(Json(view(JobStatus::Cancelled))))
             }

@@ -8,6 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use common::metrics::InFlight;
 use uuid::Uuid;
 
 #[derive(Default)]
@@ -19,6 +20,8 @@ pub struct StreamCounter {
 pub struct StreamPermit {
     counter: Arc<StreamCounter>,
     user_id: Uuid,
+    /// Counts the stream in `ultra_sse_subscribers` while it is open.
+    _gauge: InFlight,
 }
 
 impl StreamCounter {
@@ -30,7 +33,8 @@ impl StreamCounter {
             return None;
         }
         *count += 1;
-        Some(StreamPermit { counter: self.clone(), user_id })
+        let gauge = InFlight::enter(metrics::gauge!(common::metrics::SSE_SUBSCRIBERS));
+        Some(StreamPermit { counter: self.clone(), user_id, _gauge: gauge })
     }
 }
 

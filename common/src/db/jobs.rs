@@ -188,19 +188,51 @@ pub async fn finish(
     status: JobStatus,
     result: Option<&Value>,
     error: Option<&Value>,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Option<Finished>, sqlx::Error> {
     debug_assert!(status.is_terminal());
-    let done = sqlx::query(
+    sqlx::query_as(
         "UPDATE jobs SET status = $2, result = $3, error = $4, finished_at = now(), updated_at = now()
-          WHERE id = $1 AND status IN ('queued', 'running')",
+          WHERE id = $1 AND status IN ('queued', 'running')
+          RETURNING pattern, created_at, finished_at",
     )
     .bind(id)
     .bind(status)
     .bind(result)
     .bind(error)
-    .execute(ex)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(ex)
+    .await
+}
+
+/// A job that has just ended: what its metrics need.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Finished {
+    pub pattern: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+impl Finished {
+    /// Submit to terminal status.
+    pub fn duration(&self) -> std::time::Duration {
+        (self.finished_at - self.created_at).to_std().unwrap_or_default()
+    }
+}
+
+/// Jobs waiting and running now, across every user (operations).
+pub async fn active_counts(ex: impl PgExecutor<'_>) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running')
+           FROM jobs WHERE status IN ('queued', 'running')",
+    )
+    .fetch_one(ex)
+    .await
+}
+
+/// Jobs failed by a dead letter and not replayed.
+pub async fn dead_lettered_count(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'failed' AND error->>'code' = 'dead_lettered'")
+        .fetch_one(ex)
+        .await
 }
 
 /// A job's status, locked for the caller's transaction (`FOR NO KEY UPDATE`, so the
@@ -278,6 +310,7 @@ pub async fn requeue_for_retry(
     id: Uuid,
     attempt: i32,
     delay_ms: i32,
+    traceparent: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = now()
@@ -286,6 +319,6 @@ pub async fn requeue_for_retry(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    super::outbox::insert_delayed(&mut *conn, id, attempt, delay_ms).await?;
+    super::outbox::insert_delayed(&mut *conn, id, attempt, delay_ms, traceparent).await?;
     Ok(())
 }

@@ -10,14 +10,17 @@ pub struct Pending {
     pub attempt: i32,
     /// Publish through a delay queue (a retry's backoff); 0 for now.
     pub delay_ms: i32,
+    /// The trace the message continues (W3C `traceparent`).
+    pub traceparent: Option<String>,
 }
 
-pub async fn insert(ex: impl PgExecutor<'_>, job_id: Uuid, attempt: i32) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("INSERT INTO outbox (job_id, attempt) VALUES ($1, $2) RETURNING id")
-        .bind(job_id)
-        .bind(attempt)
-        .fetch_one(ex)
-        .await
+pub async fn insert(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    attempt: i32,
+    traceparent: Option<&str>,
+) -> Result<i64, sqlx::Error> {
+    insert_delayed(ex, job_id, attempt, 0, traceparent).await
 }
 
 /// Locks one row for publishing; false if a relay holds it or it is gone.
@@ -35,13 +38,22 @@ pub async fn insert_delayed(
     job_id: Uuid,
     attempt: i32,
     delay_ms: i32,
+    traceparent: Option<&str>,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("INSERT INTO outbox (job_id, attempt, delay_ms) VALUES ($1, $2, $3) RETURNING id")
-        .bind(job_id)
-        .bind(attempt)
-        .bind(delay_ms)
-        .fetch_one(ex)
-        .await
+    sqlx::query_scalar(
+        "INSERT INTO outbox (job_id, attempt, delay_ms, traceparent) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(job_id)
+    .bind(attempt)
+    .bind(delay_ms)
+    .bind(traceparent)
+    .fetch_one(ex)
+    .await
+}
+
+/// Rows not yet confirmed by the broker (a growing number means it is down).
+pub async fn backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(ex).await
 }
 
 pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
@@ -53,7 +65,7 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error>
 /// age keeps the relay from racing the fast path for a job being published right now.
 pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, job_id, attempt, delay_ms FROM outbox
+        "SELECT id, job_id, attempt, delay_ms, traceparent FROM outbox
           WHERE created_at < now() - make_interval(secs => $1::float8 / 1000)
           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )

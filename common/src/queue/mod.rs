@@ -16,7 +16,7 @@
 
 mod publisher;
 
-pub use publisher::Publisher;
+pub use publisher::{Publisher, QueueStats};
 
 use std::time::Duration;
 
@@ -79,6 +79,13 @@ impl Topology {
         }
     }
 
+    /// Every queue with its role: `work`, `dead_letter` or `delay`.
+    pub fn queues(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [("work", self.analyze_queue.as_str()), ("dead_letter", self.dead_queue.as_str())]
+            .into_iter()
+            .chain(self.delay_queues.iter().map(|(_, queue)| ("delay", queue.as_str())))
+    }
+
     /// Declares everything; safe to repeat (same names, same arguments).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         // Durable: the topology survives a broker restart (https://www.rabbitmq.com/docs/queues#durability).
@@ -137,9 +144,8 @@ impl Topology {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let connection = connect(amqp_url, "ultra-cleanup").await?;
         let channel = connection.create_channel().await?;
-        let delays = self.delay_queues.iter().map(|(_, queue)| queue);
-        for queue in [&self.analyze_queue, &self.dead_queue].into_iter().chain(delays) {
-            channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        for (_, queue) in self.queues() {
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
         }
         for exchange in [&self.jobs_exchange, &self.dead_exchange] {
             channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
@@ -170,17 +176,12 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
 #[serde(tag = "v")]
 pub enum JobMessage {
     #[serde(rename = "1")]
-    V1 {
-        job_id: Uuid,
-        attempt: i32,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        traceparent: Option<String>,
-    },
+    V1 { job_id: Uuid, attempt: i32 },
 }
 
 impl JobMessage {
     pub fn new(job_id: Uuid, attempt: i32) -> Self {
-        JobMessage::V1 { job_id, attempt, traceparent: None }
+        JobMessage::V1 { job_id, attempt }
     }
 
     pub fn job_id(&self) -> Uuid {

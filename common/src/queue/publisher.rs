@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Confirmation, Connection,
 };
 use tokio::sync::Mutex;
@@ -31,6 +32,17 @@ pub enum PublishError {
     Amqp(#[from] lapin::Error),
 }
 
+/// One queue's counts, as the broker reports them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    pub name: String,
+    /// `work`, `dead_letter` or `delay`.
+    pub role: &'static str,
+    /// Ready messages (not those delivered and awaiting an ack).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
 struct Link {
     connection: Connection,
     channel: Channel,
@@ -53,19 +65,30 @@ impl Publisher {
     }
 
     /// Publishes one job message as persistent and waits for the broker's confirm.
-    pub async fn publish(&self, message: &JobMessage) -> Result<(), PublishError> {
-        self.publish_after(message, std::time::Duration::ZERO).await
+    pub async fn publish(&self, message: &JobMessage, traceparent: Option<&str>) -> Result<(), PublishError> {
+        self.publish_after(message, std::time::Duration::ZERO, traceparent).await
     }
 
     /// Publishes for delivery after about `delay`: through the delay queue that fits
-    /// (the default exchange routes by queue name), or at once for no delay.
-    pub async fn publish_after(&self, message: &JobMessage, delay: std::time::Duration) -> Result<(), PublishError> {
+    /// (the default exchange routes by queue name), or at once for no delay. The
+    /// trace it continues travels in the `traceparent` header.
+    pub async fn publish_after(
+        &self,
+        message: &JobMessage,
+        delay: std::time::Duration,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
         let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
+        let mut headers = FieldTable::default();
+        if let Some(traceparent) = traceparent {
+            headers.insert(crate::trace::HEADER.into(), AMQPValue::LongString(traceparent.into()));
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent: survives a broker restart
             .with_content_type("application/json".into())
-            .with_message_id(message.job_id().to_string().into());
+            .with_message_id(message.job_id().to_string().into())
+            .with_headers(headers);
         // mandatory: an unroutable message comes back instead of vanishing.
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let result = async {
@@ -97,6 +120,35 @@ impl Publisher {
     /// Whether the broker answers now: connects if needed (readiness probe).
     pub async fn check(&self) -> Result<(), PublishError> {
         self.channel().await.map(drop)
+    }
+
+    /// Messages ready and consumers of each of the topology's queues, read with passive
+    /// declares on a channel of their own (a failed passive declare closes its channel).
+    pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, PublishError> {
+        self.channel().await?;
+        let stats = async {
+            let channel = match &*self.state.lock().await {
+                State::Connected(link) => link.connection.create_channel().await?,
+                State::Disconnected { .. } => return Err(std::io::Error::other("disconnected").into()),
+            };
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            let mut stats = Vec::new();
+            for (role, name) in self.topology.queues() {
+                let queue = channel.queue_declare(name.into(), passive, FieldTable::default()).await?;
+                stats.push(QueueStats {
+                    name: name.to_owned(),
+                    role,
+                    messages: queue.message_count(),
+                    consumers: queue.consumer_count(),
+                });
+            }
+            let _ = channel.close(200, "done".into()).await;
+            Ok::<_, lapin::Error>(stats)
+        };
+        match tokio::time::timeout(CONFIRM_TIMEOUT, stats).await {
+            Ok(result) => result.map_err(PublishError::from),
+            Err(_) => Err(PublishError::ConfirmTimeout),
+        }
     }
 
     async fn channel(&self) -> Result<Channel, PublishError> {

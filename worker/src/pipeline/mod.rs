@@ -15,6 +15,7 @@ use common::{
     db::{self, steps::Step},
     domain::{EventKind, JobStatus, Stage},
     events::EventPublisher,
+    trace::TraceContext,
 };
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -40,6 +41,8 @@ pub struct JobContext {
     pub worker_id: Uuid,
     /// Jobs this process is running now.
     pub running: RunningJobs,
+    /// `ULTRA_LOG_PROMPTS`: each step's prompt at debug level (user data, so opt-in).
+    pub log_prompts: bool,
 }
 
 /// The jobs one worker process is running, each with the token that aborts it: a
@@ -138,7 +141,9 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// How often a running job checks whether it was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
 
-pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, PipelineError> {
+/// Runs (or resumes) one job. `trace` is this run's span context: a retry's message
+/// continues it.
+pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> Result<Outcome, PipelineError> {
     // A job this process is running already: the delivery is a duplicate.
     let cancel = CancellationToken::new();
     let Some(_running_here) = ctx.running.enter(job_id, cancel.clone()) else {
@@ -212,20 +217,26 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid) -> Result<Outcome, Pipelin
     match outcome {
         StagesOutcome::Succeeded(result) => finish(ctx, job_id, JobStatus::Succeeded, Some(result), None).await,
         StagesOutcome::Failed(error) => finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await,
-        StagesOutcome::Retry(delay) => retry_later(ctx, &job, delay).await,
+        StagesOutcome::Retry(delay) => retry_later(ctx, &job, delay, trace).await,
     }
 }
 
 /// Sends the job back to the queue to run again after `delay` (through a delay queue,
 /// published by the relay from the outbox), with a `queued` event saying why.
-async fn retry_later(ctx: &JobContext, job: &db::jobs::Job, delay: Duration) -> Result<Outcome, PipelineError> {
+async fn retry_later(
+    ctx: &JobContext,
+    job: &db::jobs::Job,
+    delay: Duration,
+    trace: &TraceContext,
+) -> Result<Outcome, PipelineError> {
     let delay_ms = i32::try_from(delay.as_millis()).unwrap_or(i32::MAX);
     let mut tx = ctx.pool.begin().await?;
-    db::jobs::requeue_for_retry(&mut tx, job.id, job.attempts + 1, delay_ms).await?;
+    db::jobs::requeue_for_retry(&mut tx, job.id, job.attempts + 1, delay_ms, Some(&trace.to_string())).await?;
     let data = json!({ "status": "queued", "reason": "retry", "attempt": job.attempts + 1, "delay_ms": delay_ms });
     let event = db::events::append(&mut tx, job.id, EventKind::Queued, data).await?;
     tx.commit().await?;
     ctx.events.publish(&event).await;
+    metrics::counter!(common::metrics::JOB_RETRIES, "pattern" => job.pattern.clone()).increment(1);
     tracing::info!(job_id = %job.id, attempt = job.attempts + 1, delay_ms, "transient failure; retrying later");
     Ok(Outcome::Retried)
 }
@@ -252,10 +263,10 @@ async fn finish(
     error: Option<Value>,
 ) -> Result<Outcome, PipelineError> {
     let mut tx = ctx.pool.begin().await?;
-    if !db::jobs::finish(&mut *tx, job_id, status, result.as_ref(), error.as_ref()).await? {
+    let Some(finished) = db::jobs::finish(&mut *tx, job_id, status, result.as_ref(), error.as_ref()).await? else {
         tx.rollback().await?;
         return Ok(Outcome::Skipped);
-    }
+    };
     // The budget reservation is released and actual usage booked exactly once, here.
     db::usage::settle(&mut tx, job_id).await?;
     let kind = match status {
@@ -267,6 +278,7 @@ async fn finish(
     let event = db::events::append(&mut tx, job_id, kind, data).await?;
     tx.commit().await?;
     ctx.events.publish(&event).await;
+    common::metrics::job_finished(&finished, status);
     tracing::info!(%job_id, status = %status, "job finished");
     Ok(Outcome::Finished(status))
 }

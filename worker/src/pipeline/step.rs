@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::tokens::TokenRelay;
 use crate::providers::{Completion, CompletionRequest, ProviderError};
+use common::{
+    catalog::ModelSpec,
+    metrics::{self as metrics_names, InFlight},
+};
 
 /// The step's output, or the error (as stored) that failed it.
 pub type StepResult = Result<String, Value>;
@@ -51,6 +55,9 @@ pub async fn run(
     tx.commit().await?;
     ctx.events.publish(&started).await;
 
+    if ctx.log_prompts {
+        tracing::debug!(job_id = %job.id, %stage, model, prompt, "step prompt");
+    }
     // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
     let result = tokio::select! {
         result = call(ctx, job, stage, model, prompt) => result,
@@ -166,6 +173,7 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
             return Ok(Answer { completion, cost_micros: 0, cached: true });
         }
     }
+    let meter = CallMeter::start(stage, spec);
     // The call streams its deltas to the relay; the relay ends when the call does.
     let (deltas, received) = mpsc::unbounded_channel();
     let relay = TokenRelay::new(ctx.events.clone(), job.id, stage, model).run(received);
@@ -175,11 +183,53 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
     let (result, ()) = tokio::join!(call, relay);
     let completion = result.map_err(|err: ProviderError| {
         tracing::warn!(job_id = %job.id, model, error = %err, retryable = err.is_retryable(), "provider call failed");
+        meter.failed(&err);
         err.to_json()
     })?;
     if use_cache {
         ctx.cache.put(&request, &completion).await; // answers only: errors are never cached
     }
     let cost_micros = spec.cost_micros(i64::from(completion.input_tokens), i64::from(completion.output_tokens));
+    meter.succeeded(&completion, cost_micros);
     Ok(Answer { completion, cost_micros, cached: false })
+}
+
+/// A provider call's metrics: in flight while it lives, then its duration, and its
+/// tokens and cost or its error kind. Labels come from the catalog (bounded).
+struct CallMeter {
+    labels: [(&'static str, String); 3],
+    started: std::time::Instant,
+    _in_flight: InFlight,
+}
+
+impl CallMeter {
+    fn start(stage: Stage, spec: &ModelSpec) -> Self {
+        let in_flight =
+            InFlight::enter(metrics::gauge!(metrics_names::STEPS_IN_FLIGHT, "provider" => spec.provider.clone()));
+        let labels = [("stage", stage.to_string()), ("model", spec.id.clone()), ("provider", spec.provider.clone())];
+        Self { labels, started: std::time::Instant::now(), _in_flight: in_flight }
+    }
+
+    fn finish(&self, outcome: &'static str) {
+        let [stage, model, provider] = self.labels.clone();
+        metrics::histogram!(metrics_names::STEP_DURATION, &[stage, model, provider, ("outcome", outcome.to_owned())])
+            .record(self.started.elapsed().as_secs_f64());
+    }
+
+    fn failed(&self, err: &ProviderError) {
+        self.finish("failed");
+        let [_, model, provider] = self.labels.clone();
+        metrics::counter!(metrics_names::PROVIDER_ERRORS, &[model, provider, ("kind", err.code().to_owned())])
+            .increment(1);
+    }
+
+    fn succeeded(&self, completion: &Completion, cost_micros: i64) {
+        self.finish("succeeded");
+        let [_, model, provider] = self.labels.clone();
+        for (direction, tokens) in [("input", completion.input_tokens), ("output", completion.output_tokens)] {
+            let labels = [model.clone(), provider.clone(), ("direction", direction.to_owned())];
+            metrics::counter!(metrics_names::TOKENS, &labels).increment(tokens.max(0) as u64);
+        }
+        metrics::counter!(metrics_names::COST, &[model, provider]).increment(cost_micros.max(0) as u64);
+    }
 }

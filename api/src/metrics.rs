@@ -1,0 +1,134 @@
+//! HTTP metrics and the api's `/metrics` endpoint.
+//!
+//! Requests are labelled by route template (`/v1/jobs/{id}`), never by raw path: a
+//! path is matched against the templates of the OpenAPI document, and anything else
+//! is `unmatched`, so a scanner probing random URLs cannot grow the label set.
+
+use std::{sync::Arc, time::Instant};
+
+use poem::{
+    handler,
+    http::{header, StatusCode},
+    web::Data,
+    Endpoint, IntoResponse, Middleware, Request, Response, Result,
+};
+
+use crate::{queues::QueuesSnapshot, state::AppState};
+
+/// Route templates, split into segments; `None` matches any one segment.
+#[derive(Debug, Default)]
+pub struct RouteTemplates(Vec<(String, Vec<Option<String>>)>);
+
+impl RouteTemplates {
+    /// From the OpenAPI document's `paths`, plus routes outside it.
+    pub fn from_spec(spec_json: &str, extra: &[&str]) -> Self {
+        let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
+        let paths = spec["paths"].as_object().map(|p| p.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let templates = paths
+            .into_iter()
+            .chain(extra.iter().map(|p| (*p).to_owned()))
+            .map(|template| {
+                let segments = template
+                    .split('/')
+                    .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+                    .collect();
+                (template, segments)
+            })
+            .collect();
+        Self(templates)
+    }
+
+    /// The template a path matches (literal segments win over parameters), or
+    /// `unmatched`.
+    pub fn label(&self, path: &str) -> &str {
+        let segments: Vec<&str> = path.split('/').collect();
+        self.0
+            .iter()
+            .filter(|(_, template)| {
+                template.len() == segments.len()
+                    && template.iter().zip(&segments).all(|(t, s)| t.as_deref().is_none_or(|t| t == *s))
+            })
+            .max_by_key(|(_, template)| template.iter().filter(|t| t.is_some()).count())
+            .map_or("unmatched", |(name, _)| name.as_str())
+    }
+}
+
+/// Counts and times every request by method, route template and status.
+pub struct HttpMetrics(pub Arc<RouteTemplates>);
+
+impl<E: Endpoint> Middleware<E> for HttpMetrics {
+    type Output = HttpMetricsEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        HttpMetricsEndpoint { inner, routes: self.0.clone() }
+    }
+}
+
+pub struct HttpMetricsEndpoint<E> {
+    inner: E,
+    routes: Arc<RouteTemplates>,
+}
+
+impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        let started = Instant::now();
+        let route = self.routes.label(req.uri().path()).to_owned();
+        let method = req.method().as_str().to_owned();
+        let response = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(err) => crate::error::into_problem(err).await,
+        };
+        let status = response.status().as_u16().to_string();
+        let labels = [("method", method), ("route", route)];
+        metrics::histogram!(common::metrics::HTTP_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        let [method, route] = labels;
+        metrics::counter!(common::metrics::HTTP_REQUESTS, &[method, route, ("status", status)]).increment(1);
+        Ok(response)
+    }
+}
+
+/// `GET /metrics`: the Prometheus text format, with the queue gauges sampled now.
+/// When `ULTRA_METRICS_TOKEN` is set, the scraper must send it as a bearer token.
+#[handler]
+pub async fn endpoint(req: &Request, state: Data<&Arc<AppState>>) -> Response {
+    if !common::metrics::authorized(
+        state.config.metrics_token.as_deref(),
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+    ) {
+        return poem::error::ResponseError::as_response(&crate::error::ApiError::Unauthorized);
+    }
+    let sampled = tokio::time::timeout(SAMPLE_TIMEOUT, QueuesSnapshot::take(&state)).await;
+    match sampled {
+        Ok(Ok(snapshot)) => snapshot.record(),
+        Ok(Err(err)) => tracing::warn!(error = %err, "metrics: cannot sample the queues"),
+        Err(_) => tracing::warn!("metrics: sampling the queues timed out"),
+    }
+    common::metrics::render()
+        .with_content_type(common::metrics::CONTENT_TYPE)
+        .with_status(StatusCode::OK)
+        .into_response()
+}
+
+/// A scrape must answer even when a dependency hangs; stale gauges beat no metrics.
+const SAMPLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_bounded_templates() {
+        let spec =
+            r#"{"paths": {"/v1/jobs": {}, "/v1/jobs/{id}": {}, "/v1/jobs/{id}/events": {}, "/v1/auth/login": {}}}"#;
+        let routes = RouteTemplates::from_spec(spec, &["/metrics"]);
+        assert_eq!(routes.label("/v1/jobs"), "/v1/jobs");
+        assert_eq!(routes.label("/v1/jobs/0190f6c1-aaaa-7000-8000-000000000000"), "/v1/jobs/{id}");
+        assert_eq!(routes.label("/v1/jobs/x/events"), "/v1/jobs/{id}/events");
+        assert_eq!(routes.label("/v1/auth/login"), "/v1/auth/login");
+        assert_eq!(routes.label("/metrics"), "/metrics");
+        assert_eq!(routes.label("/wp-admin/setup.php"), "unmatched");
+        assert_eq!(routes.label("/v1/jobs/x/y/z"), "unmatched");
+    }
+}
