@@ -99,7 +99,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);
     tracing::info!(%address, "api listening");
-    let served = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+    let served = Server::new_with_acceptor(middleware::NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
         .await;
 

@@ -61,8 +61,10 @@ pub async fn authenticate(state: &Arc<AppState>, token: &str) -> Result<Principa
         let prefix = apikey::prefix_of(token).ok_or(ApiError::Unauthorized)?;
         let key = db::api_keys::find_active(&state.pool, prefix).await?;
         let key = key.filter(|k| apikey::verify(token, &k.key_hash)).ok_or(ApiError::Unauthorized)?;
-        if let Err(err) = db::api_keys::touch(&state.pool, key.key_id).await {
-            tracing::warn!(error = %err, "could not record API key use");
+        if key.use_is_stale() {
+            if let Err(err) = db::api_keys::touch(&state.pool, key.key_id).await {
+                tracing::warn!(error = %err, "could not record API key use");
+            }
         }
         return Ok(Principal {
             user_id: key.user_id,

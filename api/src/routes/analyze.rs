@@ -189,15 +189,14 @@ impl AnalyzeApi {
         // The user's row lock serialises their submissions, so the checks below and
         // the reservation are one atomic step: racing requests cannot overspend.
         db::usage::lock_user(&mut tx, auth.0.user_id).await?;
-        let active = db::usage::active_jobs(&mut *tx, auth.0.user_id).await?;
+        let db::usage::Standing { day: today, usage, active_jobs: active } =
+            db::usage::standing(&mut *tx, auth.0.user_id).await?;
         if active >= i64::from(tier.concurrent_jobs) {
             return Err(ApiError::TooManyJobs(format!(
                 "{active} jobs in progress; your tier allows {} at once",
                 tier.concurrent_jobs
             )));
         }
-        let today = db::usage::today(&mut *tx).await?;
-        let usage = db::usage::get(&mut *tx, auth.0.user_id, today).await?;
         let budget = i64::try_from(tier.daily_tokens).unwrap_or(i64::MAX);
         if usage.used + usage.reserved + reserve > budget {
             return Err(ApiError::BudgetExceeded(format!(

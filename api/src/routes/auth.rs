@@ -226,9 +226,7 @@ impl AuthApi {
         let pool = &self.state.pool;
         let user = db::users::get(pool, auth.0.user_id).await?.ok_or(ApiError::Unauthorized)?;
         let limits = self.state.tiers.for_user(&user.tier).clone();
-        let today = db::usage::today(pool).await?;
-        let usage = db::usage::get(pool, user.id, today).await?;
-        let active_jobs = db::usage::active_jobs(pool, user.id).await?;
+        let db::usage::Standing { usage, active_jobs, .. } = db::usage::standing(pool, user.id).await?;
         let remaining_tokens = (limits.daily_tokens as i64 - usage.used - usage.reserved).max(0);
         Ok(Json(Me {
             id: user.id,

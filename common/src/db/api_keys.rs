@@ -11,6 +11,15 @@ pub struct ActiveKey {
     pub user_id: Uuid,
     pub role: String,
     pub tier: String,
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ActiveKey {
+    /// Whether its use is worth recording (`touch`): at most once a minute, so
+    /// authentication is not a write per request.
+    pub fn use_is_stale(&self) -> bool {
+        self.last_used_at.is_none_or(|at| chrono::Utc::now() - at > chrono::Duration::minutes(1))
+    }
 }
 
 pub async fn insert(
@@ -35,7 +44,7 @@ pub async fn insert(
 /// The unrevoked key with this prefix, if its owner is not disabled.
 pub async fn find_active(ex: impl PgExecutor<'_>, prefix: &str) -> Result<Option<ActiveKey>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT k.id AS key_id, k.key_hash, u.id AS user_id, u.role, u.tier
+        "SELECT k.id AS key_id, k.key_hash, u.id AS user_id, u.role, u.tier, k.last_used_at
            FROM api_keys k JOIN users u ON u.id = k.user_id
           WHERE k.prefix = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL",
     )

@@ -23,15 +23,6 @@ pub async fn insert(
     insert_delayed(ex, job_id, attempt, 0, traceparent).await
 }
 
-/// Locks one row for publishing; false if a relay holds it or it is gone.
-pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
-    let row: Option<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE id = $1 FOR UPDATE SKIP LOCKED")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.is_some())
-}
-
 /// A retry: published through a delay queue of about `delay_ms`.
 pub async fn insert_delayed(
     ex: impl PgExecutor<'_>,

@@ -19,14 +19,30 @@ pub async fn today(ex: impl PgExecutor<'_>) -> Result<NaiveDate, sqlx::Error> {
     sqlx::query_scalar("SELECT (now() AT TIME ZONE 'utc')::date").fetch_one(ex).await
 }
 
-pub async fn get(ex: impl PgExecutor<'_>, user_id: Uuid, day: NaiveDate) -> Result<DailyUsage, sqlx::Error> {
-    let row: Option<DailyUsage> =
-        sqlx::query_as("SELECT reserved, used, jobs, cost_micros FROM usage_daily WHERE user_id = $1 AND day = $2")
-            .bind(user_id)
-            .bind(day)
-            .fetch_optional(ex)
-            .await?;
-    Ok(row.unwrap_or_default())
+/// A user's standing now: today's date (UTC, PostgreSQL's clock), today's usage and
+/// the jobs they have queued or running — one round trip.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Standing {
+    pub day: NaiveDate,
+    #[sqlx(flatten)]
+    pub usage: DailyUsage,
+    pub active_jobs: i64,
+}
+
+/// Read after `lock_user` in a submit (a statement of its own, so its snapshot is
+/// taken once the lock is held and sees the submissions committed before it).
+pub async fn standing(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<Standing, sqlx::Error> {
+    sqlx::query_as(
+        "WITH today AS (SELECT (now() AT TIME ZONE 'utc')::date AS day)
+         SELECT today.day,
+                coalesce(u.reserved, 0) AS reserved, coalesce(u.used, 0) AS used,
+                coalesce(u.jobs, 0) AS jobs, coalesce(u.cost_micros, 0) AS cost_micros,
+                (SELECT count(*) FROM jobs WHERE user_id = $1 AND status IN ('queued', 'running')) AS active_jobs
+           FROM today LEFT JOIN usage_daily u ON u.user_id = $1 AND u.day = today.day",
+    )
+    .bind(user_id)
+    .fetch_one(ex)
+    .await
 }
 
 /// Serialises one user's submissions: the caller holds this lock until commit.
@@ -36,14 +52,6 @@ pub async fn get(ex: impl PgExecutor<'_>, user_id: Uuid, day: NaiveDate) -> Resu
 pub async fn lock_user(conn: &mut PgConnection, user_id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE").bind(user_id).execute(conn).await?;
     Ok(())
-}
-
-/// Jobs of the user that are queued or running.
-pub async fn active_jobs(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE user_id = $1 AND status IN ('queued', 'running')")
-        .bind(user_id)
-        .fetch_one(ex)
-        .await
 }
 
 pub async fn reserve(conn: &mut PgConnection, user_id: Uuid, day: NaiveDate, tokens: i64) -> Result<(), sqlx::Error> {

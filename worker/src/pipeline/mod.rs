@@ -176,8 +176,9 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
     }
     let deadline = tokio::time::Instant::now() + left.unwrap_or(Duration::from_secs(365 * 24 * 3600));
 
-    let done: HashMap<(Stage, String), Step> =
-        db::steps::list(&ctx.pool, job_id).await?.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
+    // Only a claimed job has steps, so a first run has none to look up.
+    let steps = if first_run { Vec::new() } else { db::steps::list(&ctx.pool, job_id).await? };
+    let done: HashMap<(Stage, String), Step> = steps.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
     let Some(pattern) = ctx.patterns.get(&job.pattern).cloned() else {
         let error =
             json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
