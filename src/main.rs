@@ -36,15 +36,9 @@ enum Command {
     /// Administrative commands.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
-    /// Benchmarks against the local services.
+    /// Benchmarks against the local services (docs/BENCHMARKS.md).
     #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Hold many SSE subscribers on one api process; report RSS, delivery latency, events/s.
-    Sse(bench::SseBench),
+    Bench(bench::BenchCommand),
 }
 
 #[tokio::main]
@@ -73,6 +67,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker { .. } => serve::worker(config).await,
         Command::Migrate => admin::migrate(&config).await,
         Command::Admin(command) => admin::run(&config, command).await,
-        Command::Bench(BenchCommand::Sse(args)) => bench::sse(&config, args).await,
+        Command::Bench(command) => bench::run(&config, command).await,
     }
 }

@@ -1,12 +1,11 @@
 //! `ultra bench sse`: how many event-stream subscribers one api process holds, with
-//! what memory and delivery latency. It starts an `ultra api` child process on its own
-//! database, queue prefix and Redis prefix; submits jobs (still queued); opens the
-//! subscribers, spread over the jobs; only then starts an `ultra worker` child, so
-//! every event after `queued` is delivered live. Delivery latency is the time from an
-//! event's commit (`created_at`) to its arrival at a subscriber.
+//! what memory and delivery latency. It starts an `ultra api`; submits jobs (still
+//! queued, no worker yet); opens the subscribers, spread over the jobs; only then
+//! starts an `ultra worker`, so every event after `queued` is delivered live. Delivery
+//! latency is the time from an event's commit (`created_at`) to its arrival at a
+//! subscriber.
 
 use std::{
-    process::Stdio,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -16,20 +15,16 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use common::{apikey, db, Config};
-use futures::StreamExt;
-use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
+use common::Config;
 
-/// Streams per benchmark user (the enterprise tier allows 1,000).
-const STREAMS_PER_USER: usize = 500;
+use super::{figure, free_address, models, progress, quantile, report, Harness, SseReader};
 
 #[derive(Debug, Args)]
 pub struct SseBench {
     /// Event streams to hold open at once.
     #[arg(long, default_value_t = 1_000)]
     subscribers: usize,
-    /// Jobs the subscribers are spread over (at least one per 500 subscribers).
+    /// Jobs the subscribers are spread over.
     #[arg(long, default_value_t = 20)]
     jobs: usize,
     /// Models per job (each adds step and token events).
@@ -38,88 +33,43 @@ pub struct SseBench {
     /// Mock provider latency per call.
     #[arg(long, default_value_t = 500)]
     mock_latency_ms: u64,
-    /// Address for the api under test.
-    #[arg(long, default_value = "127.0.0.1:18080")]
-    listen: std::net::SocketAddr,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
-pub async fn sse(config: &Config, args: SseBench) -> anyhow::Result<()> {
-    if args.subscribers == 0 || args.jobs == 0 || !(1..=3).contains(&args.models) {
-        bail!("--subscribers and --jobs must be at least 1, --models 1 to 3");
+pub async fn run(config: &Config, args: SseBench) -> anyhow::Result<()> {
+    let models = models(args.models)?;
+    if args.subscribers == 0 || args.jobs == 0 {
+        bail!("--subscribers and --jobs must be at least 1");
     }
-    let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let result = sse_run(config, &args, &run).await;
-    // The child processes are gone by now (killed on drop); their queues go too.
-    if let Err(err) = common::queue::Topology::new(&format!("{run}.")).delete(&config.amqp_url).await {
-        eprintln!("warning: could not delete the benchmark's queues: {err}");
-    }
+    let harness = Harness::new(config, args.mock_latency_ms).await?;
+    let result = measure(&harness, &args, &models).await;
+    harness.finish().await;
     result
 }
 
-async fn sse_run(config: &Config, args: &SseBench, run: &str) -> anyhow::Result<()> {
-    let database_url = with_database(&config.database_url, "ultra_bench")?;
-    let pool = db::connect_and_prepare(&database_url, &CancellationToken::new()).await?;
-    let env = |cmd: &mut Command| {
-        cmd.env("DATABASE_URL", &database_url)
-            .env("AMQP_URL", &config.amqp_url)
-            .env("REDIS_URL", &config.redis_url)
-            .env("ULTRA_QUEUE_PREFIX", format!("{run}."))
-            .env("ULTRA_REDIS_PREFIX", run)
-            .env("ULTRA_LISTEN", args.listen.to_string())
-            .env("ULTRA_WORKER_LISTEN", "127.0.0.1:0")
-            .env("ULTRA_MOCK_LATENCY_MS", args.mock_latency_ms.to_string())
-            .env("ULTRA_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-    };
-    let exe = std::env::current_exe().context("locate the ultra binary")?;
-    let mut api = Command::new(&exe);
-    env(api.arg("api"));
-    let mut api = api.spawn().context("start `ultra api`")?;
-    let api_pid = api.id().context("api pid")?;
-    let base = format!("http://{}", args.listen);
+async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow::Result<()> {
+    let api = harness.spawn(&["api"], free_address().await?, &[]).await?;
+    let key = harness.api_key().await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
-    wait_for(&http, &format!("{base}/health/live")).await?;
-
-    // Enterprise users, each within its tier's stream limit, so tier limits do not
-    // shape the measurement. The first one owns the jobs; each streams its own copy.
-    let users_needed = args.subscribers.div_ceil(STREAMS_PER_USER);
-    let mut keys = Vec::with_capacity(users_needed);
-    for n in 0..users_needed {
-        let user = db::users::create(&pool, &format!("{run}-{n}@bench.invalid"), "user").await?;
-        db::users::update_admin(&pool, user.id, Some("enterprise"), None).await?;
-        let key = apikey::generate();
-        db::api_keys::insert(&pool, user.id, "bench", &key.prefix, &key.hash).await?;
-        keys.push(key.secret);
-    }
-    let models: Vec<&str> = ["mock/alpha", "mock/beta", "mock/gamma"][..args.models].to_vec();
-    // Jobs belong to their owner: every user submits the same set, and streams its own.
-    let mut jobs: Vec<Vec<String>> = Vec::with_capacity(keys.len());
-    for key in &keys {
-        let mut mine = Vec::with_capacity(args.jobs);
-        for _ in 0..args.jobs.div_ceil(keys.len()) {
-            let body = serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models });
-            let response = http.post(format!("{base}/v1/analyze")).bearer_auth(key).json(&body).send().await?;
-            let accepted: serde_json::Value = response.error_for_status()?.json().await?;
-            mine.push(accepted["id"].as_str().context("job id")?.to_owned());
-        }
-        jobs.push(mine);
+    let mut jobs = Vec::with_capacity(args.jobs);
+    for _ in 0..args.jobs {
+        let body = serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models });
+        let response = http.post(format!("{}/v1/analyze", api.base)).bearer_auth(&key).json(&body).send().await?;
+        let accepted: serde_json::Value = response.error_for_status()?.json().await?;
+        jobs.push(accepted["id"].as_str().context("job id")?.to_owned());
     }
 
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.subscribers * 8)));
     let events = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(AtomicU64::new(0));
+    let bar = progress(args.subscribers as u64, "connected");
     let started = Instant::now();
     let mut streams = tokio::task::JoinSet::new();
     for i in 0..args.subscribers {
-        let owner = i / STREAMS_PER_USER;
-        let url = format!("{base}/v1/jobs/{}/events", jobs[owner][i % jobs[owner].len()]);
-        let (http, key) = (http.clone(), keys[owner].clone());
+        let url = format!("{}/v1/jobs/{}/events", api.base, jobs[i % jobs.len()]);
+        let (http, key) = (http.clone(), key.clone());
         let (latencies, events, connected) = (latencies.clone(), events.clone(), connected.clone());
         streams.spawn(async move { subscribe(&http, &url, &key, &latencies, &events, &connected).await });
         if i % 500 == 499 {
@@ -128,17 +78,17 @@ async fn sse_run(config: &Config, args: &SseBench, run: &str) -> anyhow::Result<
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while (connected.load(Ordering::Relaxed) as usize) < args.subscribers {
+        bar.set_position(connected.load(Ordering::Relaxed));
         if Instant::now() > deadline {
             bail!("only {} of {} subscribers connected", connected.load(Ordering::Relaxed), args.subscribers);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bar.finish_and_clear();
     let connect_time = started.elapsed();
-    let rss_connected = rss_mb(api_pid, "VmRSS");
+    let rss_connected = api.rss().now_mb;
 
-    let mut worker = Command::new(&exe);
-    env(worker.arg("worker"));
-    let mut worker = worker.spawn().context("start `ultra worker`")?;
+    let worker = harness.spawn(&["worker"], free_address().await?, &[]).await?;
     let live = Instant::now();
     let mut failures = 0;
     while let Some(done) = streams.join_next().await {
@@ -147,44 +97,37 @@ async fn sse_run(config: &Config, args: &SseBench, run: &str) -> anyhow::Result<
         }
     }
     let live_time = live.elapsed();
-    let peak_rss = rss_mb(api_pid, "VmHWM");
-    stop(&mut worker).await;
-    stop(&mut api).await;
+    let peak_rss = api.rss().peak_mb;
+    worker.stop().await;
+    api.stop().await;
 
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    latencies.sort_unstable();
-    let pick =
-        |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied();
+    latencies.sort_by(f64::total_cmp);
     let total = events.load(Ordering::Relaxed);
-    let summary = serde_json::json!({
-        "subscribers": args.subscribers,
-        "jobs": args.jobs,
-        "models": args.models,
-        "failed_streams": failures,
-        "connect_s": connect_time.as_secs_f64(),
-        "api_rss_mb_connected": rss_connected,
-        "api_rss_mb_peak": peak_rss,
-        "delivery_ms_p50": pick(0.50),
-        "delivery_ms_p99": pick(0.99),
-        "delivery_ms_max": latencies.last(),
-        "events": total,
-        "events_per_s": total as f64 / live_time.as_secs_f64(),
+    let events_per_s = total as f64 / live_time.as_secs_f64();
+    let record = serde_json::json!({
+        "bench": "sse", "subscribers": args.subscribers, "jobs": args.jobs, "models": args.models,
+        "failed_streams": failures, "connect_s": connect_time.as_secs_f64(),
+        "api_rss_mb_connected": rss_connected, "api_rss_mb_peak": peak_rss,
+        "delivery_ms_p50": quantile(&latencies, 0.50), "delivery_ms_p99": quantile(&latencies, 0.99),
+        "delivery_ms_max": latencies.last(), "events": total, "events_per_s": events_per_s,
     });
-    if args.json {
-        println!("{summary}");
-    } else {
-        println!("subscribers        {}", args.subscribers);
-        println!("failed streams     {failures}");
-        println!("connected in       {:.1} s", connect_time.as_secs_f64());
-        println!(
-            "api RSS            {:.0} MB connected, {:.0} MB peak",
-            rss_connected.unwrap_or(0.0),
-            peak_rss.unwrap_or(0.0)
-        );
-        let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
-        println!("delivery p50 / p99 {} / {} ms", ms(pick(0.50)), ms(pick(0.99)));
-        println!("events delivered   {total} ({:.0}/s)", total as f64 / live_time.as_secs_f64());
-    }
+    let rows = [
+        ("subscribers", args.subscribers.to_string()),
+        ("failed streams", failures.to_string()),
+        ("connected in", format!("{:.1} s", connect_time.as_secs_f64())),
+        ("api RSS", format!("{} connected, {} peak", figure(rss_connected, 1, " MB"), figure(peak_rss, 1, " MB"))),
+        (
+            "delivery",
+            format!(
+                "p50 {} / p99 {}",
+                figure(quantile(&latencies, 0.50), 0, " ms"),
+                figure(quantile(&latencies, 0.99), 0, " ms")
+            ),
+        ),
+        ("events delivered", format!("{total} ({events_per_s:.0}/s)")),
+    ];
+    report(args.json, "ultra bench sse", &rows, &record);
     if failures > 0 {
         bail!("{failures} streams failed");
     }
@@ -196,74 +139,27 @@ async fn subscribe(
     http: &reqwest::Client,
     url: &str,
     key: &str,
-    latencies: &Mutex<Vec<u64>>,
+    latencies: &Mutex<Vec<f64>>,
     events: &AtomicU64,
     connected: &AtomicU64,
 ) -> anyhow::Result<()> {
     let response = http.get(url).bearer_auth(key).send().await?.error_for_status()?;
     connected.fetch_add(1, Ordering::Relaxed);
-    let mut body = response.bytes_stream();
-    let mut buffer = Vec::new();
+    let mut stream = SseReader::new(response);
     let mut mine = Vec::new();
-    while let Some(chunk) = body.next().await {
-        buffer.extend_from_slice(&chunk?);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
-            events.fetch_add(1, Ordering::Relaxed);
-            let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-            // Lifecycle events after `queued` were delivered live: time them.
-            if let (Some(created), Some(seq)) = (value["created_at"].as_str(), value["seq"].as_i64()) {
-                if seq > 1 {
-                    if let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) {
-                        let ms = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_milliseconds();
-                        mine.push(ms.max(0) as u64);
-                    }
+    while let Some(event) = stream.next().await? {
+        events.fetch_add(1, Ordering::Relaxed);
+        let value: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+        // Lifecycle events after `queued` were delivered live: time them.
+        if let (Some(created), Some(seq)) = (value["created_at"].as_str(), value["seq"].as_i64()) {
+            if seq > 1 {
+                if let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) {
+                    let ms = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_microseconds();
+                    mine.push(ms.unwrap_or(0).max(0) as f64 / 1_000.0);
                 }
             }
         }
     }
     latencies.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
     Ok(())
-}
-
-async fn wait_for(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(url).send().await.is_err() {
-        if Instant::now() > deadline {
-            bail!("{url} did not answer");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
-async fn stop(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    }
-    if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
-        let _ = child.kill().await;
-    }
-}
-
-/// A `/proc/<pid>/status` memory figure in MB (`VmRSS` now, `VmHWM` peak).
-fn rss_mb(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim_start_matches(':')
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// The same server URL with another database name.
-fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-    let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no database name")?;
-    Ok(format!("{base}/{database}"))
 }

@@ -298,27 +298,10 @@ pub fn fields(problem: &Value) -> Vec<String> {
         .map_or_else(Vec::new, |errors| errors.iter().filter_map(|e| e["field"].as_str().map(str::to_owned)).collect())
 }
 
-/// Closes this test's own broker connections, as `rabbitmqctl close_connection` does
-/// for an operator (they are named after the test's queue prefix).
+/// Closes this test's own broker connections, as an operator's `rabbitmqctl
+/// close_connection` would.
 pub fn close_broker_connections(prefix: &str) -> usize {
-    let listing = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("rabbitmqctl (the broker's own tool) must be installed for this test");
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    let mine = format!("{prefix}ultra.jobs");
-    let pids: Vec<&str> =
-        listing.lines().filter(|l| l.contains(&mine)).filter_map(|l| l.split_whitespace().next()).collect();
-    for pid in &pids {
-        let closed = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", pid, "closed by the outage test"])
-            .stdin(std::process::Stdio::null())
-            .status()
-            .expect("rabbitmqctl close_connection");
-        assert!(closed.success());
-    }
-    pids.len()
+    common::queue::close_connections(prefix).expect("rabbitmqctl (the broker's own tool) must be installed")
 }
 
 /// An OpenAI-compatible server's streamed answer: one chunk of `text`, then `[DONE]`.

@@ -2,6 +2,7 @@
 //! (or a transaction) so the caller decides what commits together.
 
 pub mod api_keys;
+pub mod audit;
 pub mod events;
 pub mod idempotency;
 pub mod jobs;

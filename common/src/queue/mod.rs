@@ -170,6 +170,31 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     }
 }
 
+/// Closes every broker connection of the processes using `prefix` (they are named
+/// after the topology), with the broker's own `rabbitmqctl`, as an operator would.
+/// Chaos tests and benchmarks use it; it needs to run on the broker's host.
+pub fn close_connections(prefix: &str) -> std::io::Result<usize> {
+    use std::process::{Command, Stdio};
+    let listing = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .stdin(Stdio::null())
+        .output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let mine = format!("{prefix}ultra.jobs");
+    let pids: Vec<&str> =
+        listing.lines().filter(|l| l.contains(&mine)).filter_map(|l| l.split_whitespace().next()).collect();
+    for pid in &pids {
+        let closed = Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a chaos test"])
+            .stdin(Stdio::null())
+            .status()?;
+        if !closed.success() {
+            return Err(std::io::Error::other(format!("rabbitmqctl close_connection {pid} failed")));
+        }
+    }
+    Ok(pids.len())
+}
+
 /// The message on `ultra.analyze`. Versioned so old and new processes can share a
 /// queue during a rolling upgrade.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

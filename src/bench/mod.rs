@@ -1,0 +1,354 @@
+//! `ultra bench …`: benchmarks that prove the numbers in docs/BENCHMARKS.md. Each run
+//! is isolated — its own database (dropped afterwards), queue prefix and Redis prefix —
+//! and starts the `ultra` processes it measures as children of this one, so their
+//! memory is measured alone. A `bench` tier without practical limits and a mock
+//! catalog without concurrency caps keep the product's limits out of the measurement.
+
+mod chaos;
+mod inflight;
+mod raw;
+mod sse;
+mod throughput;
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use common::{apikey, db, queue::Topology, Config};
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// The machine's ceiling without Ultra's logic: confirmed publish → consume →
+    /// insert a row → ack, in jobs/s.
+    Raw(raw::RawBench),
+    /// Jobs through a whole system (started here, or `--url`): accepted/s, completed/s,
+    /// submit → terminal latency over SSE, RSS, and the ratio to `raw`.
+    Throughput(throughput::ThroughputBench),
+    /// How many provider calls one worker process keeps in flight, and its RSS.
+    Inflight(inflight::InflightBench),
+    /// Workers SIGKILLed and restarted, broker connections closed: lost and duplicated
+    /// jobs (exits non-zero on any).
+    Chaos(chaos::ChaosBench),
+    /// Many SSE subscribers on one api process: RSS, delivery latency, events/s.
+    Sse(sse::SseBench),
+}
+
+pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Raw(args) => raw::run(config, args).await,
+        BenchCommand::Throughput(args) => throughput::run(config, args).await,
+        BenchCommand::Inflight(args) => inflight::run(config, args).await,
+        BenchCommand::Chaos(args) => chaos::run(config, args).await,
+        BenchCommand::Sse(args) => sse::run(config, args).await,
+    }
+}
+
+/// One isolated benchmark run and the processes it starts.
+pub struct Harness {
+    pub run: String,
+    pub pool: PgPool,
+    database_url: String,
+    amqp_url: String,
+    redis_url: String,
+    config_file: PathBuf,
+    mock_latency_ms: u64,
+    exe: PathBuf,
+}
+
+impl Harness {
+    pub async fn new(config: &Config, mock_latency_ms: u64) -> anyhow::Result<Self> {
+        let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let database_url = with_database(&config.database_url, &format!("ultra_{run}"))?;
+        let pool = db::connect_and_prepare(&database_url, &CancellationToken::new())
+            .await
+            .context("cannot prepare the benchmark database")?;
+        let config_file = std::env::temp_dir().join(format!("ultra-{run}.toml"));
+        std::fs::write(&config_file, BENCH_CONFIG).context("write the benchmark's configuration file")?;
+        Ok(Self {
+            run,
+            pool,
+            database_url,
+            amqp_url: config.amqp_url.clone(),
+            redis_url: config.redis_url.clone(),
+            config_file,
+            mock_latency_ms,
+            exe: std::env::current_exe().context("locate the ultra binary")?,
+        })
+    }
+
+    /// The queue prefix the run's processes share.
+    pub fn queue_prefix(&self) -> String {
+        format!("{}.", self.run)
+    }
+
+    /// `ultra <args>` configured for this run; killed when dropped.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.exe);
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.database_url)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("ULTRA_QUEUE_PREFIX", self.queue_prefix())
+            .env("ULTRA_REDIS_PREFIX", &self.run)
+            .env("ULTRA_CONFIG_FILE", &self.config_file)
+            .env("ULTRA_MOCK_LATENCY_MS", self.mock_latency_ms.to_string())
+            .env("ULTRA_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .env_remove("ULTRA_METRICS_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts `ultra <args>` with `ULTRA_LISTEN` or `ULTRA_WORKER_LISTEN` on `listen`
+    /// (and `env`), and waits until it answers `/health/live` there.
+    pub async fn spawn(
+        &self,
+        args: &[&str],
+        listen: std::net::SocketAddr,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Process> {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let variable = if args.first() == Some(&"worker") { "ULTRA_WORKER_LISTEN" } else { "ULTRA_LISTEN" };
+        command.env(variable, listen.to_string());
+        let child = command.spawn().with_context(|| format!("start `ultra {}`", args.join(" ")))?;
+        let process = Process { pid: child.id().context("child pid")?, child, base: format!("http://{listen}") };
+        wait_for(&format!("{}/health/live", process.base)).await?;
+        Ok(process)
+    }
+
+    /// A user in the `bench` tier and its API key.
+    pub async fn api_key(&self) -> anyhow::Result<String> {
+        let user = db::users::create(&self.pool, &format!("{}@bench.invalid", uuid::Uuid::new_v4()), "user").await?;
+        db::users::update_admin(&self.pool, user.id, Some("bench"), None).await?;
+        let key = apikey::generate();
+        db::api_keys::insert(&self.pool, user.id, "bench", &key.prefix, &key.hash).await?;
+        Ok(key.secret)
+    }
+
+    /// Deletes what the run created: its queues, its configuration file, its database.
+    pub async fn finish(self) {
+        if let Err(err) = Topology::new(&self.queue_prefix()).delete(&self.amqp_url).await {
+            eprintln!("warning: could not delete the benchmark's queues: {err}");
+        }
+        let _ = std::fs::remove_file(&self.config_file);
+        self.pool.close().await;
+        use sqlx::migrate::MigrateDatabase;
+        if let Err(err) = sqlx::Postgres::force_drop_database(&self.database_url).await {
+            eprintln!("warning: could not drop the benchmark database: {err}");
+        }
+    }
+}
+
+/// Limits far above anything a benchmark reaches, and mock models whose concurrency
+/// caps do not bind (the built-in ones allow 1,000 calls each).
+const BENCH_CONFIG: &str = r#"
+[tiers.bench]
+requests_per_minute = 1000000000
+analyze_per_minute = 1000000000
+concurrent_jobs = 100000000
+models_per_job = 3
+daily_tokens = 1000000000000000
+concurrent_streams = 1000000
+max_job_seconds = 3600
+
+[providers.mock]
+kind = "mock"
+concurrency = 1000000
+
+[[models]]
+id = "mock/alpha"
+provider = "mock"
+upstream = "alpha"
+concurrency = 1000000
+
+[[models]]
+id = "mock/beta"
+provider = "mock"
+upstream = "beta"
+concurrency = 1000000
+
+[[models]]
+id = "mock/gamma"
+provider = "mock"
+upstream = "gamma"
+concurrency = 1000000
+"#;
+
+/// The mock models a job of `count` models names.
+pub fn models(count: usize) -> anyhow::Result<Vec<&'static str>> {
+    const MODELS: [&str; 3] = ["mock/alpha", "mock/beta", "mock/gamma"];
+    if !(1..=MODELS.len()).contains(&count) {
+        bail!("--models must be 1 to {}", MODELS.len());
+    }
+    Ok(MODELS[..count].to_vec())
+}
+
+/// A process's resident memory in MB: now, and its peak so far.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Rss {
+    pub now_mb: Option<f64>,
+    pub peak_mb: Option<f64>,
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RSS {} (peak {})", figure(self.now_mb, 1, " MB"), figure(self.peak_mb, 1, " MB"))
+    }
+}
+
+/// An `ultra` child process.
+pub struct Process {
+    pub child: Child,
+    pub pid: u32,
+    /// `http://host:port` it serves.
+    pub base: String,
+}
+
+impl Process {
+    /// Resident memory now, and its peak.
+    pub fn rss(&self) -> Rss {
+        Rss { now_mb: proc_status_mb(self.pid, "VmRSS"), peak_mb: proc_status_mb(self.pid, "VmHWM") }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not stopped within 30 s.
+    pub async fn stop(mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A free local address for a child to listen on.
+pub async fn free_address() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?)
+}
+
+/// Waits until `url` answers (60 s at most).
+pub async fn wait_for(url: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(url).send().await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{url} did not answer");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// A `/proc/<pid>/status` memory figure in MB (`VmRSS` now, `VmHWM` peak).
+pub fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The same server URL with another database name.
+fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+    Ok(format!("{base}/{database}"))
+}
+
+/// The `q` quantile (0–1) of sorted samples, nearest rank.
+pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {per_sec} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+/// Prints a summary: a two-column table, or with `json` the record as one line.
+pub fn report(json: bool, title: &str, rows: &[(&str, String)], record: &serde_json::Value) {
+    if json {
+        println!("{record}");
+        return;
+    }
+    println!("{title}");
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, value) in rows {
+        println!("  {name:<width$}  {value}");
+    }
+}
+
+/// Server-sent events read off a response body, one at a time.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+/// One event: its `event:` name (if any) and `data:`.
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self { response, buffer: Vec::new() }
+    }
+
+    /// The next event with data (comments and `retry:` blocks are skipped); `None`
+    /// when the stream ends.
+    pub async fn next(&mut self) -> anyhow::Result<Option<SseEvent>> {
+        loop {
+            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let mut event = SseEvent { event: None, data: String::new() };
+                for line in text.lines() {
+                    if let Some(name) = line.strip_prefix("event: ") {
+                        event.event = Some(name.to_owned());
+                    } else if let Some(data) = line.strip_prefix("data: ") {
+                        event.data.push_str(data);
+                    }
+                }
+                if !event.data.is_empty() {
+                    return Ok(Some(event));
+                }
+            }
+            match self.response.chunk().await? {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// A figure for the table: fixed decimals, or `-` when there is none.
+pub fn figure(value: Option<f64>, decimals: usize, unit: &str) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}{unit}"))
+}
