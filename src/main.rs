@@ -58,7 +58,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Worker { concurrency: Some(n) } = command {
         config.concurrency = n;
     }
-    common::telemetry::init(config.log_format);
+    let telemetry = common::telemetry::init(config.log_format);
+    let result = run_command(config, command).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
     config.validate()?;
     let config = Arc::new(config);
     match command {

@@ -27,7 +27,7 @@ use common::{
     tiers::Tiers,
     Config,
 };
-use poem::{listener::TcpAcceptor, middleware::Tracing, EndpointExt, Route, Server};
+use poem::{listener::TcpAcceptor, EndpointExt, Route, Server};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -92,9 +92,8 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with(Gate)
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
-        .with(Tracing)
-        .with(middleware::RequestContext)
         .with(metrics::HttpMetrics(routes))
+        .with(middleware::RequestContext)
         .data(state.clone())
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);

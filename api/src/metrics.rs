@@ -53,7 +53,9 @@ impl RouteTemplates {
     }
 }
 
-/// Counts and times every request by method, route template and status.
+/// Counts and times every request by method, route template and status, and logs it
+/// (inside the request's span, so with its request and trace ids). The log names the
+/// route template and never the query string, which may carry a stream ticket.
 pub struct HttpMetrics(pub Arc<RouteTemplates>);
 
 impl<E: Endpoint> Middleware<E> for HttpMetrics {
@@ -80,9 +82,16 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
             Ok(output) => output.into_response(),
             Err(err) => crate::error::into_problem(err).await,
         };
-        let status = response.status().as_u16().to_string();
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        if response.status().is_server_error() {
+            tracing::warn!(%method, %route, status, latency_ms = elapsed.as_secs_f64() * 1e3, "request failed");
+        } else {
+            tracing::info!(%method, %route, status, latency_ms = elapsed.as_secs_f64() * 1e3, "request served");
+        }
+        let status = status.to_string();
         let labels = [("method", method), ("route", route)];
-        metrics::histogram!(common::metrics::HTTP_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(common::metrics::HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
         let [method, route] = labels;
         metrics::counter!(common::metrics::HTTP_REQUESTS, &[method, route, ("status", status)]).increment(1);
         Ok(response)

@@ -157,14 +157,17 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
         let parent = req.headers().get(trace::HEADER).and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
-        let context = parent.map_or_else(TraceContext::root, |p| p.child());
-        req.extensions_mut().insert(context);
         let span = tracing::info_span!(
             "request",
             request_id = %id,
-            trace_id = %context.trace_id_hex(),
-            span_id = %context.span_id_hex(),
+            method = %req.method(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        let context = common::telemetry::continue_trace(&span, parent);
+        span.record("trace_id", context.trace_id_hex());
+        span.record("span_id", context.span_id_hex());
+        req.extensions_mut().insert(context);
         let mut response = match self.inner.call(req).instrument(span).await {
             Ok(output) => output.into_response(),
             Err(err) => crate::error::into_problem(err).await,

@@ -310,10 +310,14 @@ impl Config {
             }) {
                 problems.push("ULTRA_JWT_KEYS uses the known development key or an example value".to_owned());
             }
-            if self.metrics_token.as_deref().is_none_or(|t| t.trim().len() < 16) {
-                problems.push(
+            match self.metrics_token.as_deref().map(str::trim) {
+                Some(token) if token.starts_with("change-me") => {
+                    problems.push("ULTRA_METRICS_TOKEN is an example value".to_owned())
+                }
+                Some(token) if token.len() >= 16 => {}
+                _ => problems.push(
                     "ULTRA_METRICS_TOKEN is not set (16 characters at least): /metrics would be public".to_owned(),
-                );
+                ),
             }
             if self.cors_origins.iter().any(|o| o.trim() == "*") {
                 problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());

@@ -36,10 +36,12 @@ pub const OUTBOX_BACKLOG: &str = "ultra_outbox_backlog";
 pub const JOBS_ACTIVE: &str = "ultra_jobs_active";
 pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
-/// Latency buckets, 1 ms to 5 min: HTTP requests sit at the low end, jobs and provider
-/// calls at the high end.
-const SECONDS_BUCKETS: [f64; 18] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+/// Latency buckets, 1 ms to an hour: HTTP requests sit at the low end, provider calls
+/// and jobs (whose deadlines a tier may set long) at the high end.
+const SECONDS_BUCKETS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+];
 
 /// The Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -49,7 +51,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// comparison's time says nothing about the token.
 pub fn authorized(token: Option<&str>, authorization: Option<&str>) -> bool {
     use sha2::{Digest, Sha256};
-    let Some(token) = token.filter(|t| !t.is_empty()) else { return true };
+    let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else { return true };
     let presented = authorization.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     Sha256::digest(presented.trim().as_bytes()) == Sha256::digest(token.as_bytes())
 }

@@ -5,6 +5,7 @@
 //! catalog without concurrency caps keep the product's limits out of the measurement.
 
 mod chaos;
+mod idle;
 mod inflight;
 mod raw;
 mod sse;
@@ -39,6 +40,8 @@ pub enum BenchCommand {
     Chaos(chaos::ChaosBench),
     /// Many SSE subscribers on one api process: RSS, delivery latency, events/s.
     Sse(sse::SseBench),
+    /// The memory of an idle `ultra all`.
+    Idle(idle::IdleBench),
 }
 
 pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
@@ -48,6 +51,7 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Inflight(args) => inflight::run(config, args).await,
         BenchCommand::Chaos(args) => chaos::run(config, args).await,
         BenchCommand::Sse(args) => sse::run(config, args).await,
+        BenchCommand::Idle(args) => idle::run(config, args).await,
     }
 }
 

@@ -318,3 +318,63 @@ async fn a_worker_process_continues_the_trace_and_serves_its_metrics() {
     }
     assert!(!log.iter().any(|l| l.contains("a secret prompt text")), "prompts stay out of logs");
 }
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans go to that collector over OTLP/HTTP,
+/// in the caller's trace; they are flushed when the process stops.
+#[tokio::test]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    use wiremock::{matchers, Mock, MockServer, ResponseTemplate};
+    let collector = MockServer::start().await;
+    Mock::given(matchers::method("POST"))
+        .and(matchers::path("/v1/traces"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&collector)
+        .await;
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let port = free_port().await;
+    let config = &app.config;
+    let mut api = Command::new(env!("CARGO_BIN_EXE_ultra"))
+        .arg("api")
+        .env_clear()
+        .env("DATABASE_URL", &config.database_url)
+        .env("AMQP_URL", &config.amqp_url)
+        .env("REDIS_URL", &config.redis_url)
+        .env("ULTRA_QUEUE_PREFIX", &config.queue_prefix)
+        .env("ULTRA_REDIS_PREFIX", &config.redis_prefix)
+        .env("ULTRA_LISTEN", format!("127.0.0.1:{port}"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.uri())
+        .env("OTEL_SERVICE_NAME", "ultra-otlp-test")
+        .env("ULTRA_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start `ultra api`");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while app.http.get(format!("{base}/health/live")).send().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "api never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let response = app
+        .http
+        .get(format!("{base}/v1/models"))
+        .header("traceparent", format!("00-{trace_id}-eee19b7ec3c1b174-01"))
+        .send()
+        .await
+        .expect("request");
+    assert!(response.status().is_client_error(), "no credentials: refused, but traced");
+
+    let pid = api.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let status = tokio::time::timeout(PATIENCE, api.wait()).await.expect("api stops").expect("wait");
+    assert!(status.success());
+    let exports = collector.received_requests().await.expect("recorded");
+    assert!(!exports.is_empty(), "no spans were exported");
+    let wanted = hex::decode(trace_id).expect("hex");
+    let body: Vec<u8> = exports.iter().flat_map(|r| r.body.clone()).collect();
+    assert!(body.windows(wanted.len()).any(|w| w == wanted.as_slice()), "the caller's trace id is not in the export");
+    assert!(body.windows(15).any(|w| w == b"ultra-otlp-test"), "the service name is not in the export");
+    app.stop().await;
+}

@@ -87,7 +87,7 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> Self {
         if std::env::var_os("ULTRA_TEST_LOG").is_some() {
-            common::telemetry::init(Some(common::config::LogFormat::Pretty));
+            common::telemetry::init(Some(common::config::LogFormat::Pretty)).shutdown();
         }
         services::require_all().await;
         let (database_url, db_name) = services::create_database().await;

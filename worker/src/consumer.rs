@@ -177,14 +177,16 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: Cancellation
         .and_then(|headers| headers.inner().get(trace::HEADER))
         .and_then(|value| value.as_long_string())
         .and_then(|value| TraceContext::parse(&value.to_string()));
-    let context = parent.map_or_else(TraceContext::root, |p| p.child());
     let span = tracing::info_span!(
         "job",
         %job_id,
-        trace_id = %context.trace_id_hex(),
-        span_id = %context.span_id_hex(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         parent_span_id = parent.map(|p| p.span_id_hex()),
     );
+    let context = common::telemetry::continue_trace(&span, parent);
+    span.record("trace_id", context.trace_id_hex());
+    span.record("span_id", context.span_id_hex());
     settle(&ctx, delivery, job_id, &context, &shutdown).instrument(span).await;
 }
 
@@ -234,8 +236,10 @@ async fn handle_dead_letter(ctx: Arc<JobContext>, delivery: Delivery) {
         Ok(message) => {
             let job_id = message.job_id();
             match pipeline::dead_lettered(&ctx, job_id).await {
-                Ok(_) => {
-                    metrics::counter!(common::metrics::DEAD_LETTERS).increment(1);
+                Ok(outcome) => {
+                    if matches!(outcome, pipeline::Outcome::Finished(_)) {
+                        metrics::counter!(common::metrics::DEAD_LETTERS).increment(1);
+                    }
                     tracing::error!(%job_id, "job dead-lettered; it is failed and can be replayed")
                 }
                 Err(err) => {

@@ -154,6 +154,7 @@ impl AuthApi {
         let account_limit = Policy::per_minute("login-account", LOGIN_PER_ACCOUNT_PER_MINUTE);
         let decision = self.state.limiter.check(&format!("email:{email}"), account_limit).await;
         if !decision.allowed {
+            metrics::counter!(common::metrics::RATE_LIMITED, "policy" => "login-account").increment(1);
             return Err(ApiError::RateLimited { policy: "login-account", retry_after: decision.retry_after_secs });
         }
         let found = if db::users::is_plausible_email(&email) {

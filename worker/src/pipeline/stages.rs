@@ -12,6 +12,7 @@ use common::{
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{step, JobContext, PipelineError};
 
@@ -149,7 +150,8 @@ impl Stages<'_> {
     ) -> Result<Vec<(String, String)>, PipelineError> {
         let runs = prompts.iter().map(|(model, prompt)| {
             let previous = self.done.get(&(stage, model.clone()));
-            step::run(self.ctx, self.job, stage, model, prompt, previous, self.cancel)
+            let span = tracing::info_span!("step", %stage, model = model.as_str());
+            step::run(self.ctx, self.job, stage, model, prompt, previous, self.cancel).instrument(span)
         });
         let results = futures::future::join_all(runs).await;
         let mut answers = Vec::new();
