@@ -45,10 +45,7 @@ pub async fn run(config: &Config, args: ChaosBench) -> anyhow::Result<()> {
     if args.workers == 0 || args.kill_every_s <= 0.0 {
         bail!("--workers must be at least 1 and --kill-every-s above 0");
     }
-    let harness = Harness::new(config, args.mock_latency_ms).await?;
-    let result = measure(&harness, &args, &models).await;
-    harness.finish().await;
-    result
+    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
 }
 
 async fn measure(harness: &Harness, args: &ChaosBench, models: &[&str]) -> anyhow::Result<()> {

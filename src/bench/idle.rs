@@ -19,10 +19,7 @@ pub struct IdleBench {
 }
 
 pub async fn run(config: &Config, args: IdleBench) -> anyhow::Result<()> {
-    let harness = Harness::new(config, 0).await?;
-    let result = measure(&harness, &args).await;
-    harness.finish().await;
-    result
+    Harness::run(config, 0, async |harness| measure(harness, &args).await).await
 }
 
 async fn measure(harness: &Harness, args: &IdleBench) -> anyhow::Result<()> {

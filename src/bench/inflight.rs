@@ -30,10 +30,8 @@ pub struct InflightBench {
 pub async fn run(config: &Config, args: InflightBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
     let concurrency = u16::try_from(args.jobs).context("--jobs is at most 65535 (the worker's concurrency)")?;
-    let harness = Harness::new(config, args.mock_latency_ms).await?;
-    let result = measure(&harness, &args, &models, concurrency).await;
-    harness.finish().await;
-    result
+    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models, concurrency).await)
+        .await
 }
 
 async fn measure(harness: &Harness, args: &InflightBench, models: &[&str], concurrency: u16) -> anyhow::Result<()> {

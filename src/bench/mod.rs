@@ -68,7 +68,19 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub async fn new(config: &Config, mock_latency_ms: u64) -> anyhow::Result<Self> {
+    /// Runs `bench` on a new isolated run, and cleans up after it whatever it returns.
+    pub async fn run<T>(
+        config: &Config,
+        mock_latency_ms: u64,
+        bench: impl AsyncFnOnce(&Harness) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let harness = Self::new(config, mock_latency_ms).await?;
+        let result = bench(&harness).await;
+        harness.finish().await;
+        result
+    }
+
+    async fn new(config: &Config, mock_latency_ms: u64) -> anyhow::Result<Self> {
         let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let database_url = with_database(&config.database_url, &format!("ultra_{run}"))?;
         let pool = db::connect_and_prepare(&database_url, &CancellationToken::new())
@@ -143,7 +155,7 @@ impl Harness {
     }
 
     /// Deletes what the run created: its queues, its configuration file, its database.
-    pub async fn finish(self) {
+    async fn finish(self) {
         if let Err(err) = Topology::new(&self.queue_prefix()).delete(&self.amqp_url).await {
             eprintln!("warning: could not delete the benchmark's queues: {err}");
         }

@@ -35,10 +35,8 @@ pub struct RawBench {
 }
 
 pub async fn run(config: &Config, args: RawBench) -> anyhow::Result<()> {
-    let harness = Harness::new(config, 0).await?;
-    let result = measure(&harness, args.jobs, args.concurrency).await;
-    harness.finish().await;
-    let jobs_per_s = result?;
+    let jobs_per_s =
+        Harness::run(config, 0, async |harness| measure(harness, args.jobs, args.concurrency).await).await?;
     let record = serde_json::json!({
         "bench": "raw", "jobs": args.jobs, "concurrency": args.concurrency, "jobs_per_s": jobs_per_s,
     });

@@ -43,10 +43,7 @@ pub async fn run(config: &Config, args: SseBench) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.jobs == 0 {
         bail!("--subscribers and --jobs must be at least 1");
     }
-    let harness = Harness::new(config, args.mock_latency_ms).await?;
-    let result = measure(&harness, &args, &models).await;
-    harness.finish().await;
-    result
+    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
 }
 
 async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow::Result<()> {

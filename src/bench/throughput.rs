@@ -75,10 +75,7 @@ pub async fn run(config: &Config, args: ThroughputBench) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.paced_load) {
         bail!("--paced-load is a fraction, 0 to 1");
     }
-    let harness = Harness::new(config, args.mock_latency_ms).await?;
-    let result = measure(&harness, &args, &models).await;
-    harness.finish().await;
-    result
+    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
 }
 
 async fn measure(harness: &Harness, args: &ThroughputBench, models: &[&str]) -> anyhow::Result<()> {

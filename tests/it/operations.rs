@@ -112,15 +112,7 @@ async fn a_submit_continues_the_callers_trace_into_the_job_message() {
     let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
     let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let response = app
-        .http
-        .post(app.url("/v1/analyze"))
-        .bearer_auth(&key)
-        .header("traceparent", caller)
-        .json(&json!({ "prompt": "trace me", "models": ["mock/alpha"] }))
-        .send()
-        .await
-        .expect("submit");
+    let response = app.submit_traced(&key, &json!({ "prompt": "trace me", "models": ["mock/alpha"] }), caller).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert!(response.headers().contains_key("x-request-id"));
 

@@ -25,28 +25,35 @@ async fn spawn_worker(app: &TestApp) -> WorkerProcess {
     spawn_worker_with(app, 1).await
 }
 
-async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
-    let port = free_port().await;
+/// `ultra <args>` on the app's database, broker names and Redis prefix, and nothing
+/// else from this environment.
+fn ultra_command(app: &TestApp, args: &[&str]) -> Command {
     let config = &app.config;
     let mut command = Command::new(env!("CARGO_BIN_EXE_ultra"));
     command.env_clear();
     if let Some(file) = &config.config_file {
         command.env("ULTRA_CONFIG_FILE", file);
     }
-    let mut child = command
-        .args(["worker", "--concurrency", &concurrency.to_string()])
+    command
+        .args(args)
         .env("DATABASE_URL", &config.database_url)
         .env("AMQP_URL", &config.amqp_url)
         .env("REDIS_URL", &config.redis_url)
         .env("ULTRA_QUEUE_PREFIX", &config.queue_prefix)
         .env("ULTRA_REDIS_PREFIX", &config.redis_prefix)
+        .env("ULTRA_LOG_FORMAT", "json")
+        .kill_on_drop(true);
+    command
+}
+
+async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
+    let port = free_port().await;
+    let mut child = ultra_command(app, &["worker", "--concurrency", &concurrency.to_string()])
         .env("ULTRA_WORKER_LISTEN", format!("127.0.0.1:{port}"))
         .env("ULTRA_MOCK_LATENCY_MS", "200")
-        .env("ULTRA_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start `ultra worker`");
     let stderr = child.stderr.take().expect("stderr");
@@ -284,15 +291,8 @@ async fn a_worker_process_continues_the_trace_and_serves_its_metrics() {
     wait_ready(&app, &worker).await;
     let (_, key) = app.user_with_key().await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let response = app
-        .http
-        .post(app.url("/v1/analyze"))
-        .bearer_auth(&key)
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&serde_json::json!({ "prompt": "a secret prompt text", "models": ["mock/alpha"] }))
-        .send()
-        .await
-        .expect("submit");
+    let body = serde_json::json!({ "prompt": "a secret prompt text", "models": ["mock/alpha"] });
+    let response = app.submit_traced(&key, &body, &format!("00-{trace_id}-00f067aa0ba902b7-01")).await;
     let id: uuid::Uuid = response.json::<serde_json::Value>().await.expect("json")["id"]
         .as_str()
         .and_then(|s| s.parse().ok())
@@ -332,22 +332,12 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
         .await;
     let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
     let port = free_port().await;
-    let config = &app.config;
-    let mut api = Command::new(env!("CARGO_BIN_EXE_ultra"))
-        .arg("api")
-        .env_clear()
-        .env("DATABASE_URL", &config.database_url)
-        .env("AMQP_URL", &config.amqp_url)
-        .env("REDIS_URL", &config.redis_url)
-        .env("ULTRA_QUEUE_PREFIX", &config.queue_prefix)
-        .env("ULTRA_REDIS_PREFIX", &config.redis_prefix)
+    let mut api = ultra_command(&app, &["api"])
         .env("ULTRA_LISTEN", format!("127.0.0.1:{port}"))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.uri())
         .env("OTEL_SERVICE_NAME", "ultra-otlp-test")
-        .env("ULTRA_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start `ultra api`");
     let base = format!("http://127.0.0.1:{port}");

@@ -221,6 +221,12 @@ impl TestApp {
         self.http.post(self.url("/v1/analyze")).bearer_auth(key).json(body).send().await.expect("POST /v1/analyze")
     }
 
+    /// Submits continuing the caller's trace (`traceparent`).
+    pub async fn submit_traced(&self, key: &str, body: &Value, traceparent: &str) -> Response {
+        let request = self.http.post(self.url("/v1/analyze")).bearer_auth(key).header("traceparent", traceparent);
+        request.json(body).send().await.expect("POST /v1/analyze")
+    }
+
     /// Submits a valid job and returns its id.
     pub async fn submit_ok(&self, key: &str, models: &[&str]) -> Uuid {
         let response = self.submit(key, &json!({ "prompt": "Why is the sky blue?", "models": models })).await;
