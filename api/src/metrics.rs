@@ -77,7 +77,7 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
     async fn call(&self, req: Request) -> Result<Response> {
         let started = Instant::now();
         let route = self.routes.label(req.uri().path()).to_owned();
-        let method = req.method().as_str().to_owned();
+        let method = method_label(req.method()).to_owned();
         let response = match self.inner.call(req).await {
             Ok(output) => output.into_response(),
             Err(err) => crate::error::into_problem(err).await,
@@ -95,6 +95,22 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
         let [method, route] = labels;
         metrics::counter!(common::metrics::HTTP_REQUESTS, &[method, route, ("status", status)]).increment(1);
         Ok(response)
+    }
+}
+
+/// The standard methods by name, anything else (extension methods are unbounded) as
+/// `other`.
+fn method_label(method: &poem::http::Method) -> &'static str {
+    use poem::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
@@ -139,5 +155,12 @@ mod tests {
         assert_eq!(routes.label("/metrics"), "/metrics");
         assert_eq!(routes.label("/wp-admin/setup.php"), "unmatched");
         assert_eq!(routes.label("/v1/jobs/x/y/z"), "unmatched");
+    }
+
+    #[test]
+    fn extension_methods_share_one_label() {
+        let custom = poem::http::Method::from_bytes(b"FOO1").expect("a valid token");
+        assert_eq!(method_label(&custom), "other");
+        assert_eq!(method_label(&poem::http::Method::PATCH), "PATCH");
     }
 }

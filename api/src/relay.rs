@@ -4,10 +4,11 @@
 //! between commit and publish, or a broker that was down. Rows are taken with
 //! `FOR UPDATE SKIP LOCKED`, so relays in several processes share the work.
 //! The relay leaves rows younger than `MIN_AGE_MS` to the fast path, which publishes
-//! and then deletes its row without taking a lock (one statement, not a transaction:
-//! this is on every submit's path). A job is published twice only if the fast path
-//! stalls past that age, or crashes between the broker's confirm and the deletion;
-//! the worker drops a duplicate delivery (the job is leased or finished).
+//! and then deletes its row in one statement (not a transaction: this is on every
+//! submit's path). A job is published twice only if the fast path takes longer than
+//! that age from its insert to the broker's confirm, or crashes between the confirm
+//! and the deletion; the worker drops a duplicate delivery (the job is leased or
+//! finished).
 
 use std::sync::Arc;
 
@@ -16,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
 
-/// Outbox rows younger than this belong to a fast path that may not have locked its
-/// row yet (it does so right after the job's commit).
+/// Outbox rows younger than this (counted from their insert) belong to the fast path,
+/// which publishes right after the job's commit; this age is the only thing keeping
+/// the relay from publishing them too.
 const MIN_AGE_MS: i64 = 2_000;
 /// How often the reaper looks for running jobs whose lease expired.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -41,7 +43,7 @@ async fn try_publish_now(
     traceparent: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     state.publisher.publish(message, traceparent).await?;
-    db::outbox::delete(&state.pool, outbox_id).await?;
+    db::outbox::delete_unless_locked(&state.pool, outbox_id).await?;
     Ok(())
 }
 

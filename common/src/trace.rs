@@ -37,7 +37,12 @@ impl TraceContext {
         let flags = if version == "00" { (rest.len() == 2).then_some(rest)? } else { rest.get(..2)? };
         let lower_hex =
             |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if !lower_hex(version, 2) || version == "ff" || !lower_hex(trace, 32) || !lower_hex(span, 16) {
+        if !lower_hex(version, 2)
+            || version == "ff"
+            || !lower_hex(trace, 32)
+            || !lower_hex(span, 16)
+            || !lower_hex(flags, 2)
+        {
             return None;
         }
         if version != "00" && rest.len() > 2 && !rest[2..].starts_with('-') {
@@ -108,6 +113,7 @@ mod tests {
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
         ] {
             assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
         }

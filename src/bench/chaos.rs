@@ -42,8 +42,9 @@ pub struct ChaosBench {
 
 pub async fn run(config: &Config, args: ChaosBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
-    if args.workers == 0 || args.kill_every_s <= 0.0 {
-        bail!("--workers must be at least 1 and --kill-every-s above 0");
+    if args.workers == 0 || !(args.kill_every_s.is_finite() && args.kill_every_s > 0.0 && args.kill_every_s < 86_400.0)
+    {
+        bail!("--workers must be at least 1, and --kill-every-s between 0 and a day");
     }
     Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
 }

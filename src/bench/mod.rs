@@ -254,11 +254,11 @@ pub async fn free_address() -> anyhow::Result<std::net::SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// Waits until `url` answers (60 s at most).
+/// Waits until `url` answers with a success (60 s at most).
 pub async fn wait_for(url: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http.get(url).send().await.is_err() {
+    while !http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
         if Instant::now() > deadline {
             bail!("{url} did not answer");
         }
@@ -281,10 +281,18 @@ pub fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The same server URL with another database name.
+/// The same server URL (and options, such as `?sslmode=`) with another database name.
 fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-    let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no database name")?;
-    Ok(format!("{base}/{database}"))
+    let (location, query) = url.split_once('?').map_or((url, None), |(l, q)| (l, Some(q)));
+    let authority_end = location.find("://").map_or(0, |i| i + 3);
+    let base = match location[authority_end..].find('/') {
+        Some(slash) => &location[..authority_end + slash],
+        None => location,
+    };
+    Ok(match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    })
 }
 
 /// The `q` quantile (0–1) of sorted samples, nearest rank.
@@ -367,4 +375,25 @@ impl SseReader {
 /// A figure for the table: fixed decimals, or `-` when there is none.
 pub fn figure(value: Option<f64>, decimals: usize, unit: &str) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}{unit}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_database_keeps_the_server_and_its_options() {
+        let url = |u: &str| with_database(u, "b").expect("url");
+        assert_eq!(url("postgres://u:p@h:5432/a"), "postgres://u:p@h:5432/b");
+        assert_eq!(url("postgres://u@h/a?sslmode=require"), "postgres://u@h/b?sslmode=require");
+        assert_eq!(url("postgres://h:5432"), "postgres://h:5432/b");
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let samples = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(quantile(&samples, 0.5), Some(2.0));
+        assert_eq!(quantile(&samples, 0.99), Some(4.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 }

@@ -50,7 +50,7 @@ pub struct ThroughputBench {
     /// Start `ultra api` and `ultra worker` as two processes instead of `ultra all`.
     #[arg(long, conflicts_with = "url")]
     split: bool,
-    /// Skip the `raw` phase (and the ratio to it).
+    /// Skip the `raw` phase (and the ratio to it); always skipped with `--url`.
     #[arg(long)]
     no_raw: bool,
     /// Print the summary as one JSON object.
@@ -79,7 +79,12 @@ pub async fn run(config: &Config, args: ThroughputBench) -> anyhow::Result<()> {
 }
 
 async fn measure(harness: &Harness, args: &ThroughputBench, models: &[&str]) -> anyhow::Result<()> {
-    let raw = if args.no_raw { None } else { Some(raw::measure(harness, args.jobs, args.concurrency).await?) };
+    // `raw` measures this machine: against another system the ratio would mean nothing.
+    let raw = if args.no_raw || args.url.is_some() {
+        None
+    } else {
+        Some(raw::measure(harness, args.jobs, args.concurrency).await?)
+    };
 
     let concurrency = args.concurrency.to_string();
     let mut processes: Vec<(&str, Process)> = Vec::new();

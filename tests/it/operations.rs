@@ -22,11 +22,17 @@ async fn make_admin(app: &TestApp, user_id: Uuid) {
     sqlx::query("UPDATE users SET role = 'admin' WHERE id = $1").bind(user_id).execute(&app.pool).await.expect("admin");
 }
 
+/// A pattern only this test uses, so its counts are exact even though every test in
+/// this binary shares one metrics recorder.
+const PROBE_PATTERN: &str = "[patterns.metrics_probe]\ndescription = \"Counted by the metrics test.\"\n";
+
 #[tokio::test]
 async fn metrics_label_requests_by_route_template_and_count_jobs_and_steps() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(Options { config_toml: Some(PROBE_PATTERN.to_owned()), ..Default::default() }).await;
     let (_, key) = app.user_with_key().await;
-    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    let body = json!({ "prompt": "Count me", "models": ["mock/alpha"], "pattern": "metrics_probe" });
+    let accepted: Value = app.submit(&key, &body).await.json().await.expect("json");
+    let id: Uuid = accepted["id"].as_str().and_then(|s| s.parse().ok()).expect("job id");
     assert_eq!(app.wait_for_terminal(&key, id).await["status"], "succeeded");
     let unknown = Uuid::now_v7();
     assert_eq!(app.get(&key, &format!("/v1/jobs/{unknown}")).await.status(), StatusCode::NOT_FOUND);
@@ -41,12 +47,13 @@ async fn metrics_label_requests_by_route_template_and_count_jobs_and_steps() {
         r#"ultra_http_requests_total{method="POST",route="/v1/analyze",status="202"}"#,
         r#"ultra_http_requests_total{method="GET",route="unmatched",status="404"}"#,
         r#"ultra_http_request_duration_seconds_bucket{method="POST",route="/v1/analyze",le="0.5"}"#,
-        r#"ultra_jobs_submitted_total{pattern="direct"}"#,
-        r#"ultra_jobs_finished_total{pattern="direct",status="succeeded"}"#,
+        r#"ultra_jobs_submitted_total{pattern="metrics_probe"} 1"#,
+        r#"ultra_jobs_finished_total{pattern="metrics_probe",status="succeeded"} 1"#,
+        r#"ultra_job_duration_seconds_count{pattern="metrics_probe",status="succeeded"} 1"#,
         r#"ultra_step_duration_seconds_bucket{stage="initial",model="mock/alpha",provider="mock",outcome="succeeded""#,
         r#"ultra_tokens_total{model="mock/alpha",provider="mock",direction="output"}"#,
         "# TYPE ultra_job_duration_seconds histogram",
-        "ultra_outbox_backlog 0",
+        "ultra_outbox_backlog ",
         &format!(r#"ultra_queue_messages{{queue="{}ultra.analyze",role="work"}}"#, app.config.queue_prefix),
         "process_resident_memory_bytes",
     ] {

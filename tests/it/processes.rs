@@ -51,7 +51,8 @@ async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
     let mut child = ultra_command(app, &["worker", "--concurrency", &concurrency.to_string()])
         .env("ULTRA_WORKER_LISTEN", format!("127.0.0.1:{port}"))
         .env("ULTRA_MOCK_LATENCY_MS", "200")
-        .env("RUST_LOG", "info")
+        // Debug for the worker's own lines, so a prompt logged at debug would show.
+        .env("RUST_LOG", "info,ultra_worker=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -209,6 +210,11 @@ async fn two_hundred_jobs_survive_workers_killed_mid_run() {
     let audit = common::db::audit::delivery(&app.pool).await.expect("audit");
     let clean = common::db::audit::DeliveryAudit { jobs: ids.len() as i64, ..Default::default() };
     assert_eq!(audit, clean);
+    let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE kind = 'step.completed'")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(completed, 2 * ids.len() as i64, "every job's two steps recorded");
     for worker in workers {
         let (status, _) = terminate(worker).await;
         assert!(status.success());

@@ -31,8 +31,11 @@ pub async fn insert_delayed(
     delay_ms: i32,
     traceparent: Option<&str>,
 ) -> Result<i64, sqlx::Error> {
+    // `clock_timestamp()`, not the transaction's start (`now()`): the relay's age
+    // filter must count from when the row was written, however long the transaction.
     sqlx::query_scalar(
-        "INSERT INTO outbox (job_id, attempt, delay_ms, traceparent) VALUES ($1, $2, $3, $4) RETURNING id",
+        "INSERT INTO outbox (job_id, attempt, delay_ms, traceparent, created_at)
+         VALUES ($1, $2, $3, $4, clock_timestamp()) RETURNING id",
     )
     .bind(job_id)
     .bind(attempt)
@@ -49,6 +52,17 @@ pub async fn backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
 
 pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM outbox WHERE id = $1").bind(id).execute(ex).await?;
+    Ok(())
+}
+
+/// The fast path's deletion after its publish: skipped, not waited for, while a relay
+/// holds the row (that relay publishes it again and deletes it; the worker drops the
+/// duplicate), so a submit never waits on a relay's batch.
+pub async fn delete_unless_locked(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = (SELECT id FROM outbox WHERE id = $1 FOR UPDATE SKIP LOCKED)")
+        .bind(id)
+        .execute(ex)
+        .await?;
     Ok(())
 }
 
