@@ -43,7 +43,7 @@ async fn try_publish_now(
     traceparent: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     state.publisher.publish(message, traceparent).await?;
-    db::outbox::delete_unless_locked(&state.pool, outbox_id).await?;
+    db::outbox::delete(&state.pool, outbox_id).await?;
     Ok(())
 }
 

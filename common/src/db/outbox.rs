@@ -55,17 +55,6 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error>
     Ok(())
 }
 
-/// The fast path's deletion after its publish: skipped, not waited for, while a relay
-/// holds the row (that relay publishes it again and deletes it; the worker drops the
-/// duplicate), so a submit never waits on a relay's batch.
-pub async fn delete_unless_locked(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM outbox WHERE id = (SELECT id FROM outbox WHERE id = $1 FOR UPDATE SKIP LOCKED)")
-        .bind(id)
-        .execute(ex)
-        .await?;
-    Ok(())
-}
-
 /// Locks up to `limit` rows older than `min_age_ms` that no other relay holds. The
 /// age keeps the relay from racing the fast path for a job being published right now.
 pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
