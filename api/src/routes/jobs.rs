@@ -350,18 +350,20 @@ impl JobsApi {
             status if status.is_terminal() => Err(ApiError::Conflict(format!("the job has already ended ({status})"))),
             JobStatus::Queued => {
                 let error = json!({ "code": "cancelled", "message": "cancelled before it started" });
-                let finished = db::jobs::finish(&mut *tx, job.id, JobStatus::Cancelled, None, Some(&error)).await?;
-                db::usage::settle(&mut tx, job.id).await?;
-                let event = db::events::append(
-                    &mut tx,
+                let data = json!({ "status": "cancelled", "error": error });
+                let ended = db::jobs::finish(
+                    &mut *tx,
                     job.id,
+                    JobStatus::Cancelled,
+                    None,
+                    Some(&error),
                     EventKind::Cancelled,
-                    json!({ "status": "cancelled", "error": error }),
+                    data,
                 )
                 .await?;
                 tx.commit().await?;
-                state.events.publish(&event).await;
-                if let Some(finished) = finished {
+                if let Some((finished, event)) = ended {
+                    state.events.publish(&event).await;
                     common::metrics::job_finished(&finished, JobStatus::Cancelled);
                 }
                 tracing::info!(job_id = %job.id, "queued job cancelled");

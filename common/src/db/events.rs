@@ -30,6 +30,23 @@ pub async fn append(
     .await
 }
 
+/// The rest of a statement whose data-modifying CTE `write` may change a row: the
+/// job's next event (kind `$kind`, data `$data`, job `$1`) is appended only if it did,
+/// in the same statement — one round trip and one implicit transaction where a
+/// `BEGIN`, two statements and a `COMMIT` would take four. Returns the event's row,
+/// or none when `write` changed nothing.
+pub(crate) fn append_if_written(kind: usize, data: usize) -> String {
+    format!(
+        "next AS (
+            UPDATE jobs SET last_event_seq = last_event_seq + 1
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM write) RETURNING last_event_seq
+         )
+         INSERT INTO job_events (job_id, seq, kind, data)
+         SELECT $1, last_event_seq, ${kind}, ${data} FROM next
+         RETURNING job_id, seq, kind, data, created_at"
+    )
+}
+
 /// Events after `after_seq`, oldest first, at most `limit`.
 pub async fn after(
     ex: impl PgExecutor<'_>,

@@ -5,7 +5,10 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::domain::JobStatus;
+use crate::{
+    domain::{EventKind, JobStatus},
+    events::JobEvent,
+};
 
 const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
                        created_at, started_at, finished_at, deadline_at";
@@ -180,31 +183,75 @@ pub async fn reap_expired(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uui
     .await
 }
 
-/// Moves a running job to its terminal status with its result or error. Returns
-/// false (and changes nothing) if the job had already ended.
+/// Ends a job, in one statement: the terminal status, the budget settlement (the
+/// reservation released, what the steps really used booked — exactly once, since only
+/// the statement that ends the job does it) and the terminal event (`kind`, `event`).
+/// `None` if the job had already ended: nothing is written.
 pub async fn finish(
     ex: impl PgExecutor<'_>,
     id: Uuid,
     status: JobStatus,
     result: Option<&Value>,
     error: Option<&Value>,
-) -> Result<Option<Finished>, sqlx::Error> {
+    kind: EventKind,
+    event: Value,
+) -> Result<Option<(Finished, JobEvent)>, sqlx::Error> {
     debug_assert!(status.is_terminal());
-    sqlx::query_as(
-        "UPDATE jobs SET status = $2, result = $3, error = $4, finished_at = now(), updated_at = now()
-          WHERE id = $1 AND status IN ('queued', 'running')
-          RETURNING pattern, created_at, finished_at",
+    let row: Option<FinishedRow> = sqlx::query_as(
+        "WITH finished AS (
+            UPDATE jobs SET status = $2, result = $3, error = $4, finished_at = now(), updated_at = now(),
+                            last_event_seq = last_event_seq + 1
+             WHERE id = $1 AND status IN ('queued', 'running')
+             RETURNING id, user_id, pattern, created_at, finished_at, reserved_day, reserved_tokens, last_event_seq
+         ), spent AS (
+            -- Cached answers cost nothing: they count neither tokens nor money.
+            SELECT coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))
+                                FILTER (WHERE NOT cached), 0)::bigint AS tokens,
+                   coalesce(sum(cost_micros), 0)::bigint AS cost
+              FROM job_steps WHERE job_id = $1
+         ), settled AS (
+            UPDATE usage_daily u
+               SET reserved = greatest(u.reserved - f.reserved_tokens, 0), used = u.used + spent.tokens,
+                   cost_micros = u.cost_micros + spent.cost
+              FROM finished f, spent
+             WHERE f.reserved_day IS NOT NULL AND u.user_id = f.user_id AND u.day = f.reserved_day
+         ), event AS (
+            INSERT INTO job_events (job_id, seq, kind, data)
+            SELECT id, last_event_seq, $5, $6 FROM finished
+            RETURNING seq, kind, data, created_at
+         )
+         SELECT f.pattern, f.created_at, f.finished_at, e.seq, e.kind, e.data, e.created_at AS event_created_at
+           FROM finished f, event e",
     )
     .bind(id)
     .bind(status)
     .bind(result)
     .bind(error)
+    .bind(kind)
+    .bind(event)
     .fetch_optional(ex)
-    .await
+    .await?;
+    Ok(row.map(|row| {
+        let finished = Finished { pattern: row.pattern, created_at: row.created_at, finished_at: row.finished_at };
+        let event =
+            JobEvent { job_id: id, seq: row.seq, kind: row.kind, data: row.data, created_at: row.event_created_at };
+        (finished, event)
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct FinishedRow {
+    pattern: String,
+    created_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    seq: i64,
+    kind: EventKind,
+    data: Value,
+    event_created_at: DateTime<Utc>,
 }
 
 /// A job that has just ended: what its metrics need.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Finished {
     pub pattern: String,
     pub created_at: DateTime<Utc>,

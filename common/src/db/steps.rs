@@ -6,7 +6,10 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::domain::{Stage, StepStatus};
+use crate::{
+    domain::{EventKind, Stage, StepStatus},
+    events::JobEvent,
+};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Step {
@@ -45,31 +48,45 @@ pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sq
     .await
 }
 
-/// Marks a step running. Returns false if it had already succeeded, in which case it
-/// must not be called again.
-pub async fn start(ex: impl PgExecutor<'_>, job_id: Uuid, stage: Stage, model: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
-         ON CONFLICT (job_id, stage, model) DO UPDATE
-            SET status = 'running', output = NULL, error = NULL, started_at = now(), finished_at = NULL
-          WHERE job_steps.status <> 'succeeded'",
-    )
+/// Marks a step running, with its `step.started` event, in one statement. `None` if
+/// the step had already succeeded (another delivery finished it): nothing is written.
+pub async fn start(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    stage: Stage,
+    model: &str,
+    event: Value,
+) -> Result<Option<JobEvent>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "WITH write AS (
+            INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
+            ON CONFLICT (job_id, stage, model) DO UPDATE
+               SET status = 'running', output = NULL, error = NULL, started_at = now(), finished_at = NULL
+             WHERE job_steps.status <> 'succeeded'
+            RETURNING 1
+         ), {}",
+        super::events::append_if_written(4, 5)
+    ))
     .bind(job_id)
     .bind(stage)
     .bind(model)
-    .execute(ex)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(EventKind::StepStarted)
+    .bind(event)
+    .fetch_optional(ex)
+    .await
 }
 
-/// Records a finished provider call. A step that already succeeded keeps its result.
+/// Records a finished provider call with its event (`kind`, `event`), in one
+/// statement. A step that already succeeded keeps its result: `None`, nothing written.
 pub async fn finish(
     ex: impl PgExecutor<'_>,
     job_id: Uuid,
     stage: Stage,
     model: &str,
     outcome: &StepOutcome<'_>,
-) -> Result<bool, sqlx::Error> {
+    kind: EventKind,
+    event: Value,
+) -> Result<Option<JobEvent>, sqlx::Error> {
     let (status, output, input_tokens, output_tokens, error, cost_micros, cached) = match outcome {
         StepOutcome::Succeeded { output, input_tokens, output_tokens, cost_micros, cached } => (
             StepStatus::Succeeded,
@@ -82,16 +99,20 @@ pub async fn finish(
         ),
         StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error), 0, false),
     };
-    let done = sqlx::query(
-        "INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error,
-                                cost_micros, cached, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
-         ON CONFLICT (job_id, stage, model) DO UPDATE
-            SET status = EXCLUDED.status, output = EXCLUDED.output, input_tokens = EXCLUDED.input_tokens,
-                output_tokens = EXCLUDED.output_tokens, error = EXCLUDED.error, cost_micros = EXCLUDED.cost_micros,
-                cached = EXCLUDED.cached, finished_at = now()
-          WHERE job_steps.status <> 'succeeded'",
-    )
+    sqlx::query_as(&format!(
+        "WITH write AS (
+            INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error,
+                                   cost_micros, cached, finished_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+            ON CONFLICT (job_id, stage, model) DO UPDATE
+               SET status = EXCLUDED.status, output = EXCLUDED.output, input_tokens = EXCLUDED.input_tokens,
+                   output_tokens = EXCLUDED.output_tokens, error = EXCLUDED.error,
+                   cost_micros = EXCLUDED.cost_micros, cached = EXCLUDED.cached, finished_at = now()
+             WHERE job_steps.status <> 'succeeded'
+            RETURNING 1
+         ), {}",
+        super::events::append_if_written(11, 12)
+    ))
     .bind(job_id)
     .bind(stage)
     .bind(model)
@@ -102,7 +123,8 @@ pub async fn finish(
     .bind(error)
     .bind(cost_micros)
     .bind(cached)
-    .execute(ex)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(kind)
+    .bind(event)
+    .fetch_optional(ex)
+    .await
 }

@@ -68,31 +68,6 @@ pub async fn reserve(conn: &mut PgConnection, user_id: Uuid, day: NaiveDate, tok
     Ok(())
 }
 
-/// Releases a finished job's reservation and books what it really used. Call it in
-/// the transaction that ends the job, so it happens exactly once.
-pub async fn settle(conn: &mut PgConnection, job_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH job AS (
-            SELECT user_id, reserved_day, reserved_tokens FROM jobs WHERE id = $1 AND reserved_day IS NOT NULL
-         ), spent AS (
-            -- Cached answers cost nothing: they count neither tokens nor money.
-            SELECT coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))
-                                FILTER (WHERE NOT cached), 0)::bigint AS tokens,
-                   coalesce(sum(cost_micros), 0)::bigint AS cost
-              FROM job_steps WHERE job_id = $1
-         )
-         UPDATE usage_daily u
-            SET reserved = greatest(u.reserved - job.reserved_tokens, 0), used = u.used + spent.tokens,
-                cost_micros = u.cost_micros + spent.cost
-           FROM job, spent
-          WHERE u.user_id = job.user_id AND u.day = job.reserved_day",
-    )
-    .bind(job_id)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Takes a replayed job's reservation again, for `day`.
 pub async fn reserve_again(
     conn: &mut PgConnection,

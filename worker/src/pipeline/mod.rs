@@ -263,21 +263,17 @@ async fn finish(
     result: Option<Value>,
     error: Option<Value>,
 ) -> Result<Outcome, PipelineError> {
-    let mut tx = ctx.pool.begin().await?;
-    let Some(finished) = db::jobs::finish(&mut *tx, job_id, status, result.as_ref(), error.as_ref()).await? else {
-        tx.rollback().await?;
-        return Ok(Outcome::Skipped);
-    };
-    // The budget reservation is released and actual usage booked exactly once, here.
-    db::usage::settle(&mut tx, job_id).await?;
     let kind = match status {
         JobStatus::Succeeded => EventKind::Succeeded,
         JobStatus::Cancelled => EventKind::Cancelled,
         _ => EventKind::Failed,
     };
     let data = json!({ "status": status, "result": result, "error": error });
-    let event = db::events::append(&mut tx, job_id, kind, data).await?;
-    tx.commit().await?;
+    // Status, budget settlement and event in one statement: exactly once, or not at all.
+    let ended = db::jobs::finish(&ctx.pool, job_id, status, result.as_ref(), error.as_ref(), kind, data).await?;
+    let Some((finished, event)) = ended else {
+        return Ok(Outcome::Skipped);
+    };
     ctx.events.publish(&event).await;
     common::metrics::job_finished(&finished, status);
     tracing::info!(%job_id, status = %status, "job finished");

@@ -42,17 +42,13 @@ pub async fn run(
         return Ok(Ok(step.output.clone().unwrap_or_default()));
     }
 
-    let mut tx = ctx.pool.begin().await?;
-    if !db::steps::start(&mut *tx, job.id, stage, model).await? {
+    let started = json!({ "stage": stage, "model": model });
+    let Some(started) = db::steps::start(&ctx.pool, job.id, stage, model, started).await? else {
         // Another delivery finished it meanwhile.
-        tx.rollback().await?;
         let steps = db::steps::list(&ctx.pool, job.id).await?;
         let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
         return Ok(Ok(output.unwrap_or_default()));
-    }
-    let started =
-        db::events::append(&mut tx, job.id, EventKind::StepStarted, json!({ "stage": stage, "model": model })).await?;
-    tx.commit().await?;
+    };
     ctx.events.publish(&started).await;
 
     if ctx.log_prompts {
@@ -98,7 +94,8 @@ pub async fn run(
     // The call is paid for: a brief database hiccup must not throw its answer away.
     let mut backoff = Duration::from_millis(100);
     let recorded = loop {
-        match record(ctx, job.id, stage, model, &outcome, kind, &data).await {
+        // `None` if another delivery recorded the step first: no second event is written.
+        match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome, kind, data.clone()).await {
             Ok(recorded) => break recorded,
             Err(err) if backoff < RECORD_PATIENCE => {
                 tracing::warn!(job_id = %job.id, model, error = %err, "cannot record step yet; retrying");
@@ -118,27 +115,6 @@ pub async fn run(
 /// How long a finished step's result is retried against the database (doubling
 /// back-off from 100 ms) before the job is handed back for redelivery.
 const RECORD_PATIENCE: Duration = Duration::from_secs(10);
-
-/// Commits a step's outcome with its event. `None` if the step had already
-/// succeeded (another delivery recorded it): no second event is written.
-async fn record(
-    ctx: &JobContext,
-    job_id: uuid::Uuid,
-    stage: Stage,
-    model: &str,
-    outcome: &StepOutcome<'_>,
-    kind: EventKind,
-    data: &Value,
-) -> Result<Option<common::events::JobEvent>, sqlx::Error> {
-    let mut tx = ctx.pool.begin().await?;
-    if !db::steps::finish(&mut *tx, job_id, stage, model, outcome).await? {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    let event = db::events::append(&mut tx, job_id, kind, data.clone()).await?;
-    tx.commit().await?;
-    Ok(Some(event))
-}
 
 /// A provider's answer, what it cost, and whether it came from the cache.
 struct Answer {
