@@ -113,33 +113,57 @@ pub enum Unclaimed {
 /// Takes a job for a run with one atomic update: a `queued` job, or a `running` one
 /// whose lease has expired (or is this worker's own: it stopped running it when its
 /// broker connection dropped), becomes `running`, leased to `owner` for `lease`, with
-/// one more attempt. Returns the job and whether this is its first run.
+/// one more attempt. On its first run the `started` event is appended in the same
+/// statement. Returns the job and, on a first run, that event.
 pub async fn claim(
-    conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
     id: Uuid,
     owner: Uuid,
     lease: std::time::Duration,
-) -> Result<Result<(Job, bool), Unclaimed>, sqlx::Error> {
-    let job: Option<Job> = sqlx::query_as(&format!(
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1,
-                started_at = coalesce(started_at, now()), updated_at = now(),
-                lease_owner = $2, lease_until = now() + make_interval(secs => $3)
-          WHERE id = $1
-            AND (status = 'queued'
-                 OR (status = 'running' AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)))
-          RETURNING {COLUMNS}"
+) -> Result<Result<(Job, Option<JobEvent>), Unclaimed>, sqlx::Error> {
+    use sqlx::{FromRow, Row};
+    // In SET, `attempts` is the value before the update: 0 means this is the first run.
+    let row = sqlx::query(&format!(
+        "WITH claimed AS (
+            UPDATE jobs SET status = 'running', attempts = attempts + 1,
+                   started_at = coalesce(started_at, now()), updated_at = now(),
+                   lease_owner = $2, lease_until = now() + make_interval(secs => $3),
+                   last_event_seq = last_event_seq + CASE WHEN attempts = 0 THEN 1 ELSE 0 END
+             WHERE id = $1
+               AND (status = 'queued'
+                    OR (status = 'running' AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)))
+             RETURNING {COLUMNS}, last_event_seq
+         ), started AS (
+            INSERT INTO job_events (job_id, seq, kind, data)
+            SELECT id, last_event_seq, $4, jsonb_build_object('attempt', attempts) FROM claimed WHERE attempts = 1
+            RETURNING seq, kind, data, created_at
+         )
+         SELECT claimed.*, started.seq AS event_seq, started.kind AS event_kind, started.data AS event_data,
+                started.created_at AS event_created_at
+           FROM claimed LEFT JOIN started ON true"
     ))
     .bind(id)
     .bind(owner)
     .bind(lease.as_secs_f64())
-    .fetch_optional(&mut *conn)
+    .bind(EventKind::Started)
+    .fetch_optional(pool)
     .await?;
-    if let Some(job) = job {
-        let first = job.attempts == 1;
-        return Ok(Ok((job, first)));
+    if let Some(row) = row {
+        let job = Job::from_row(&row)?;
+        let started = match row.try_get::<Option<i64>, _>("event_seq")? {
+            Some(seq) => Some(JobEvent {
+                job_id: id,
+                seq,
+                kind: row.try_get("event_kind")?,
+                data: row.try_get("event_data")?,
+                created_at: row.try_get("event_created_at")?,
+            }),
+            None => None,
+        };
+        return Ok(Ok((job, started)));
     }
     let status: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(pool).await?;
     Ok(Err(match status {
         Some(JobStatus::Running) => Unclaimed::Leased,
         _ => Unclaimed::Finished,

@@ -150,21 +150,15 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
         tracing::info!(%job_id, "job already running in this worker; dropping duplicate delivery");
         return Ok(Outcome::Skipped);
     };
-    let mut tx = ctx.pool.begin().await?;
-    let (job, first_run) = match db::jobs::claim(&mut tx, job_id, ctx.worker_id, LEASE).await? {
+    let (job, started) = match db::jobs::claim(&ctx.pool, job_id, ctx.worker_id, LEASE).await? {
         Ok(claimed) => claimed,
         Err(unclaimed) => {
-            tx.rollback().await?;
             tracing::info!(%job_id, ?unclaimed, "job finished, unknown or leased elsewhere; dropping duplicate delivery");
             return Ok(Outcome::Skipped);
         }
     };
-    let started = if first_run {
-        Some(db::events::append(&mut tx, job_id, EventKind::Started, json!({ "attempt": job.attempts })).await?)
-    } else {
-        None
-    };
-    tx.commit().await?;
+    // Only a first run announces itself (and only a claimed job has steps).
+    let first_run = started.is_some();
     if let Some(event) = started {
         ctx.events.publish(&event).await;
     }
