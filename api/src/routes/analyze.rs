@@ -204,8 +204,8 @@ impl AnalyzeApi {
                 (budget - usage.used - usage.reserved).max(0)
             )));
         }
-        db::usage::reserve(&mut tx, auth.0.user_id, today, reserve).await?;
-        let job = db::jobs::insert(
+        let queued = json!({ "status": "queued", "pattern": accepted.name, "models": request.models });
+        let db::jobs::Submitted { job, queued, outbox_id } = db::jobs::submit(
             &mut tx,
             &db::jobs::NewJob {
                 id,
@@ -218,16 +218,10 @@ impl AnalyzeApi {
                 reserved_day: Some(today),
                 timeout_secs: timeout.unwrap_or(state.config.default_job_timeout_secs).min(tier.max_job_seconds),
             },
+            queued,
+            Some(&traceparent),
         )
         .await?;
-        let queued = db::events::append(
-            &mut tx,
-            id,
-            common::domain::EventKind::Queued,
-            json!({ "status": "queued", "pattern": job.pattern, "models": job.models }),
-        )
-        .await?;
-        let outbox_id = db::outbox::insert(&mut *tx, id, 1, Some(&traceparent)).await?;
         tx.commit().await?;
         metrics::counter!(common::metrics::JOBS_SUBMITTED, "pattern" => job.pattern.clone()).increment(1);
         tracing::info!(job_id = %id, models = job.models.len(), pattern = %job.pattern, "job accepted");

@@ -66,6 +66,70 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sq
     .await
 }
 
+/// An accepted job as written: the job, its `queued` event and its outbox row.
+pub struct Submitted {
+    pub job: Job,
+    pub queued: JobEvent,
+    pub outbox_id: i64,
+}
+
+/// Accepts a job in one statement: the budget reservation (`reserved_tokens` for
+/// `reserved_day`), the job, its `queued` event (seq 1, with `event` as data) and its
+/// outbox row (carrying `traceparent`). Run it in the transaction that holds the
+/// user's lock and checked their standing.
+pub async fn submit(
+    conn: &mut PgConnection,
+    job: &NewJob<'_>,
+    event: Value,
+    traceparent: Option<&str>,
+) -> Result<Submitted, sqlx::Error> {
+    use sqlx::{FromRow, Row};
+    let row = sqlx::query(&format!(
+        "WITH reserved AS (
+            INSERT INTO usage_daily (user_id, day, reserved, jobs) SELECT $2, $8, $7, 1 WHERE $8 IS NOT NULL
+            ON CONFLICT (user_id, day) DO UPDATE
+               SET reserved = usage_daily.reserved + EXCLUDED.reserved, jobs = usage_daily.jobs + 1
+         ), job AS (
+            INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day,
+                              deadline_at, last_event_seq)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), 1)
+            RETURNING {COLUMNS}
+         ), queued AS (
+            INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $10, $11)
+            RETURNING seq, kind, data, created_at
+         ), outbox AS (
+            -- Aged from the insert, not the transaction's start: see the relay.
+            INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $12, clock_timestamp())
+            RETURNING id
+         )
+         SELECT job.*, queued.seq AS event_seq, queued.kind AS event_kind, queued.data AS event_data,
+                queued.created_at AS event_created_at, outbox.id AS outbox_id
+           FROM job, queued, outbox"
+    ))
+    .bind(job.id)
+    .bind(job.user_id)
+    .bind(job.pattern)
+    .bind(job.prompt)
+    .bind(job.models)
+    .bind(job.options)
+    .bind(job.reserved_tokens)
+    .bind(job.reserved_day)
+    .bind(f64::from(job.timeout_secs))
+    .bind(EventKind::Queued)
+    .bind(event)
+    .bind(traceparent)
+    .fetch_one(conn)
+    .await?;
+    let queued = JobEvent {
+        job_id: job.id,
+        seq: row.try_get("event_seq")?,
+        kind: row.try_get("event_kind")?,
+        data: row.try_get("event_data")?,
+        created_at: row.try_get("event_created_at")?,
+    };
+    Ok(Submitted { job: Job::from_row(&row)?, queued, outbox_id: row.try_get("outbox_id")? })
+}
+
 pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(ex).await
 }
