@@ -48,22 +48,32 @@ pub struct NewJob<'a> {
     pub timeout_secs: u32,
 }
 
+/// The job alone, with no event, reservation or outbox row (tests build odd states
+/// with it; the api uses `submit`).
 pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
-    sqlx::query_as(&format!(
+    let sql = format!(
         "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day, deadline_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9)) RETURNING {COLUMNS}"
-    ))
-    .bind(job.id)
-    .bind(job.user_id)
-    .bind(job.pattern)
-    .bind(job.prompt)
-    .bind(job.models)
-    .bind(job.options)
-    .bind(job.reserved_tokens)
-    .bind(job.reserved_day)
-    .bind(f64::from(job.timeout_secs))
-    .fetch_one(conn)
-    .await
+    );
+    let row = bind_new_job(sqlx::query(&sql), job).fetch_one(conn).await?;
+    sqlx::FromRow::from_row(&row)
+}
+
+/// Binds a new job's fields as `$1` to `$9`, in the order `insert` and `submit` use.
+fn bind_new_job<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    job: &NewJob<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(job.id)
+        .bind(job.user_id)
+        .bind(job.pattern)
+        .bind(job.prompt)
+        .bind(job.models)
+        .bind(job.options)
+        .bind(job.reserved_tokens)
+        .bind(job.reserved_day)
+        .bind(f64::from(job.timeout_secs))
 }
 
 /// An accepted job as written: the job, its `queued` event and its outbox row.
@@ -84,7 +94,7 @@ pub async fn submit(
     traceparent: Option<&str>,
 ) -> Result<Submitted, sqlx::Error> {
     use sqlx::{FromRow, Row};
-    let row = sqlx::query(&format!(
+    let sql = format!(
         "WITH reserved AS (
             INSERT INTO usage_daily (user_id, day, reserved, jobs) SELECT $2, $8, $7, 1 WHERE $8 IS NOT NULL
             ON CONFLICT (user_id, day) DO UPDATE
@@ -105,21 +115,13 @@ pub async fn submit(
          SELECT job.*, queued.seq AS event_seq, queued.kind AS event_kind, queued.data AS event_data,
                 queued.created_at AS event_created_at, outbox.id AS outbox_id
            FROM job, queued, outbox"
-    ))
-    .bind(job.id)
-    .bind(job.user_id)
-    .bind(job.pattern)
-    .bind(job.prompt)
-    .bind(job.models)
-    .bind(job.options)
-    .bind(job.reserved_tokens)
-    .bind(job.reserved_day)
-    .bind(f64::from(job.timeout_secs))
-    .bind(EventKind::Queued)
-    .bind(event)
-    .bind(traceparent)
-    .fetch_one(conn)
-    .await?;
+    );
+    let row = bind_new_job(sqlx::query(&sql), job)
+        .bind(EventKind::Queued)
+        .bind(event)
+        .bind(traceparent)
+        .fetch_one(conn)
+        .await?;
     let queued = JobEvent {
         job_id: job.id,
         seq: row.try_get("event_seq")?,
