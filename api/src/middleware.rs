@@ -165,8 +165,6 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             span_id = tracing::field::Empty,
         );
         let context = common::telemetry::continue_trace(&span, parent);
-        span.record("trace_id", context.trace_id_hex());
-        span.record("span_id", context.span_id_hex());
         req.extensions_mut().insert(context);
         let mut response = match self.inner.call(req).instrument(span).await {
             Ok(output) => output.into_response(),

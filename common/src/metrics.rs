@@ -94,11 +94,15 @@ pub fn render() -> String {
     handle.render()
 }
 
-/// `/proc/self/status` VmRSS (Linux); `None` elsewhere.
+/// This process's resident memory (Linux); `None` elsewhere.
 fn resident_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
-    Some(kb * 1024)
+    Some(status_kb(&status, "VmRSS")? * 1024)
+}
+
+/// A kilobyte figure (`VmRSS`, `VmHWM`, …) from the text of a `/proc/<pid>/status`.
+pub fn status_kb(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?.split_whitespace().next()?.parse().ok()
 }
 
 /// `# HELP` lines: what each metric means.
@@ -152,6 +156,14 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_figures_are_read_by_field() {
+        let status = "Name:\tultra\nVmHWM:\t  51200 kB\nVmRSS:\t  40960 kB\n";
+        assert_eq!(status_kb(status, "VmRSS"), Some(40_960));
+        assert_eq!(status_kb(status, "VmHWM"), Some(51_200));
+        assert_eq!(status_kb(status, "VmSwap"), None);
+    }
 
     #[test]
     fn histograms_render_with_buckets_and_gauges_fall_back() {

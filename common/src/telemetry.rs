@@ -68,11 +68,19 @@ fn otlp_provider() -> Result<Option<SdkTracerProvider>, String> {
     Ok(Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build()))
 }
 
-/// Makes `span` continue `parent` (the caller's `traceparent`, or the job message's)
-/// and returns the context that names `span` — what is handed on downstream. With
+/// Makes `span` continue `parent` (the caller's `traceparent`, or the job message's),
+/// records its `trace_id` and `span_id` fields (declared empty by the caller), and
+/// returns the context that names `span` — what is handed on downstream. With
 /// OTLP export on, that is the exported span's own id, so the trace's links hold;
 /// without it, a fresh span id in the same trace.
 pub fn continue_trace(span: &tracing::Span, parent: Option<TraceContext>) -> TraceContext {
+    let context = span_context(span, parent);
+    span.record("trace_id", context.trace_id_hex());
+    span.record("span_id", context.span_id_hex());
+    context
+}
+
+fn span_context(span: &tracing::Span, parent: Option<TraceContext>) -> TraceContext {
     if let Some(parent) = parent {
         let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
         let remote =

@@ -145,7 +145,7 @@ async fn measure(harness: &Harness, args: &ChaosBench, models: &[&str]) -> anyho
 /// `Idempotency-Key`.
 async fn submit_all(base: String, key: String, models: Vec<String>, jobs: usize) -> anyhow::Result<usize> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-    let body = serde_json::json!({ "prompt": "Chaos: why is the sky blue?", "models": models });
+    let body = super::analyze_body(&models);
     let mut clients = tokio::task::JoinSet::new();
     for client in 0..8 {
         let (http, url, key, body) = (http.clone(), format!("{base}/v1/analyze"), key.clone(), body.clone());

@@ -38,7 +38,7 @@ async fn measure(harness: &Harness, args: &InflightBench, models: &[&str], concu
     let api = harness.spawn(&["api"], free_address().await?, &[]).await?;
     let key = harness.api_key().await?;
     let http = reqwest::Client::new();
-    let body = serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models });
+    let body = super::analyze_body(models);
     let bar = progress(args.jobs as u64, "queue");
     let mut submits = tokio::task::JoinSet::new();
     for _ in 0..32 {

@@ -225,6 +225,11 @@ impl std::fmt::Display for Rss {
     }
 }
 
+/// The body every benchmark submits: one prompt to `models`.
+pub fn analyze_body(models: &[impl serde::Serialize]) -> serde_json::Value {
+    serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models })
+}
+
 /// An `ultra` child process.
 pub struct Process {
     pub child: Child,
@@ -234,9 +239,11 @@ pub struct Process {
 }
 
 impl Process {
-    /// Resident memory now, and its peak.
+    /// Resident memory now, and its peak (one read of `/proc/<pid>/status`).
     pub fn rss(&self) -> Rss {
-        Rss { now_mb: proc_status_mb(self.pid, "VmRSS"), peak_mb: proc_status_mb(self.pid, "VmHWM") }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let mb = |field| common::metrics::status_kb(&status, field).map(|kb| kb as f64 / 1024.0);
+        Rss { now_mb: mb("VmRSS"), peak_mb: mb("VmHWM") }
     }
 
     /// SIGTERM, then SIGKILL if it has not stopped within 30 s.
@@ -265,20 +272,6 @@ pub async fn wait_for(url: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
-}
-
-/// A `/proc/<pid>/status` memory figure in MB (`VmRSS` now, `VmHWM` peak).
-pub fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim_start_matches(':')
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 /// The same server URL (and options, such as `?sslmode=`) with another database name.
@@ -328,48 +321,13 @@ pub fn report(json: bool, title: &str, rows: &[(&str, String)], record: &serde_j
     }
 }
 
-/// Server-sent events read off a response body, one at a time.
-pub struct SseReader {
+/// A response's server-sent events, read with the parser the worker uses for
+/// providers' streams. Heartbeats arrive every 10 s, so a minute of silence is an error.
+pub fn sse_events(
     response: reqwest::Response,
-    buffer: Vec<u8>,
-}
-
-/// One event: its `event:` name (if any) and `data:`.
-pub struct SseEvent {
-    pub event: Option<String>,
-    pub data: String,
-}
-
-impl SseReader {
-    pub fn new(response: reqwest::Response) -> Self {
-        Self { response, buffer: Vec::new() }
-    }
-
-    /// The next event with data (comments and `retry:` blocks are skipped); `None`
-    /// when the stream ends.
-    pub async fn next(&mut self) -> anyhow::Result<Option<SseEvent>> {
-        loop {
-            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&block);
-                let mut event = SseEvent { event: None, data: String::new() };
-                for line in text.lines() {
-                    if let Some(name) = line.strip_prefix("event: ") {
-                        event.event = Some(name.to_owned());
-                    } else if let Some(data) = line.strip_prefix("data: ") {
-                        event.data.push_str(data);
-                    }
-                }
-                if !event.data.is_empty() {
-                    return Ok(Some(event));
-                }
-            }
-            match self.response.chunk().await? {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
-                None => return Ok(None),
-            }
-        }
-    }
+) -> futures::stream::BoxStream<'static, Result<worker::providers::http::SseMessage, worker::providers::ProviderError>>
+{
+    worker::providers::http::sse(response, Duration::from_secs(60))
 }
 
 /// A figure for the table: fixed decimals, or `-` when there is none.

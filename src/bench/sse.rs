@@ -16,8 +16,9 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use common::Config;
+use futures::StreamExt;
 
-use super::{figure, free_address, models, progress, quantile, report, Harness, SseReader};
+use super::{figure, free_address, models, progress, quantile, report, sse_events, Harness};
 
 #[derive(Debug, Args)]
 pub struct SseBench {
@@ -52,7 +53,7 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     let mut jobs = Vec::with_capacity(args.jobs);
     for _ in 0..args.jobs {
-        let body = serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models });
+        let body = super::analyze_body(models);
         let response = http.post(format!("{}/v1/analyze", api.base)).bearer_auth(&key).json(&body).send().await?;
         let accepted: serde_json::Value = response.error_for_status()?.json().await?;
         jobs.push(accepted["id"].as_str().context("job id")?.to_owned());
@@ -142,9 +143,10 @@ async fn subscribe(
 ) -> anyhow::Result<()> {
     let response = http.get(url).bearer_auth(key).send().await?.error_for_status()?;
     connected.fetch_add(1, Ordering::Relaxed);
-    let mut stream = SseReader::new(response);
+    let mut stream = sse_events(response);
     let mut mine = Vec::new();
-    while let Some(event) = stream.next().await? {
+    while let Some(event) = stream.next().await {
+        let event = event?;
         events.fetch_add(1, Ordering::Relaxed);
         let value: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
         // Lifecycle events after `queued` were delivered live: time them.

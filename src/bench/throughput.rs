@@ -19,8 +19,9 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use common::Config;
+use futures::StreamExt;
 
-use super::{figure, free_address, models, progress, quantile, raw, report, Harness, Process, Rss, SseReader};
+use super::{figure, free_address, models, progress, quantile, raw, report, sse_events, Harness, Process, Rss};
 
 #[derive(Debug, Args)]
 pub struct ThroughputBench {
@@ -191,7 +192,7 @@ struct Client {
 impl Client {
     fn new(base: &str, keys: Vec<String>, models: &[&str]) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-        let body = serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models });
+        let body = super::analyze_body(models);
         Ok(Self { http, url: format!("{base}/v1/analyze"), keys, body })
     }
 
@@ -212,8 +213,9 @@ impl Client {
             bail!("submit answered {status}: {}", response.text().await.unwrap_or_default());
         }
         let accepted = Instant::now();
-        let mut events = SseReader::new(response);
-        while let Some(event) = events.next().await? {
+        let mut events = sse_events(response);
+        while let Some(event) = events.next().await {
+            let event = event?;
             match event.event.as_deref() {
                 Some("succeeded") => return Ok([started, accepted, Instant::now()]),
                 Some("failed" | "cancelled") => bail!("job ended {}", event.data),

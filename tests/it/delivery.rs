@@ -107,7 +107,9 @@ async fn orphan(app: &TestApp, user_id: Uuid, lease_ends_in_secs: i64) -> Uuid {
     };
     let stage = common::domain::Stage::Initial;
     let data = json!({ "stage": stage, "model": "mock/alpha" });
-    db::steps::finish(&mut *tx, id, stage, "mock/alpha", &outcome, EventKind::StepCompleted, data).await.expect("step");
+    db::steps::finish(&mut *tx, id, stage, "mock/alpha", &outcome, EventKind::StepCompleted, &data)
+        .await
+        .expect("step");
     tx.commit().await.expect("commit");
     id
 }

@@ -185,8 +185,6 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: Cancellation
         parent_span_id = parent.map(|p| p.span_id_hex()),
     );
     let context = common::telemetry::continue_trace(&span, parent);
-    span.record("trace_id", context.trace_id_hex());
-    span.record("span_id", context.span_id_hex());
     settle(&ctx, delivery, job_id, &context, &shutdown).instrument(span).await;
 }
 

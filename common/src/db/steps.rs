@@ -55,7 +55,7 @@ pub async fn start(
     job_id: Uuid,
     stage: Stage,
     model: &str,
-    event: Value,
+    event: &Value,
 ) -> Result<Option<JobEvent>, sqlx::Error> {
     sqlx::query_as(&format!(
         "WITH write AS (
@@ -85,7 +85,7 @@ pub async fn finish(
     model: &str,
     outcome: &StepOutcome<'_>,
     kind: EventKind,
-    event: Value,
+    event: &Value,
 ) -> Result<Option<JobEvent>, sqlx::Error> {
     let (status, output, input_tokens, output_tokens, error, cost_micros, cached) = match outcome {
         StepOutcome::Succeeded { output, input_tokens, output_tokens, cost_micros, cached } => (

@@ -43,7 +43,7 @@ pub async fn run(
     }
 
     let started = json!({ "stage": stage, "model": model });
-    let Some(started) = db::steps::start(&ctx.pool, job.id, stage, model, started).await? else {
+    let Some(started) = db::steps::start(&ctx.pool, job.id, stage, model, &started).await? else {
         // Another delivery finished it meanwhile.
         let steps = db::steps::list(&ctx.pool, job.id).await?;
         let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
@@ -95,7 +95,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let recorded = loop {
         // `None` if another delivery recorded the step first: no second event is written.
-        match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome, kind, data.clone()).await {
+        match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome, kind, &data).await {
             Ok(recorded) => break recorded,
             Err(err) if backoff < RECORD_PATIENCE => {
                 tracing::warn!(job_id = %job.id, model, error = %err, "cannot record step yet; retrying");
