@@ -7,6 +7,7 @@ pub mod body;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod queues;
@@ -27,15 +28,16 @@ use common::{
     tiers::Tiers,
     Config,
 };
-use poem::{listener::TcpAcceptor, EndpointExt, Route, Server};
+use poem::{endpoint::BoxEndpoint, listener::TcpAcceptor, EndpointExt, Route, Server};
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{jwt::JwtService, middleware::Gate, password::Passwords},
     body::BodyLimit,
     hub::EventHub,
     limits::RateLimiter,
+    listener::ApiAcceptor,
     state::AppState,
 };
 
@@ -98,9 +100,16 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .data(BodyLimit(body_limit(&config)))
         .catch_all_error(error::into_problem);
     tracing::info!(%address, "api listening");
-    let served = Server::new_with_acceptor(middleware::NoDelayAcceptor(TcpAcceptor::from_tokio(listener)?))
+    let app: Arc<BoxEndpoint<'static>> = Arc::new(app.boxed());
+    let event_streams = TaskTracker::new();
+    let acceptor =
+        ApiAcceptor::new(TcpAcceptor::from_tokio(listener)?, app.clone(), event_streams.clone(), shutdown.clone());
+    let served = Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
         .await;
+    // The streams served on the api's own path end with `shutdown`; let them finish.
+    event_streams.close();
+    let _ = tokio::time::timeout(config.shutdown_grace(), event_streams.wait()).await;
 
     background.cancel();
     while tasks.join_next().await.is_some() {}

@@ -104,29 +104,6 @@ impl<E: Endpoint> Endpoint for TimeoutEndpoint<E> {
     }
 }
 
-/// Accepts TCP connections with `TCP_NODELAY` set (poem leaves Nagle's algorithm on).
-/// An event stream writes small frames; with Nagle on, each frame after the first
-/// waits for the client's delayed ACK of the one before — up to 40 ms on Linux
-/// once a kept-alive connection has left quick-ACK mode.
-pub struct NoDelayAcceptor(pub poem::listener::TcpAcceptor);
-
-impl poem::listener::Acceptor for NoDelayAcceptor {
-    type Io = tokio::net::TcpStream;
-
-    fn local_addr(&self) -> Vec<poem::web::LocalAddr> {
-        self.0.local_addr()
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(Self::Io, poem::web::LocalAddr, poem::web::RemoteAddr, poem::http::uri::Scheme)> {
-        let (stream, local, remote, scheme) = self.0.accept().await?;
-        // Best effort: a connection without it is slower, not wrong.
-        let _ = stream.set_nodelay(true);
-        Ok((stream, local, remote, scheme))
-    }
-}
-
 /// `X-Request-Id` and W3C `traceparent`. The request id is taken from the request
 /// when it is a sane value (1 to 128 visible ASCII characters), generated otherwise,
 /// and returned on the response. The trace continues the caller's `traceparent` or

@@ -270,3 +270,55 @@ async fn a_live_event_whose_predecessor_was_never_published_arrives_in_order() {
     assert_eq!(kinds(&lifecycle), ["started", "failed"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_is_chunked_http_that_ends_with_the_job_even_when_asked_in_pieces() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let (_, key) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    // A fresh connection whose first request opens the stream, its head sent in two
+    // writes: the api's own event-stream path waits for the whole head.
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.expect("connect");
+    socket.write_all(format!("GET /v1/jobs/{id}/events HTTP/1.1\r\n").as_bytes()).await.expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let rest = format!("Host: {address}\r\nAuthorization: Bearer {key}\r\n\r\n");
+    socket.write_all(rest.as_bytes()).await.expect("write");
+    let mut received = Vec::new();
+    tokio::time::timeout(crate::support::PATIENCE, socket.read_to_end(&mut received))
+        .await
+        .expect("the stream ends with the job, and the connection with it")
+        .expect("read");
+    let received = String::from_utf8(received).expect("UTF-8");
+    let (head, body) = received.split_once("\r\n\r\n").expect("a head");
+    let head = head.to_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for field in
+        ["content-type: text/event-stream", "transfer-encoding: chunked", "connection: close", "x-request-id: "]
+    {
+        assert!(head.contains(field), "{field} missing from {head}");
+    }
+    assert!(body.contains("event: succeeded"), "{body}");
+    assert!(body.ends_with("\r\n0\r\n\r\n"), "the last chunk ends the body: {body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_gives_its_stream_back_at_once() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let (_, key) = app.user_in_tier("free").await; // five streams at once
+    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        open.push(app.events(&key, id, None).await);
+    }
+    problem(app.events(&key, id, None).await, StatusCode::TOO_MANY_REQUESTS).await;
+    drop(open); // the streams are idle for minutes yet: only leaving frees them
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while app.events(&key, id, None).await.status() != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "a stream slot came back within a second of the clients leaving");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}

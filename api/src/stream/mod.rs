@@ -155,7 +155,9 @@ impl JobEventStream {
             }
             if self.needs_replay {
                 self.needs_replay = false;
-                if !self.replay().await {
+                // Boxed, like the snapshot below: their futures are large and short-lived,
+                // and would otherwise be part of every open stream for its whole life.
+                if !Box::pin(self.replay()).await {
                     self.needs_replay = true;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return None,
@@ -168,7 +170,7 @@ impl JobEventStream {
             }
             if self.snapshot_due {
                 self.snapshot_due = false;
-                self.take_snapshots().await;
+                Box::pin(self.take_snapshots()).await;
                 continue;
             }
             let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };

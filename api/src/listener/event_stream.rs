@@ -1,0 +1,212 @@
+//! The lean HTTP/1.1 path for event streams: a `GET /v1/jobs/{id}/events` that is a
+//! connection's first request is answered here. The response's head is written as
+//! it comes from the app; an event stream's body follows in chunked encoding, each
+//! wake-up's frames in one write, until the stream ends or the client goes away. The
+//! connection is then closed (`Connection: close`), as `EventSource` expects of a
+//! stream. Anything this path does not take is served by hyper.
+
+use std::{fmt::Write as _, io, time::Duration};
+
+use futures::{FutureExt, StreamExt};
+use poem::{
+    endpoint::BoxEndpoint,
+    http::{self, header, uri::Scheme, Method, Version},
+    web::{LocalAddr, RemoteAddr},
+    Body, Endpoint, Request, RequestParts, Response,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// A request head longer than this is left to hyper.
+const HEAD_LIMIT: usize = 8 * 1024;
+/// Frames ready at once are written together up to about this many bytes.
+const WRITE_BATCH: usize = 16 * 1024;
+/// Headers of the connection (hop-by-hop), which this path sets itself.
+const CONNECTION_HEADERS: [header::HeaderName; 4] =
+    [header::CONNECTION, header::TRANSFER_ENCODING, header::CONTENT_LENGTH, header::UPGRADE];
+
+/// Reads a connection's first bytes: until a request head is complete, the limit is
+/// reached, or `wait` has passed. Fails only if the client closed the connection
+/// without a byte.
+pub async fn read_head(stream: &TcpStream, wait: Duration) -> io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while head.len() < HEAD_LIMIT && !is_complete(&head) {
+        if tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
+            break;
+        }
+        head.reserve(HEAD_LIMIT - head.len());
+        match stream.try_read_buf(&mut head) {
+            Ok(0) if head.is_empty() => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if head.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(head)
+}
+
+fn is_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// The request, if `head` is exactly one complete `GET` of a job's event stream over
+/// HTTP/1.1 without a body; `None` leaves the connection to hyper.
+pub fn request(head: &[u8], local: &LocalAddr, remote: &RemoteAddr, scheme: &Scheme) -> Option<Request> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(length) = parsed.parse(head).ok()? else { return None };
+    let path = parsed.path?;
+    if length != head.len() || parsed.method != Some("GET") || parsed.version != Some(1) || !is_event_stream(path) {
+        return None;
+    }
+    let mut builder = http::Request::builder().method(Method::GET).uri(path).version(Version::HTTP_11);
+    for field in parsed.headers.iter() {
+        let name = header::HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        // A body, an upgrade or an expectation: hyper knows what to do with those.
+        if [header::CONTENT_LENGTH, header::TRANSFER_ENCODING, header::UPGRADE, header::EXPECT].contains(&name) {
+            return None;
+        }
+        builder = builder.header(name, header::HeaderValue::from_bytes(field.value).ok()?);
+    }
+    let (parts, ()) = builder.body(()).ok()?.into_parts();
+    let parts = RequestParts::from((parts, local.clone(), remote.clone(), scheme.clone()));
+    Some(Request::from_parts(parts, Body::empty()))
+}
+
+/// `/v1/jobs/{id}/events`, with or without a query.
+fn is_event_stream(target: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    path.strip_prefix("/v1/jobs/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// Answers `request` on `socket` through `app`, then closes the connection.
+pub async fn serve(mut socket: TcpStream, request: Request, app: &BoxEndpoint<'static>) {
+    // Boxed so that the app's (large) future is not part of this task for the
+    // stream's whole life.
+    let response = Box::pin(app.get_response(request)).await;
+    let _ = respond(&mut socket, response).await;
+    let _ = socket.shutdown().await;
+}
+
+async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let is_stream = parts.status == http::StatusCode::OK
+        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut head =
+        format!("HTTP/1.1 {} {}\r\n", parts.status.as_str(), parts.status.canonical_reason().unwrap_or_default())
+            .into_bytes();
+    for (name, value) in &parts.headers {
+        if !CONNECTION_HEADERS.contains(name) {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
+    if !is_stream {
+        // An error or other short answer: whole, with its length.
+        let body = body.into_vec().await.unwrap_or_default();
+        head.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
+        head.extend_from_slice(&body);
+        return socket.write_all(&head).await;
+    }
+    head.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    socket.write_all(&head).await?;
+    drop(head);
+
+    let (mut reader, mut writer) = socket.split();
+    let mut frames = body.into_bytes_stream().boxed();
+    let mut probe = [0u8; 1];
+    loop {
+        let next = tokio::select! {
+            next = frames.next() => next,
+            // The client has nothing to say on a stream: this is it leaving (or
+            // misbehaving). Either way the stream ends now and frees what it holds.
+            _ = reader.read(&mut probe) => return Ok(()),
+        };
+        let mut batch = Vec::new();
+        let mut ended = false;
+        let mut next = next;
+        loop {
+            match next {
+                Some(Ok(frame)) => chunk(&mut batch, &frame),
+                Some(Err(e)) => return Err(e), // no last chunk: the client sees the stream broken
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+            if batch.len() >= WRITE_BATCH {
+                break;
+            }
+            match frames.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        if ended {
+            batch.extend_from_slice(b"0\r\n\r\n");
+        }
+        writer.write_all(&batch).await?;
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// One chunk of chunked transfer encoding.
+fn chunk(out: &mut Vec<u8>, frame: &[u8]) {
+    if frame.is_empty() {
+        return; // an empty chunk would end the body
+    }
+    let mut size = String::with_capacity(8);
+    let _ = write!(size, "{:x}\r\n", frame.len());
+    out.extend_from_slice(size.as_bytes());
+    out.extend_from_slice(frame);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses() -> (LocalAddr, RemoteAddr, Scheme) {
+        let address: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        (LocalAddr(address.into()), RemoteAddr(address.into()), Scheme::HTTP)
+    }
+
+    fn taken(head: &str) -> bool {
+        let (local, remote, scheme) = addresses();
+        request(head.as_bytes(), &local, &remote, &scheme).is_some()
+    }
+
+    #[test]
+    fn takes_only_a_whole_bodiless_event_stream_get() {
+        let id = "0192f7a0-0000-7000-8000-000000000000";
+        assert!(taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: a\r\n\r\n")));
+        assert!(taken(&format!("GET /v1/jobs/{id}/events?ticket=t HTTP/1.1\r\nHost: a\r\n\r\n")));
+        assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: a\r\n")), "incomplete");
+        assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.0\r\nHost: a\r\n\r\n")));
+        assert!(!taken(&format!("POST /v1/jobs/{id}/events HTTP/1.1\r\nHost: a\r\n\r\n")));
+        assert!(!taken(&format!("GET /v1/jobs/{id} HTTP/1.1\r\nHost: a\r\n\r\n")));
+        assert!(!taken("GET /v1/jobs//events HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nContent-Length: 0\r\n\r\n")));
+        assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n")));
+        assert!(!taken("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunks_frames_and_skips_empty_ones() {
+        let mut out = Vec::new();
+        chunk(&mut out, b"data: hi\n\n");
+        chunk(&mut out, b"");
+        assert_eq!(out, b"a\r\ndata: hi\n\n\r\n");
+    }
+}
