@@ -17,6 +17,7 @@ use poem::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    sync::Semaphore,
 };
 
 /// A request head longer than this is left to hyper.
@@ -86,11 +87,15 @@ fn is_event_stream(target: &str) -> bool {
         .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
-/// Answers `request` on `socket` through `app`, then closes the connection.
-pub async fn serve(mut socket: TcpStream, request: Request, app: &BoxEndpoint<'static>) {
-    // Boxed so that the app's (large) future is not part of this task for the
-    // stream's whole life.
-    let response = Box::pin(app.get_response(request)).await;
+/// Answers `request` on `socket` through `app`, once one of the `openings` is free,
+/// then closes the connection.
+pub async fn serve(mut socket: TcpStream, request: Request, app: &BoxEndpoint<'static>, openings: &Semaphore) {
+    let response = {
+        let Ok(_opening) = openings.acquire().await else { return };
+        // Boxed so that the app's (large) future is not part of this task for the
+        // stream's whole life.
+        Box::pin(app.get_response(request)).await
+    };
     let _ = respond(&mut socket, response).await;
     let _ = socket.shutdown().await;
 }

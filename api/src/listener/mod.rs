@@ -18,7 +18,10 @@ use poem::{
     listener::{Acceptor, TcpAcceptor},
     web::{LocalAddr, RemoteAddr},
 };
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, Semaphore},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use self::prefixed::Prefixed;
@@ -26,6 +29,13 @@ pub use self::prefixed::Prefixed;
 /// How long a new connection may take to send its first request head before it is
 /// handed to hyper as it is (hyper then waits for it, as it would have).
 const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(5);
+
+/// Event streams being opened at once (authenticated, checked, replayed); the rest
+/// wait their turn holding little more than their socket. Opening takes database
+/// round trips, so when thousands of clients reconnect at once (an api restart) most
+/// would only wait on the pool anyway, each holding a request's working memory —
+/// and the heap, once grown to that peak, does not shrink.
+const OPENINGS_AT_ONCE: usize = 32;
 
 type Connection = (Prefixed, LocalAddr, RemoteAddr, Scheme);
 
@@ -40,6 +50,7 @@ pub struct ApiAcceptor {
     handed_over: (mpsc::Sender<Connection>, mpsc::Receiver<Connection>),
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    openings: Arc<Semaphore>,
 }
 
 impl ApiAcceptor {
@@ -50,7 +61,8 @@ impl ApiAcceptor {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { listener, app, handed_over: mpsc::channel(64), tasks, shutdown }
+        let openings = Arc::new(Semaphore::new(OPENINGS_AT_ONCE));
+        Self { listener, app, handed_over: mpsc::channel(64), tasks, shutdown, openings }
     }
 }
 
@@ -72,6 +84,7 @@ impl Acceptor for ApiAcceptor {
                         app: self.app.clone(),
                         hand_over: self.handed_over.0.clone(),
                         shutdown: self.shutdown.clone(),
+                        openings: self.openings.clone(),
                     };
                     self.tasks.spawn(sorting.run(stream, local, remote, scheme));
                 }
@@ -85,6 +98,7 @@ struct Sorting {
     app: Arc<BoxEndpoint<'static>>,
     hand_over: mpsc::Sender<Connection>,
     shutdown: CancellationToken,
+    openings: Arc<Semaphore>,
 }
 
 impl Sorting {
@@ -97,7 +111,7 @@ impl Sorting {
         match event_stream::request(&head, &local, &remote, &scheme) {
             Some(request) => {
                 drop(head);
-                event_stream::serve(stream, request, &self.app).await;
+                event_stream::serve(stream, request, &self.app, &self.openings).await;
             }
             None => {
                 // poem stops taking connections at shutdown; this one then just closes.
