@@ -9,6 +9,7 @@ mod idle;
 mod inflight;
 mod raw;
 mod sse;
+mod sse_client;
 mod throughput;
 
 use std::{

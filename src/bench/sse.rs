@@ -16,9 +16,8 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use common::Config;
-use futures::StreamExt;
 
-use super::{figure, free_address, models, progress, quantile, report, sse_events, Harness};
+use super::{figure, free_address, models, progress, quantile, report, sse_client::EventStreamReader, Harness};
 
 #[derive(Debug, Args)]
 pub struct SseBench {
@@ -34,6 +33,10 @@ pub struct SseBench {
     /// Mock provider latency per call.
     #[arg(long, default_value_t = 500)]
     mock_latency_ms: u64,
+    /// Jobs the worker runs at once (its concurrency): how many jobs' events, and so
+    /// how many subscribers' frames, come in one burst.
+    #[arg(long, default_value_t = 16)]
+    jobs_at_once: u16,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -41,8 +44,8 @@ pub struct SseBench {
 
 pub async fn run(config: &Config, args: SseBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
-    if args.subscribers == 0 || args.jobs == 0 {
-        bail!("--subscribers and --jobs must be at least 1");
+    if args.subscribers == 0 || args.jobs == 0 || args.jobs_at_once == 0 {
+        bail!("--subscribers, --jobs and --jobs-at-once must be at least 1");
     }
     Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
 }
@@ -59,17 +62,18 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
         jobs.push(accepted["id"].as_str().context("job id")?.to_owned());
     }
 
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.subscribers * 8)));
+    let address = api.base.trim_start_matches("http://").to_owned();
+    let latencies = Arc::new(Mutex::new(Latencies::default()));
     let events = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(AtomicU64::new(0));
     let bar = progress(args.subscribers as u64, "connected");
     let started = Instant::now();
     let mut streams = tokio::task::JoinSet::new();
     for i in 0..args.subscribers {
-        let url = format!("{}/v1/jobs/{}/events", api.base, jobs[i % jobs.len()]);
-        let (http, key) = (http.clone(), key.clone());
+        let path = format!("/v1/jobs/{}/events", jobs[i % jobs.len()]);
+        let (address, key) = (address.clone(), key.clone());
         let (latencies, events, connected) = (latencies.clone(), events.clone(), connected.clone());
-        streams.spawn(async move { subscribe(&http, &url, &key, &latencies, &events, &connected).await });
+        streams.spawn(async move { subscribe(&address, &path, &key, &latencies, &events, &connected).await });
         if i % 500 == 499 {
             tokio::time::sleep(Duration::from_millis(20)).await; // a brisk but not abusive ramp
         }
@@ -86,7 +90,8 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
     let connect_time = started.elapsed();
     let rss_connected = api.rss().now_mb;
 
-    let worker = harness.spawn(&["worker"], free_address().await?, &[]).await?;
+    let concurrency = args.jobs_at_once.to_string();
+    let worker = harness.spawn(&["worker", "--concurrency", &concurrency], free_address().await?, &[]).await?;
     let live = Instant::now();
     let mut failures = 0;
     while let Some(done) = streams.join_next().await {
@@ -99,19 +104,28 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
     worker.stop().await;
     api.stop().await;
 
-    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    let by_kind = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut latencies: Vec<f64> = by_kind.values().flatten().copied().collect();
     latencies.sort_by(f64::total_cmp);
+    let by_kind: serde_json::Map<String, serde_json::Value> = by_kind
+        .into_iter()
+        .map(|(kind, mut ms)| {
+            ms.sort_by(f64::total_cmp);
+            (kind, serde_json::json!({ "p50": quantile(&ms, 0.50), "p99": quantile(&ms, 0.99) }))
+        })
+        .collect();
     let total = events.load(Ordering::Relaxed);
     let events_per_s = total as f64 / live_time.as_secs_f64();
     let record = serde_json::json!({
         "bench": "sse", "subscribers": args.subscribers, "jobs": args.jobs, "models": args.models,
+        "jobs_at_once": args.jobs_at_once,
         "failed_streams": failures, "connect_s": connect_time.as_secs_f64(),
         "api_rss_mb_connected": rss_connected, "api_rss_mb_peak": peak_rss,
         "delivery_ms_p50": quantile(&latencies, 0.50), "delivery_ms_p99": quantile(&latencies, 0.99),
-        "delivery_ms_max": latencies.last(), "events": total, "events_per_s": events_per_s,
+        "delivery_ms_max": latencies.last(), "delivery_ms_by_kind": by_kind, "events": total, "events_per_s": events_per_s,
     });
     let rows = [
-        ("subscribers", args.subscribers.to_string()),
+        ("subscribers", format!("{} over {} jobs, {} at once", args.subscribers, args.jobs, args.jobs_at_once)),
         ("failed streams", failures.to_string()),
         ("connected in", format!("{:.1} s", connect_time.as_secs_f64())),
         ("api RSS", format!("{} connected, {} peak", figure(rss_connected, 1, " MB"), figure(peak_rss, 1, " MB"))),
@@ -132,33 +146,49 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
     Ok(())
 }
 
+/// Delivery latencies (ms) by event kind.
+type Latencies = std::collections::BTreeMap<String, Vec<f64>>;
+
+/// What a subscriber reads of an event.
+#[derive(serde::Deserialize)]
+struct Stamp<'a> {
+    seq: Option<i64>,
+    kind: Option<&'a str>,
+    created_at: Option<&'a str>,
+}
+
 /// One subscriber: reads the stream to its end, timing every lifecycle event.
 async fn subscribe(
-    http: &reqwest::Client,
-    url: &str,
+    address: &str,
+    path: &str,
     key: &str,
-    latencies: &Mutex<Vec<f64>>,
+    latencies: &Mutex<Latencies>,
     events: &AtomicU64,
     connected: &AtomicU64,
 ) -> anyhow::Result<()> {
-    let response = http.get(url).bearer_auth(key).send().await?.error_for_status()?;
+    let mut stream = EventStreamReader::open(address, path, key).await?;
     connected.fetch_add(1, Ordering::Relaxed);
-    let mut stream = sse_events(response);
-    let mut mine = Vec::new();
-    while let Some(event) = stream.next().await {
-        let event = event?;
+    let mut mine = Latencies::new();
+    while let Some(data) = stream.next_data().await? {
         events.fetch_add(1, Ordering::Relaxed);
-        let value: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
-        // Lifecycle events after `queued` were delivered live: time them.
-        if let (Some(created), Some(seq)) = (value["created_at"].as_str(), value["seq"].as_i64()) {
+        // Lifecycle events after `queued` were delivered live: time them. (Only the
+        // two fields are read: the client shares the machine with what it measures.)
+        if let Ok(Stamp { seq: Some(seq), kind: Some(kind), created_at: Some(created) }) = serde_json::from_str(&data) {
             if seq > 1 {
                 if let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) {
                     let ms = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_microseconds();
-                    mine.push(ms.unwrap_or(0).max(0) as f64 / 1_000.0);
+                    let ms = ms.unwrap_or(0).max(0) as f64 / 1_000.0;
+                    match mine.get_mut(kind) {
+                        Some(all) => all.push(ms),
+                        None => drop(mine.insert(kind.to_owned(), vec![ms])),
+                    }
                 }
             }
         }
     }
-    latencies.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
+    let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner());
+    for (kind, ms) in mine {
+        latencies.entry(kind).or_default().extend(ms);
+    }
     Ok(())
 }
