@@ -12,11 +12,13 @@ use std::{
     time::Duration,
 };
 
-use common::events::{channel_pattern, JobEvent, LiveMessage, Rendered, TokenEvent};
+use common::events::{channel_pattern, JobEvent, LiveMessage, TokenEvent};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::stream::frame::Rendered;
 
 /// Events buffered per job for slow streams before they must resynchronise.
 const PER_JOB_BUFFER: usize = 256;
@@ -125,13 +127,13 @@ impl EventHub {
                 message = messages.next() => {
                     let Some(message) = message else { return Ok(()) };
                     let payload = message.get_payload_bytes();
-                    let json = String::from_utf8_lossy(payload).into_owned();
+                    let json = String::from_utf8_lossy(payload);
                     match serde_json::from_slice::<LiveMessage>(payload) {
                         Ok(LiveMessage::Lifecycle(event)) => {
-                            self.dispatch(event.job_id, HubMessage::Event(Arc::new(Rendered { value: event, json })))
+                            self.dispatch(event.job_id, HubMessage::Event(Arc::new(Rendered::event_with_json(event, &json))))
                         }
                         Ok(LiveMessage::Token(token)) => {
-                            self.dispatch(token.job_id, HubMessage::Token(Arc::new(Rendered { value: token, json })))
+                            self.dispatch(token.job_id, HubMessage::Token(Arc::new(Rendered::token_with_json(token, &json))))
                         }
                         Err(err) => tracing::warn!(error = %err, channel = message.get_channel_name(), "ignoring malformed live event"),
                     }

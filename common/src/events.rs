@@ -44,20 +44,6 @@ pub enum LiveMessage {
     Token(TokenEvent),
 }
 
-/// An event with its JSON, rendered once and shared by every stream that sends it.
-#[derive(Debug, Clone)]
-pub struct Rendered<T> {
-    pub value: T,
-    pub json: String,
-}
-
-impl<T: Serialize> Rendered<T> {
-    pub fn new(value: T) -> Self {
-        let json = serde_json::to_string(&value).unwrap_or_default();
-        Self { value, json }
-    }
-}
-
 /// The Redis key holding a running step's text so far (for snapshots).
 pub fn partial_key(redis_prefix: &str, job_id: Uuid, stage: Stage, model: &str) -> String {
     format!("{redis_prefix}:partial:{job_id}:{stage}:{model}")

@@ -5,8 +5,9 @@
 //! connection is then closed (`Connection: close`), as `EventSource` expects of a
 //! stream. Anything this path does not take is served by hyper.
 
-use std::{fmt::Write as _, io, time::Duration};
+use std::{io, time::Duration};
 
+use bytes::{Buf, Bytes};
 use futures::{FutureExt, StreamExt};
 use poem::{
     endpoint::BoxEndpoint,
@@ -15,14 +16,14 @@ use poem::{
     Body, Endpoint, Request, RequestParts, Response,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     sync::Semaphore,
 };
 
 /// A request head longer than this is left to hyper.
 const HEAD_LIMIT: usize = 8 * 1024;
-/// Frames ready at once are written together up to about this many bytes.
+/// Frames ready at once are written together, up to about this many bytes.
 const WRITE_BATCH: usize = 16 * 1024;
 /// Headers of the connection (hop-by-hop), which this path sets itself.
 const CONNECTION_HEADERS: [header::HeaderName; 4] =
@@ -129,53 +130,72 @@ async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
     let (mut reader, mut writer) = socket.split();
     let mut frames = body.into_bytes_stream().boxed();
     let mut probe = [0u8; 1];
+    // The frames ready at one wake-up; they go out as one chunk, in one write.
+    let mut ready: Vec<Bytes> = Vec::new();
     loop {
-        let next = tokio::select! {
+        let mut next = tokio::select! {
             next = frames.next() => next,
             // The client has nothing to say on a stream: this is it leaving (or
             // misbehaving). Either way the stream ends now and frees what it holds.
             _ = reader.read(&mut probe) => return Ok(()),
         };
-        let mut batch = Vec::new();
-        let mut ended = false;
-        let mut next = next;
-        loop {
+        let mut size = 0;
+        let ended = loop {
             match next {
-                Some(Ok(frame)) => chunk(&mut batch, &frame),
-                Some(Err(e)) => return Err(e), // no last chunk: the client sees the stream broken
-                None => {
-                    ended = true;
-                    break;
+                Some(Ok(frame)) => {
+                    size += frame.len();
+                    ready.push(frame);
                 }
+                Some(Err(e)) => return Err(e), // no last chunk: the client sees the stream broken
+                None => break true,
             }
-            if batch.len() >= WRITE_BATCH {
-                break;
+            if size >= WRITE_BATCH {
+                break false;
             }
             match frames.next().now_or_never() {
                 Some(more) => next = more,
-                None => break,
+                None => break false,
             }
-        }
-        if ended {
-            batch.extend_from_slice(b"0\r\n\r\n");
-        }
-        writer.write_all(&batch).await?;
+        };
+        write_chunk(&mut writer, &ready, size, ended).await?;
+        ready.clear();
         if ended {
             return Ok(());
         }
     }
 }
 
-/// One chunk of chunked transfer encoding.
-fn chunk(out: &mut Vec<u8>, frame: &[u8]) {
-    if frame.is_empty() {
-        return; // an empty chunk would end the body
+/// Writes `frames` (`size` bytes in all) as one chunk of chunked transfer encoding,
+/// followed by the last chunk if the body has `ended`. One frame (the usual case)
+/// goes out without being copied.
+async fn write_chunk(
+    writer: &mut (impl AsyncWrite + Unpin),
+    frames: &[Bytes],
+    size: usize,
+    ended: bool,
+) -> io::Result<()> {
+    let tail: &[u8] = match (size, ended) {
+        (0, true) => return writer.write_all(b"0\r\n\r\n").await,
+        (0, false) => return Ok(()), // an empty chunk would end the body
+        (_, true) => b"\r\n0\r\n\r\n",
+        (_, false) => b"\r\n",
+    };
+    let mut head = [0u8; 20]; // the size line, without an allocation
+    let free = {
+        let mut cursor = &mut head[..];
+        std::io::Write::write_fmt(&mut cursor, format_args!("{size:x}\r\n"))?;
+        cursor.len()
+    };
+    let head = &head[..head.len() - free];
+    if let [frame] = frames {
+        let mut chunk = Buf::chain(Buf::chain(head, &frame[..]), tail);
+        return writer.write_all_buf(&mut chunk).await;
     }
-    let mut size = String::with_capacity(8);
-    let _ = write!(size, "{:x}\r\n", frame.len());
-    out.extend_from_slice(size.as_bytes());
-    out.extend_from_slice(frame);
-    out.extend_from_slice(b"\r\n");
+    let mut chunk = Vec::with_capacity(head.len() + size + tail.len());
+    chunk.extend_from_slice(head);
+    frames.iter().for_each(|frame| chunk.extend_from_slice(frame));
+    chunk.extend_from_slice(tail);
+    writer.write_all(&chunk).await
 }
 
 #[cfg(test)]
@@ -207,11 +227,16 @@ mod tests {
         assert!(!taken("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
     }
 
-    #[test]
-    fn chunks_frames_and_skips_empty_ones() {
+    #[tokio::test]
+    async fn ready_frames_go_out_as_one_chunk_and_the_end_as_the_last() {
+        let hi = Bytes::from_static(b"data: hi\n\n");
         let mut out = Vec::new();
-        chunk(&mut out, b"data: hi\n\n");
-        chunk(&mut out, b"");
-        assert_eq!(out, b"a\r\ndata: hi\n\n\r\n");
+        write_chunk(&mut out, &[hi.clone()], 10, false).await.expect("write");
+        write_chunk(&mut out, &[hi.clone(), hi], 20, true).await.expect("write");
+        write_chunk(&mut out, &[], 0, false).await.expect("write");
+        assert_eq!(out, b"a\r\ndata: hi\n\n\r\n14\r\ndata: hi\n\ndata: hi\n\n\r\n0\r\n\r\n");
+        let mut end = Vec::new();
+        write_chunk(&mut end, &[], 0, true).await.expect("write");
+        assert_eq!(end, b"0\r\n\r\n");
     }
 }

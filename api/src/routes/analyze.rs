@@ -4,12 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use common::{db, patterns::PatternSpec, queue::JobMessage, trace::TraceContext};
-use futures::stream::BoxStream;
-use poem_openapi::{
-    param::Header,
-    payload::{EventStream, Json},
-    ApiResponse, Object, OpenApi,
-};
+use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -21,10 +16,11 @@ use crate::{
     error::{ApiError, FieldError},
     relay,
     routes::{
-        jobs::{event_stream, stream_permit, JobLinks, SseFrame},
+        jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
         ApiTags,
     },
     state::AppState,
+    stream::frame::SseBody,
 };
 
 /// An analysis request: one prompt, the models to ask, and how to combine them.
@@ -108,7 +104,7 @@ pub enum AnalyzeResponse {
     /// Accepted, and streamed at once (the request sent `Accept: text/event-stream`):
     /// the job's events, as `GET /v1/jobs/{id}/events` would send them.
     #[oai(status = 200)]
-    Streaming(EventStream<BoxStream<'static, SseFrame>>, #[oai(header = "Location")] String),
+    Streaming(SseBody<StreamItemView>, #[oai(header = "Location")] String),
 }
 
 pub struct AnalyzeApi {

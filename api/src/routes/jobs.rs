@@ -1,20 +1,19 @@
 //! Reading jobs: one job with its steps, the caller's jobs page by page, and a job's
 //! events as Server-Sent Events. Another user's job answers exactly like a missing one.
 
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use common::{
     db,
     domain::{EventKind, JobStatus, Stage, StepStatus},
 };
-use futures::{stream::BoxStream, StreamExt};
-use poem::web::sse::Event;
+use futures::StreamExt;
 use poem_openapi::{
     param::{Header, Path, Query},
-    payload::{EventStream, Json},
-    registry::{MetaSchemaRef, Registry},
-    types::{ToJSON, Type},
+    payload::Json,
+    types::ToJSON,
     ApiResponse, Object, OpenApi, Union,
 };
 use serde_json::{json, Value};
@@ -25,7 +24,11 @@ use crate::{
     error::ApiError,
     routes::ApiTags,
     state::AppState,
-    stream::{limit::StreamPermit, JobEventStream, Partials, Sources, StreamItem},
+    stream::{
+        frame::{self, SseBody},
+        limit::StreamPermit,
+        JobEventStream, Partials, Sources, StreamItem,
+    },
 };
 
 /// Largest page of `GET /v1/jobs`.
@@ -210,56 +213,15 @@ pub enum StreamItemView {
     Retry(RetryView),
 }
 
-/// One SSE frame, built from JSON rendered once per event (not once per subscriber).
-/// Its documented schema is `StreamItemView`'s.
-pub struct SseFrame(Event);
-
-impl Type for SseFrame {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
-
-    fn name() -> Cow<'static, str> {
-        StreamItemView::name()
-    }
-
-    fn schema_ref() -> MetaSchemaRef {
-        StreamItemView::schema_ref()
-    }
-
-    fn register(registry: &mut Registry) {
-        StreamItemView::register(registry);
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
-    }
-}
-
-impl ToJSON for SseFrame {
-    /// Frames are written by `to_event`, never through this.
-    fn to_json(&self) -> Option<Value> {
-        None
-    }
-}
-
-impl SseFrame {
-    /// Lifecycle events carry their sequence number as `id:`; tokens and snapshots
-    /// carry none, so `Last-Event-ID` always names a persisted event.
-    fn from_item(job_id: Uuid, item: StreamItem) -> Self {
-        SseFrame(match item {
-            StreamItem::Event(e) => {
-                Event::message(e.json.as_str()).id(e.value.seq.to_string()).event_type(e.value.kind.as_str())
-            }
-            StreamItem::Token(t) => Event::message(t.json.as_str()).event_type("token"),
-            StreamItem::Snapshot { stage, model, text } => {
-                Event::message(SnapshotView { job_id, stage, model, text }.to_json_string()).event_type("snapshot")
-            }
-        })
+/// The SSE frame of a stream item. Lifecycle events and tokens come rendered (once for
+/// every stream); a snapshot is one stream's own.
+fn frame_of(job_id: Uuid, item: StreamItem) -> Bytes {
+    match item {
+        StreamItem::Event(event) => event.frame.clone(),
+        StreamItem::Token(token) => token.frame.clone(),
+        StreamItem::Snapshot { stage, model, text } => {
+            frame::frame(None, "snapshot", &SnapshotView { job_id, stage, model, text }.to_json_string())
+        }
     }
 }
 
@@ -415,7 +377,7 @@ impl JobsApi {
         /// `EventSource` (which cannot send `Authorization`).
         #[allow(unused_variables)]
         ticket: Query<Option<String>>,
-    ) -> Result<EventStream<BoxStream<'static, SseFrame>>, ApiError> {
+    ) -> Result<SseBody<StreamItemView>, ApiError> {
         if matches!(auth.0.credential, Credential::StreamTicket(job) if job != id.0) {
             return Err(ApiError::NotFound("job not found"));
         }
@@ -439,7 +401,7 @@ pub fn event_stream(
     job_id: Uuid,
     after: i64,
     job_ended: bool,
-) -> EventStream<BoxStream<'static, SseFrame>> {
+) -> SseBody<StreamItemView> {
     let sources = Sources {
         pool: state.pool.clone(),
         hub: state.hub.clone(),
@@ -448,17 +410,17 @@ pub fn event_stream(
         idle_limit: state.config.sse_idle(),
     };
     let stream = JobEventStream::new(sources, job_id, after, job_ended);
-    let retry = futures::stream::once(async { SseFrame(Event::retry(RECONNECT_AFTER_MS)) });
+    let retry = futures::stream::once(async { frame::retry(RECONNECT_AFTER) });
     // The permit lives as long as the stream, which ends when it is done, idle, or its
     // client is found gone (at the next write).
     let items = retry
         .chain(stream.into_stream().map(move |item| {
             let _open = &permit;
-            SseFrame::from_item(job_id, item)
+            frame_of(job_id, item)
         }))
         .boxed();
     let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
-    EventStream::new(items).keep_alive(heartbeat).to_event(|frame| frame.0)
+    SseBody::new(items, heartbeat)
 }
 
 /// A slot for one more open stream of this caller, within their tier's limit.
@@ -470,7 +432,7 @@ pub fn stream_permit(state: &AppState, principal: &Principal) -> Result<StreamPe
 }
 
 /// How long a disconnected `EventSource` waits before reconnecting (SSE `retry:`).
-const RECONNECT_AFTER_MS: u64 = 2_000;
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Object)]
 pub struct CancelView {

@@ -9,6 +9,7 @@
 //! Redis), then only the deltas after it; a client that falls behind loses token
 //! events, never lifecycle ones, and gets a fresh snapshot when it catches up.
 
+pub mod frame;
 pub mod limit;
 mod tokens;
 
@@ -17,7 +18,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use common::{
     db,
     domain::Stage,
-    events::{partial_key, JobEvent, Rendered, TokenEvent},
+    events::{partial_key, JobEvent, TokenEvent},
     redis::RedisHandle,
 };
 use futures::{stream::BoxStream, StreamExt};
@@ -26,7 +27,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use self::tokens::TokenTracker;
+use self::{frame::Rendered, tokens::TokenTracker};
 use crate::hub::{EventHub, HubMessage, Subscription};
 
 /// What a stream sends.
@@ -182,7 +183,7 @@ impl JobEventStream {
                     Ok(HubMessage::Token(token)) => {
                         if let Some(admitted) = self.tokens.admit(&token.value) {
                             // Untrimmed, it keeps the JSON rendered once for every stream.
-                            let item = if admitted.index == token.value.index { token } else { Arc::new(Rendered::new(admitted)) };
+                            let item = if admitted.index == token.value.index { token } else { Arc::new(Rendered::token(admitted)) };
                             self.ready.push_back(StreamItem::Token(item));
                         }
                     }
@@ -227,7 +228,7 @@ impl JobEventStream {
                     if let Some(last) = events.last() {
                         after = last.seq;
                     }
-                    self.pending.extend(events.into_iter().map(|e| Arc::new(Rendered::new(e))));
+                    self.pending.extend(events.into_iter().map(|e| Arc::new(Rendered::event(e))));
                     if !full {
                         return true;
                     }
