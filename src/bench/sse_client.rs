@@ -162,7 +162,11 @@ mod tests {
             b\r\nretry: 10\n\n\r\n3\r\n:\n\n\r\n10\r\nid: 1\ndata: {\"a\"\r\n4\r\n:1}\n\r\n\
             1\r\n\n\r\n0\r\n\r\n";
         for piece in [1, 7, 4096] {
-            assert_eq!(all_data(&serve(response, piece).await).await.expect("events"), ["{\"a\":1}"], "pieces of {piece}");
+            assert_eq!(
+                all_data(&serve(response, piece).await).await.expect("events"),
+                ["{\"a\":1}"],
+                "pieces of {piece}"
+            );
         }
     }
 
