@@ -5,7 +5,10 @@
 //! connection is then closed (`Connection: close`), as `EventSource` expects of a
 //! stream. Anything this path does not take is served by hyper.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    time::{Duration, SystemTime},
+};
 
 use bytes::{Buf, Bytes};
 use futures::{FutureExt, StreamExt};
@@ -25,6 +28,9 @@ use tokio::{
 const HEAD_LIMIT: usize = 8 * 1024;
 /// Frames ready at once are written together, up to about this many bytes.
 const WRITE_BATCH: usize = 16 * 1024;
+/// A write that cannot finish in this long (the client has stopped reading) ends
+/// the stream.
+const WRITE_STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Headers of the connection (hop-by-hop), which this path sets itself.
 const CONNECTION_HEADERS: [header::HeaderName; 4] =
     [header::CONNECTION, header::TRANSFER_ENCODING, header::CONTENT_LENGTH, header::UPGRADE];
@@ -116,6 +122,8 @@ async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
             head.extend_from_slice(b"\r\n");
         }
     }
+    drop(parts); // the stream may live for hours: keep nothing it does not need
+    head.extend_from_slice(format!("date: {}\r\n", httpdate::fmt_http_date(SystemTime::now())).as_bytes());
     if !is_stream {
         // An error or other short answer: whole, with its length.
         let body = body.into_vec().await.unwrap_or_default();
@@ -157,7 +165,11 @@ async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
                 None => break false,
             }
         };
-        write_chunk(&mut writer, &ready, size, ended).await?;
+        // A client that stops reading would hold its stream (and its slot) forever.
+        match tokio::time::timeout(WRITE_STALL_LIMIT, write_chunk(&mut writer, &ready, size, ended)).await {
+            Ok(written) => written?,
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
         ready.clear();
         if ended {
             return Ok(());
