@@ -294,9 +294,14 @@ async fn a_stream_is_chunked_http_that_ends_with_the_job_even_when_asked_in_piec
     let (head, body) = received.split_once("\r\n\r\n").expect("a head");
     let head = head.to_lowercase();
     assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
-    for field in
-        ["content-type: text/event-stream", "transfer-encoding: chunked", "connection: close", "x-request-id: "]
-    {
+    let fields = [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "date: ",
+        "x-request-id: ",
+    ];
+    for field in fields {
         assert!(head.contains(field), "{field} missing from {head}");
     }
     assert!(body.contains("event: succeeded"), "{body}");
