@@ -24,9 +24,9 @@ pub struct SseBench {
     /// Event streams to hold open at once.
     #[arg(long, default_value_t = 1_000)]
     subscribers: usize,
-    /// Jobs the subscribers are spread over.
-    #[arg(long, default_value_t = 20)]
-    jobs: usize,
+    /// Jobs the subscribers are spread over [default: one per 25 subscribers].
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Models per job (each adds step and token events).
     #[arg(long, default_value_t = 2)]
     models: usize,
@@ -42,20 +42,25 @@ pub struct SseBench {
     json: bool,
 }
 
+/// Subscribers per job unless `--jobs` says otherwise: a job watched by a handful of
+/// clients (its owner's tabs, a team's dashboard), not by a crowd.
+const SUBSCRIBERS_PER_JOB: usize = 25;
+
 pub async fn run(config: &Config, args: SseBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
-    if args.subscribers == 0 || args.jobs == 0 || args.jobs_at_once == 0 {
+    let jobs = args.jobs.unwrap_or(args.subscribers.div_ceil(SUBSCRIBERS_PER_JOB));
+    if args.subscribers == 0 || jobs == 0 || args.jobs_at_once == 0 {
         bail!("--subscribers, --jobs and --jobs-at-once must be at least 1");
     }
-    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
+    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, jobs, &models).await).await
 }
 
-async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow::Result<()> {
+async fn measure(harness: &Harness, args: &SseBench, job_count: usize, models: &[&str]) -> anyhow::Result<()> {
     let api = harness.spawn(&["api"], free_address().await?, &[]).await?;
     let key = harness.api_key().await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
-    let mut jobs = Vec::with_capacity(args.jobs);
-    for _ in 0..args.jobs {
+    let mut jobs = Vec::with_capacity(job_count);
+    for _ in 0..job_count {
         let body = super::analyze_body(models);
         let response = http.post(format!("{}/v1/analyze", api.base)).bearer_auth(&key).json(&body).send().await?;
         let accepted: serde_json::Value = response.error_for_status()?.json().await?;
@@ -117,7 +122,7 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
     let total = events.load(Ordering::Relaxed);
     let events_per_s = total as f64 / live_time.as_secs_f64();
     let record = serde_json::json!({
-        "bench": "sse", "subscribers": args.subscribers, "jobs": args.jobs, "models": args.models,
+        "bench": "sse", "subscribers": args.subscribers, "jobs": job_count, "models": args.models,
         "jobs_at_once": args.jobs_at_once,
         "failed_streams": failures, "connect_s": connect_time.as_secs_f64(),
         "api_rss_mb_connected": rss_connected, "api_rss_mb_peak": peak_rss,
@@ -125,7 +130,7 @@ async fn measure(harness: &Harness, args: &SseBench, models: &[&str]) -> anyhow:
         "delivery_ms_max": latencies.last(), "delivery_ms_by_kind": by_kind, "events": total, "events_per_s": events_per_s,
     });
     let rows = [
-        ("subscribers", format!("{} over {} jobs, {} at once", args.subscribers, args.jobs, args.jobs_at_once)),
+        ("subscribers", format!("{} over {job_count} jobs, {} at once", args.subscribers, args.jobs_at_once)),
         ("failed streams", failures.to_string()),
         ("connected in", format!("{:.1} s", connect_time.as_secs_f64())),
         ("api RSS", format!("{} connected, {} peak", figure(rss_connected, 1, " MB"), figure(peak_rss, 1, " MB"))),
