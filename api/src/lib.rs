@@ -104,12 +104,24 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
     let event_streams = TaskTracker::new();
     let acceptor =
         ApiAcceptor::new(TcpAcceptor::from_tokio(listener)?, app.clone(), event_streams.clone(), shutdown.clone());
+    // The streams served on the api's own path end with `shutdown`; they get the same
+    // grace as poem's connections, counted from the same moment.
+    let streams_drained = tokio::spawn({
+        let (shutdown, grace, event_streams) = (shutdown.clone(), config.shutdown_grace(), event_streams.clone());
+        async move {
+            shutdown.cancelled().await;
+            event_streams.close();
+            let _ = tokio::time::timeout(grace, event_streams.wait()).await;
+        }
+    });
     let served = Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(config.shutdown_grace()))
+        .run_with_graceful_shutdown(app, shutdown.clone().cancelled_owned(), Some(config.shutdown_grace()))
         .await;
-    // The streams served on the api's own path end with `shutdown`; let them finish.
-    event_streams.close();
-    let _ = tokio::time::timeout(config.shutdown_grace(), event_streams.wait()).await;
+    if shutdown.is_cancelled() {
+        let _ = streams_drained.await;
+    } else {
+        streams_drained.abort();
+    }
 
     background.cancel();
     while tasks.join_next().await.is_some() {}

@@ -23,9 +23,12 @@ use tokio::{
     net::TcpStream,
     sync::Semaphore,
 };
+use tokio_util::sync::CancellationToken;
 
 /// A request head longer than this is left to hyper.
 const HEAD_LIMIT: usize = 8 * 1024;
+/// A request head with more fields than this is left to hyper.
+const MAX_HEADERS: usize = 48;
 /// Frames ready at once are written together, up to about this many bytes.
 const WRITE_BATCH: usize = 16 * 1024;
 /// A write that cannot finish in this long (the client has stopped reading) ends
@@ -35,13 +38,13 @@ const WRITE_STALL_LIMIT: Duration = Duration::from_secs(30);
 const CONNECTION_HEADERS: [header::HeaderName; 4] =
     [header::CONNECTION, header::TRANSFER_ENCODING, header::CONTENT_LENGTH, header::UPGRADE];
 
-/// Reads a connection's first bytes: until a request head is complete, the limit is
-/// reached, or `wait` has passed. Fails only if the client closed the connection
-/// without a byte.
+/// Reads a connection's first bytes: until they hold a whole request head (or
+/// something that cannot become one), the limit is reached, or `wait` has passed.
+/// Fails only if the client closed the connection without a byte.
 pub async fn read_head(stream: &TcpStream, wait: Duration) -> io::Result<Vec<u8>> {
     let mut head = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
-    while head.len() < HEAD_LIMIT && !is_complete(&head) {
+    while head.len() < HEAD_LIMIT && is_partial(&head) {
         if tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
             break;
         }
@@ -58,14 +61,17 @@ pub async fn read_head(stream: &TcpStream, wait: Duration) -> io::Result<Vec<u8>
     Ok(head)
 }
 
-fn is_complete(head: &[u8]) -> bool {
-    head.windows(4).any(|w| w == b"\r\n\r\n")
+/// Whether more bytes could complete `head` (httparse's view, bare `\n` line ends
+/// included; a head that is already wrong needs no more).
+fn is_partial(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(httparse::Request::new(&mut headers).parse(head), Ok(httparse::Status::Partial))
 }
 
 /// The request, if `head` is exactly one complete `GET` of a job's event stream over
 /// HTTP/1.1 without a body; `None` leaves the connection to hyper.
 pub fn request(head: &[u8], local: &LocalAddr, remote: &RemoteAddr, scheme: &Scheme) -> Option<Request> {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(length) = parsed.parse(head).ok()? else { return None };
     let path = parsed.path?;
@@ -95,10 +101,23 @@ fn is_event_stream(target: &str) -> bool {
 }
 
 /// Answers `request` on `socket` through `app`, once one of the `openings` is free,
-/// then closes the connection.
-pub async fn serve(mut socket: TcpStream, request: Request, app: &BoxEndpoint<'static>, openings: &Semaphore) {
+/// then closes the connection. A client that leaves (or speaks again) while waiting
+/// for its turn, or a shutdown, ends it without running the app.
+pub async fn serve(
+    mut socket: TcpStream,
+    request: Request,
+    app: &BoxEndpoint<'static>,
+    openings: &Semaphore,
+    shutdown: &CancellationToken,
+) {
+    let mut probe = [0u8; 1];
     let response = {
-        let Ok(_opening) = openings.acquire().await else { return };
+        let opening = tokio::select! {
+            opening = openings.acquire() => opening,
+            _ = socket.peek(&mut probe) => return,
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(_opening) = opening else { return };
         // Boxed so that the app's (large) future is not part of this task for the
         // stream's whole life.
         Box::pin(app.get_response(request)).await
@@ -215,7 +234,7 @@ mod tests {
     use super::*;
 
     fn addresses() -> (LocalAddr, RemoteAddr, Scheme) {
-        let address: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let address: std::net::SocketAddr = "127.0.0.1:1".parse().expect("address");
         (LocalAddr(address.into()), RemoteAddr(address.into()), Scheme::HTTP)
     }
 
@@ -239,11 +258,20 @@ mod tests {
         assert!(!taken("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
     }
 
+    #[test]
+    fn a_head_is_whole_once_httparse_says_so() {
+        assert!(is_partial(b""));
+        assert!(is_partial(b"GET /v1/jobs/x/events HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!is_partial(b"GET /v1/jobs/x/events HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!is_partial(b"GET /v1/jobs/x/events HTTP/1.1\nHost: a\n\n"), "bare line feeds end it too");
+        assert!(!is_partial(b"\x00\x01 not http"), "nor does a wrong head wait for more");
+    }
+
     #[tokio::test]
     async fn ready_frames_go_out_as_one_chunk_and_the_end_as_the_last() {
         let hi = Bytes::from_static(b"data: hi\n\n");
         let mut out = Vec::new();
-        write_chunk(&mut out, &[hi.clone()], 10, false).await.expect("write");
+        write_chunk(&mut out, std::slice::from_ref(&hi), 10, false).await.expect("write");
         write_chunk(&mut out, &[hi.clone(), hi], 20, true).await.expect("write");
         write_chunk(&mut out, &[], 0, false).await.expect("write");
         assert_eq!(out, b"a\r\ndata: hi\n\n\r\n14\r\ndata: hi\n\ndata: hi\n\n\r\n0\r\n\r\n");

@@ -30,6 +30,9 @@ pub use self::prefixed::Prefixed;
 /// handed to hyper as it is (hyper then waits for it, as it would have).
 const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(5);
 
+/// How long to pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// Event streams being opened at once (authenticated, checked, replayed); the rest
 /// wait their turn holding little more than their socket. Opening takes database
 /// round trips, so when thousands of clients reconnect at once (an api restart) most
@@ -77,7 +80,16 @@ impl Acceptor for ApiAcceptor {
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => {
-                    let (stream, local, remote, scheme) = accepted?;
+                    let (stream, local, remote, scheme) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(err) => {
+                            // Out of file descriptors, say: the listener stays ready and
+                            // would fail again at once, so pause instead of spinning.
+                            tracing::warn!(error = %err, "cannot accept a connection");
+                            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                            continue;
+                        }
+                    };
                     // Best effort: a connection without it is slower, not wrong.
                     let _ = stream.set_nodelay(true);
                     let sorting = Sorting {
@@ -111,7 +123,7 @@ impl Sorting {
         match event_stream::request(&head, &local, &remote, &scheme) {
             Some(request) => {
                 drop(head);
-                event_stream::serve(stream, request, &self.app, &self.openings).await;
+                event_stream::serve(stream, request, &self.app, &self.openings, &self.shutdown).await;
             }
             None => {
                 // poem stops taking connections at shutdown; this one then just closes.

@@ -77,14 +77,14 @@ mod tests {
 
     #[tokio::test]
     async fn replays_the_prefix_then_reads_the_socket() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        client.write_all(b" world").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(b" world").await.expect("write");
         drop(client);
         let mut prefixed = Prefixed::new(b"hello".to_vec(), server);
         let mut read = String::new();
-        prefixed.read_to_string(&mut read).await.unwrap();
+        prefixed.read_to_string(&mut read).await.expect("read");
         assert_eq!(read, "hello world");
     }
 }

@@ -67,8 +67,16 @@ pub fn frame(id: Option<i64>, event: &str, data: &str) -> Bytes {
         let _ = writeln!(frame, "id: {id}");
     }
     let _ = writeln!(frame, "event: {event}");
+    // SSE ends a line at `\r\n`, `\n` or a lone `\r`.
+    let unified;
+    let data = if data.contains('\r') {
+        unified = data.replace("\r\n", "\n").replace('\r', "\n");
+        unified.as_str()
+    } else {
+        data
+    };
     for line in data.split('\n') {
-        let _ = writeln!(frame, "data: {}", line.strip_suffix('\r').unwrap_or(line));
+        let _ = writeln!(frame, "data: {line}");
     }
     frame.push('\n');
     Bytes::from(frame)
@@ -178,6 +186,7 @@ mod tests {
     fn frames_carry_id_event_and_one_data_field_per_line() {
         assert_eq!(frame(Some(7), "queued", "{\"a\":1}"), "id: 7\nevent: queued\ndata: {\"a\":1}\n\n");
         assert_eq!(frame(None, "token", "one\r\ntwo"), "event: token\ndata: one\ndata: two\n\n");
+        assert_eq!(frame(None, "token", "a\rb\n\nc"), "event: token\ndata: a\ndata: b\ndata: \ndata: c\n\n");
         assert_eq!(retry(Duration::from_secs(2)), "retry: 2000\n\n");
     }
 
