@@ -14,10 +14,7 @@ use common::{
     Config,
 };
 use futures::StreamExt;
-use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
-    types::FieldTable,
-};
+use lapin::options::{BasicAckOptions, BasicQosOptions};
 
 use super::{figure, progress, report, Harness};
 
@@ -64,14 +61,7 @@ pub async fn measure(harness: &Harness, jobs: usize, concurrency: u16) -> anyhow
     let connection = queue::connect(&harness.amqp_url, "ultra-bench-raw").await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(concurrency, BasicQosOptions::default()).await?;
-    let mut deliveries = channel
-        .basic_consume(
-            topology.analyze_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut deliveries = queue::consume(&channel, &topology.analyze_queue).await?;
     let pool = harness.pool.clone();
     let bar = progress(jobs as u64, "raw");
     let consumer_bar = bar.clone();

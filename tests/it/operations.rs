@@ -2,7 +2,7 @@
 //! W3C trace context carried from a submit into the job's message.
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::options::BasicAckOptions;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -126,10 +126,7 @@ async fn a_submit_continues_the_callers_trace_into_the_job_message() {
     let connection = common::queue::connect(&app.config.amqp_url, "trace-test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let queue = format!("{}ultra.analyze", app.config.queue_prefix);
-    let mut consumer = channel
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), Default::default())
-        .await
-        .expect("consume");
+    let mut consumer = common::queue::consume(&channel, &queue).await.expect("consume");
     let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
         .await
         .expect("a message")

@@ -20,10 +20,7 @@ use common::{
 use futures::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-    },
-    types::FieldTable,
+    options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions},
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -75,23 +72,9 @@ impl Consumer {
             topology.declare(&channel).await?;
             // At most `concurrency` unacked deliveries: the broker does the bounding.
             channel.basic_qos(self.config.concurrency, BasicQosOptions::default()).await?;
-            let deliveries = channel
-                .basic_consume(
-                    topology.analyze_queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let deliveries = queue::consume(&channel, &topology.analyze_queue).await?;
             // Dead letters are few: the same channel records their jobs as failed.
-            let dead = channel
-                .basic_consume(
-                    topology.dead_queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let dead = queue::consume(&channel, &topology.dead_queue).await?;
             Ok::<_, lapin::Error>((connection, channel, deliveries, dead))
         };
         let (connection, channel, mut deliveries, mut dead) = tokio::select! {

@@ -170,6 +170,13 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     }
 }
 
+/// Consumes `queue` with manual acks and a broker-chosen consumer tag.
+pub async fn consume(channel: &lapin::Channel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_consume(queue.into(), "".into(), lapin::options::BasicConsumeOptions::default(), FieldTable::default())
+        .await
+}
+
 /// Closes every broker connection of the processes using `prefix` (they are named
 /// after the topology), with the broker's own `rabbitmqctl`, as an operator would.
 /// Chaos tests and benchmarks use it; it needs to run on the broker's host.
