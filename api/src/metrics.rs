@@ -41,12 +41,12 @@ impl RouteTemplates {
     /// The template a path matches (literal segments win over parameters), or
     /// `unmatched`.
     pub fn label(&self, path: &str) -> &str {
-        let segments: Vec<&str> = path.split('/').collect();
+        let segments = path.split('/').count();
         self.0
             .iter()
             .filter(|(_, template)| {
-                template.len() == segments.len()
-                    && template.iter().zip(&segments).all(|(t, s)| t.as_deref().is_none_or(|t| t == *s))
+                template.len() == segments
+                    && template.iter().zip(path.split('/')).all(|(t, s)| t.as_deref().is_none_or(|t| t == s))
             })
             .max_by_key(|(_, template)| template.iter().filter(|t| t.is_some()).count())
             .map_or("unmatched", |(name, _)| name.as_str())

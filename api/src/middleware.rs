@@ -143,10 +143,9 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
         );
         let context = common::telemetry::continue_trace(&span, parent);
         req.extensions_mut().insert(context);
-        let mut response = match self.inner.call(req).instrument(span).await {
-            Ok(output) => output.into_response(),
-            Err(err) => crate::error::into_problem(err).await,
-        };
+        // The layer inside (`HttpMetrics`) has already turned any error into its
+        // problem document.
+        let mut response = self.inner.call(req).instrument(span).await?.into_response();
         if let Ok(value) = HeaderValue::from_str(&id) {
             response.headers_mut().insert("x-request-id", value);
         }

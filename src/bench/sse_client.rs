@@ -78,16 +78,11 @@ impl EventStreamReader {
     }
 
     /// The data of the first whole event in `body` that has any (comments and
-    /// `retry:` hints are passed over).
+    /// `retry:` hints are passed over). The api ends its lines with `\n` alone.
     fn take_event(&mut self) -> Option<String> {
-        while let Some(end) = find(&self.body, b"\n\n") {
-            let block: Vec<u8> = self.body.drain(..end + 2).collect();
-            if let Some(data) = block.split(|b| *b == b'\n').find_map(|line| line.strip_prefix(b"data:")) {
-                let data = data.strip_prefix(b" ").unwrap_or(data);
-                return Some(String::from_utf8_lossy(data).into_owned());
-            }
-        }
-        None
+        std::iter::from_fn(|| worker::providers::http::take_event(&mut self.body))
+            .find(|event| !event.data.is_empty())
+            .map(|event| event.data)
     }
 
     /// Moves whole chunks (or, without chunking, everything) from `raw` to `body`.

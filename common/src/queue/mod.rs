@@ -187,7 +187,7 @@ pub fn close_connections(prefix: &str) -> std::io::Result<usize> {
         .stdin(Stdio::null())
         .output()?;
     let listing = String::from_utf8_lossy(&listing.stdout);
-    let mine = format!("{prefix}ultra.jobs");
+    let mine = Topology::new(prefix).jobs_exchange;
     let pids: Vec<&str> =
         listing.lines().filter(|l| l.contains(&mine)).filter_map(|l| l.split_whitespace().next()).collect();
     for pid in &pids {

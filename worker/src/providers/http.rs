@@ -257,9 +257,9 @@ fn normalize_newlines(chunk: &[u8], buffer: &mut Vec<u8>, after_cr: &mut bool) {
     }
 }
 
-/// Removes and parses the first complete event in `buffer`; comments and empty
-/// blocks are skipped.
-fn take_event(buffer: &mut Vec<u8>) -> Option<SseMessage> {
+/// Removes and parses the first complete event in `buffer` (`\n` line ends); comments
+/// and empty blocks are skipped.
+pub fn take_event(buffer: &mut Vec<u8>) -> Option<SseMessage> {
     while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
         let bytes: Vec<u8> = buffer.drain(..end + 2).collect();
         let block = String::from_utf8_lossy(&bytes);
