@@ -78,6 +78,10 @@ pub enum ApiError {
     TooManyJobs(String),
     #[error("{0}")]
     TooManyStreams(String),
+    /// Every model a job names is behind an open circuit breaker; `retry_after` is
+    /// the soonest one's remaining cool-down, in whole seconds.
+    #[error("{detail}")]
+    ModelsUnavailable { detail: String, retry_after: u64 },
     #[error("the request took too long")]
     Timeout,
     #[error("a dependency is unavailable; retry shortly")]
@@ -110,8 +114,9 @@ impl ApiError {
             | ApiError::BudgetExceeded(_)
             | ApiError::TooManyJobs(_)
             | ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ModelsUnavailable { .. } | ApiError::Timeout | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -131,6 +136,7 @@ impl ApiError {
             ApiError::BudgetExceeded(_) => ("budget-exceeded", "Daily token budget exceeded"),
             ApiError::TooManyJobs(_) => ("concurrency-limit", "Too many jobs in progress"),
             ApiError::TooManyStreams(_) => ("stream-limit", "Too many open event streams"),
+            ApiError::ModelsUnavailable { .. } => ("models-unavailable", "The models are unavailable"),
             ApiError::Timeout => ("timeout", "Request timed out"),
             ApiError::Unavailable(_) => ("service-unavailable", "Service unavailable"),
             ApiError::Internal(_) => ("internal-error", "Internal server error"),
@@ -200,9 +206,13 @@ impl poem::error::ResponseError for ApiError {
             response.headers_mut().insert("WWW-Authenticate", poem::http::HeaderValue::from_static("Bearer"));
         }
         let retry_after = match self {
-            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::RateLimited { retry_after, .. } | ApiError::ModelsUnavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
             // The budget renews at the next UTC midnight.
             ApiError::BudgetExceeded(_) => Some(seconds_until_utc_midnight()),
+            // A dependency's outage is usually short; a client should come back soon.
+            ApiError::Unavailable(_) | ApiError::Timeout => Some(2),
             // A slot frees when a job ends; poll gently.
             ApiError::TooManyJobs(_) | ApiError::TooManyStreams(_) => Some(5),
             _ => None,
@@ -249,7 +259,9 @@ impl ApiResponse for ApiError {
                 problem(500, "An unexpected error; details are in the server log (type `internal-error`)."),
                 problem(
                     503,
-                    "A dependency is unavailable or the request timed out (types `service-unavailable`, `timeout`).",
+                    "A dependency is unavailable, the request timed out, or every model the job names is behind \
+                     an open circuit breaker, with `Retry-After` (types `service-unavailable`, `timeout`, \
+                     `models-unavailable`).",
                 ),
             ],
         }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod client_ip;
 pub mod error;
 pub mod hub;
 pub mod limits;
@@ -28,16 +29,16 @@ use common::{
     tiers::Tiers,
     Config,
 };
-use poem::{endpoint::BoxEndpoint, listener::TcpAcceptor, EndpointExt, Route, Server};
+use poem::{endpoint::BoxEndpoint, EndpointExt, Route};
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{jwt::JwtService, middleware::Gate, password::Passwords},
     body::BodyLimit,
+    client_ip::ClientIps,
     hub::EventHub,
     limits::RateLimiter,
-    listener::ApiAcceptor,
     state::AppState,
 };
 
@@ -74,8 +75,11 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         config: config.clone(),
     });
 
+    let client_ips = ClientIps::new(config.trusted_proxies().map_err(anyhow::Error::msg)?);
+
     let mut tasks = JoinSet::new();
     tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));
+    tasks.spawn(state.hub.clone().run_rechecks(state.pool.clone(), background.clone()));
     tasks.spawn(relay::run(state.clone(), background.clone()));
 
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -91,7 +95,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .at("/metrics", poem::get(metrics::endpoint))
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
-        .with(Gate)
+        .with(Gate::new(client_ips))
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
         .with(metrics::HttpMetrics(routes))
@@ -101,27 +105,8 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .catch_all_error(error::into_problem);
     tracing::info!(%address, "api listening");
     let app: Arc<BoxEndpoint<'static>> = Arc::new(app.boxed());
-    let event_streams = TaskTracker::new();
-    let acceptor =
-        ApiAcceptor::new(TcpAcceptor::from_tokio(listener)?, app.clone(), event_streams.clone(), shutdown.clone());
-    // The streams served on the api's own path end with `shutdown`; they get the same
-    // grace as poem's connections, counted from the same moment.
-    let streams_drained = tokio::spawn({
-        let (shutdown, grace, event_streams) = (shutdown.clone(), config.shutdown_grace(), event_streams.clone());
-        async move {
-            shutdown.cancelled().await;
-            event_streams.close();
-            let _ = tokio::time::timeout(grace, event_streams.wait()).await;
-        }
-    });
-    let served = Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, shutdown.clone().cancelled_owned(), Some(config.shutdown_grace()))
-        .await;
-    if shutdown.is_cancelled() {
-        let _ = streams_drained.await;
-    } else {
-        streams_drained.abort();
-    }
+    let limits = crate::listener::Limits::from_config(&config);
+    let served = crate::listener::serve(listener, app, limits, shutdown.clone()).await;
 
     background.cancel();
     while tasks.join_next().await.is_some() {}

@@ -23,9 +23,9 @@ use crate::state::AppState;
 const MIN_AGE_MS: i64 = 2_000;
 /// How often the reaper looks for running jobs whose lease expired.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often expired idempotency keys are deleted.
+/// How often rows past their retention are deleted.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
-/// Rows published per relay transaction.
+/// Rows published per relay pass (each in its own transaction).
 const BATCH: i64 = 100;
 
 /// Publishes one job now and clears its outbox row on confirm. A failure is only
@@ -65,11 +65,13 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
                 Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
             }
         }
-        // Housekeeping rides along: expired idempotency keys, every few minutes.
+        // Housekeeping rides along: rows past their retention, every few minutes.
         if tokio::time::Instant::now() >= next_purge {
             next_purge += PURGE_EVERY;
-            if let Err(err) = db::idempotency::purge_expired(&state.pool, state.config.idempotency_retention()).await {
-                tracing::debug!(error = %err, "idempotency key purge failed; will retry");
+            match db::retention::purge(&state.pool, &state.config.retention()).await {
+                Ok(purged) if purged != db::retention::Purged::default() => tracing::info!(?purged, "purged old rows"),
+                Ok(_) => {}
+                Err(err) => tracing::debug!(error = %err, "purge of old rows failed; will retry"),
             }
         }
         match relay_once(&state).await {
@@ -80,13 +82,15 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     }
 }
 
-/// One pass: lock a batch, publish each with a confirm, delete what was confirmed.
-/// Stops at the first failure (the broker is likely down); the rest wait.
+/// One pass: up to `BATCH` rows, each locked, published with a confirm, deleted and
+/// committed on its own — a row's lock is held across one confirm, not a hundred, so
+/// the other relays and the fast path are never kept waiting long. Stops at the first
+/// failure (the broker is likely down); the rest wait.
 pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
-    let mut tx = state.pool.begin().await?;
-    let batch = db::outbox::lock_batch(&mut tx, MIN_AGE_MS, BATCH).await?;
     let mut published = 0;
-    for row in &batch {
+    while published < BATCH as usize {
+        let mut tx = state.pool.begin().await?;
+        let Some(row) = db::outbox::lock_batch(&mut tx, MIN_AGE_MS, 1).await?.into_iter().next() else { break };
         let message = JobMessage::new(row.job_id, row.attempt);
         let delay = std::time::Duration::from_millis(row.delay_ms.max(0) as u64);
         if let Err(err) = state.publisher.publish_after(&message, delay, row.traceparent.as_deref()).await {
@@ -94,9 +98,9 @@ pub async fn relay_once(state: &AppState) -> Result<usize, sqlx::Error> {
             break;
         }
         db::outbox::delete(&mut *tx, row.id).await?;
+        tx.commit().await?;
         published += 1;
     }
-    tx.commit().await?;
     Ok(published)
 }
 

@@ -41,7 +41,8 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// RabbitMQ, which carries job pointers to the workers.
+    /// RabbitMQ, which carries job pointers to the workers: one URL, or a cluster's nodes
+    /// separated by commas (each connection takes the first that answers).
     #[arg(
         long,
         env = "AMQP_URL",
@@ -147,6 +148,32 @@ pub struct Config {
     #[arg(long, env = "ULTRA_REQUEST_TIMEOUT_SECS", default_value_t = 30, global = true)]
     pub request_timeout_secs: u64,
 
+    /// A connection must send a whole request head within this long of opening (on a
+    /// kept-alive HTTP/1.1 connection: of its previous response), or it is closed.
+    #[arg(long, env = "ULTRA_HEADER_TIMEOUT_SECS", default_value_t = 5, global = true)]
+    pub header_timeout_secs: u64,
+
+    /// A connection that reads and writes nothing for this long is closed, once its
+    /// requests in flight have finished (keep it above the SSE heartbeat and the
+    /// request timeout).
+    #[arg(long, env = "ULTRA_IDLE_TIMEOUT_SECS", default_value_t = 60, global = true)]
+    pub idle_timeout_secs: u64,
+
+    /// Open connections one api process keeps at most; past it a new connection is
+    /// answered 503 and closed at once. The file-descriptor limit must exceed it.
+    #[arg(long, env = "ULTRA_MAX_CONNECTIONS", default_value_t = 20_000, global = true)]
+    pub max_connections: usize,
+
+    /// Reverse proxies in front of the api (addresses or CIDR blocks, comma-separated):
+    /// only their `X-Forwarded-For` / `Forwarded` hops are believed.
+    #[arg(long, env = "ULTRA_TRUSTED_PROXIES", value_delimiter = ',', global = true)]
+    pub trusted_proxies: Vec<String>,
+
+    /// Clients connect to the api directly, with no reverse proxy in front: lets
+    /// production start without `ULTRA_TRUSTED_PROXIES`.
+    #[arg(long, env = "ULTRA_DIRECT_CLIENTS", default_value_t = false, global = true)]
+    pub direct_clients: bool,
+
     /// `max_tokens` assumed for a job that sets none (its budget reservation).
     #[arg(long, env = "ULTRA_DEFAULT_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub default_max_tokens: u32,
@@ -167,6 +194,18 @@ pub struct Config {
     /// How long an `Idempotency-Key` is remembered.
     #[arg(long, env = "ULTRA_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
     pub idempotency_retention_secs: u64,
+
+    /// How long an ended job's events are kept (the job and its steps stay).
+    #[arg(long, env = "ULTRA_EVENT_RETENTION_DAYS", default_value_t = 30, global = true)]
+    pub event_retention_days: u32,
+
+    /// How long refresh tokens are kept after they expire (for reuse detection).
+    #[arg(long, env = "ULTRA_REFRESH_TOKEN_RETENTION_DAYS", default_value_t = 7, global = true)]
+    pub refresh_token_retention_days: u32,
+
+    /// How long daily usage rows are kept.
+    #[arg(long, env = "ULTRA_USAGE_RETENTION_DAYS", default_value_t = 400, global = true)]
+    pub usage_retention_days: u32,
 
     /// How long a cached answer (`options.cache: true`) is kept.
     #[arg(long, env = "ULTRA_CACHE_TTL_SECS", default_value_t = 86_400, global = true)]
@@ -237,6 +276,17 @@ impl Config {
         Duration::from_secs(self.idempotency_retention_secs.max(1))
     }
 
+    /// How long each kind of housekeeping row is kept.
+    pub fn retention(&self) -> crate::db::retention::Retention {
+        let days = |n: u32| Duration::from_secs(u64::from(n) * 86_400);
+        crate::db::retention::Retention {
+            idempotency_keys: self.idempotency_retention(),
+            job_events: days(self.event_retention_days),
+            refresh_tokens: days(self.refresh_token_retention_days),
+            usage_days: days(self.usage_retention_days),
+        }
+    }
+
     pub fn sse_idle(&self) -> Duration {
         Duration::from_secs(self.sse_idle_secs.max(1))
     }
@@ -247,6 +297,21 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs.max(1))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+
+    /// The trusted reverse proxies (blank entries ignored). Errors name the entry.
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::cidr::Cidr>, String> {
+        let entries = self.trusted_proxies.iter().map(|entry| entry.trim()).filter(|entry| !entry.is_empty());
+        let parse = |entry: &str| entry.parse::<crate::cidr::Cidr>().map_err(|e| format!("ULTRA_TRUSTED_PROXIES: {e}"));
+        entries.map(parse).collect()
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -284,16 +349,41 @@ impl Config {
         if let Err(problem) = crate::patterns::Patterns::load(self.config_file.as_deref()) {
             problems.push(problem);
         }
+        if self.max_connections == 0 {
+            problems.push("ULTRA_MAX_CONNECTIONS must be at least 1".to_owned());
+        }
+        let trusted_proxies = self.trusted_proxies();
+        if let Err(problem) = &trusted_proxies {
+            problems.push(problem.clone());
+        }
+        // AMQP_URL may list a cluster's nodes, comma-separated; each must be an AMQP URL.
+        if let Err(node_problems) = crate::queue::nodes::parse(&self.amqp_url) {
+            problems.extend(node_problems);
+        }
         if self.environment == Environment::Production {
-            if self.amqp_url.contains("guest:guest@") {
-                problems.push("AMQP_URL uses RabbitMQ's default guest credentials".to_owned());
+            // Every node of the list, each with its own credentials.
+            let amqp_nodes: Vec<&str> = self.amqp_url.split(',').map(str::trim).collect();
+            for (index, url) in amqp_nodes.iter().copied().enumerate().filter(|(_, url)| !url.is_empty()) {
+                let name =
+                    if amqp_nodes.len() > 1 { format!("AMQP_URL node {}", index + 1) } else { "AMQP_URL".to_owned() };
+                if url.contains("guest:guest@") {
+                    problems.push(format!("{name} uses RabbitMQ's default guest credentials"));
+                } else if url_has_no_password(url) {
+                    problems.push(format!("{name} has no credentials (RabbitMQ would take it as guest)"));
+                } else if url_password(url).is_some_and(is_default_password) {
+                    problems.push(format!("{name} uses a default or example password"));
+                }
             }
             if url_has_no_password(&self.database_url) {
                 problems.push("DATABASE_URL has no password".to_owned());
             }
-            for (name, url) in
-                [("DATABASE_URL", &self.database_url), ("AMQP_URL", &self.amqp_url), ("REDIS_URL", &self.redis_url)]
-            {
+            if url_has_no_password(&self.redis_url) {
+                problems.push(
+                    "REDIS_URL has no password (Redis holds stream tickets, the shared cache and live events)"
+                        .to_owned(),
+                );
+            }
+            for (name, url) in [("DATABASE_URL", &self.database_url), ("REDIS_URL", &self.redis_url)] {
                 if url_password(url).is_some_and(is_default_password) {
                     problems.push(format!("{name} uses a default or example password"));
                 }
@@ -321,6 +411,14 @@ impl Config {
             }
             if self.cors_origins.iter().any(|o| o.trim() == "*") {
                 problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());
+            }
+            // Behind a proxy, every client would share the proxy's per-IP limits.
+            if trusted_proxies.is_ok_and(|proxies| proxies.is_empty()) && !self.direct_clients {
+                problems.push(
+                    "ULTRA_TRUSTED_PROXIES is not set: list the reverse proxies in front of the api, or set \
+                     ULTRA_DIRECT_CLIENTS=true if clients connect to it directly"
+                        .to_owned(),
+                );
             }
         }
         if problems.is_empty() {
@@ -352,13 +450,10 @@ pub fn read_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// `scheme://user@host` (no `:password` in the user-info part).
+/// `scheme://host` or `scheme://user@host`: no (or an empty) password in the
+/// user-info part.
 fn url_has_no_password(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    match rest.split_once('@') {
-        Some((userinfo, _)) => !userinfo.contains(':'),
-        None => true,
-    }
+    url_password(url).is_none_or(str::is_empty)
 }
 
 /// Every problem found in a configuration.
@@ -381,14 +476,16 @@ mod tests {
         config.jwt_keys = None;
         config.cors_origins = vec!["*".to_owned()];
         let err = config.validate().expect_err("defaults are unsafe in production");
-        assert_eq!(err.problems.len(), 6, "{err}");
+        assert_eq!(err.problems.len(), 8, "{err}");
         for expected in [
             "guest credentials",
-            "no password",
+            "DATABASE_URL has no password",
+            "REDIS_URL has no password",
             "mock provider",
             "ULTRA_JWT_KEYS is not set",
             "any origin",
             "ULTRA_METRICS_TOKEN",
+            "ULTRA_TRUSTED_PROXIES is not set",
         ] {
             assert!(err.to_string().contains(expected), "{expected}: {err}");
         }
@@ -423,5 +520,42 @@ mod tests {
         assert!(url_has_no_password("postgres://postgres@localhost/db"));
         assert!(!url_has_no_password("postgres://u:p@localhost/db"));
         assert!(url_has_no_password("postgres://localhost/db"));
+        assert!(!url_has_no_password("redis://:s3cret@redis:6379"));
+        assert!(url_has_no_password("redis://user:@redis:6379"));
+    }
+
+    #[test]
+    fn production_wants_credentials_for_the_broker_and_redis() {
+        let mut config = Config::from_env().expect("defaults parse");
+        config.environment = Environment::Production;
+        config.amqp_url = "amqp://mq:5672/%2f".to_owned();
+        config.redis_url = "redis://redis:6379".to_owned();
+        let err = config.validate().expect_err("unsafe").to_string();
+        assert!(err.contains("AMQP_URL has no credentials"), "{err}");
+        assert!(err.contains("REDIS_URL has no password"), "{err}");
+
+        config.amqp_url = "amqp://ultra:s3cure-and-long@mq/%2f".to_owned();
+        config.redis_url = "redis://:s3cure-and-long@redis:6379".to_owned();
+        let err = config.validate().expect_err("still the mock and no keys").to_string();
+        assert!(!err.contains("AMQP_URL") && !err.contains("REDIS_URL"), "{err}");
+    }
+
+    #[test]
+    fn every_node_of_a_broker_list_is_checked() {
+        let mut config = Config::from_env().expect("defaults parse");
+        config.amqp_url = "amqp://guest:guest@127.0.0.1:5701/%2f,,http://mq-3/".to_owned();
+        let err = config.validate().expect_err("a bad list").to_string();
+        assert!(err.contains("AMQP_URL node 2 is empty"), "{err}");
+        assert!(err.contains("AMQP_URL node 3 is not an amqp://"), "{err}");
+
+        config.environment = Environment::Production;
+        config.amqp_url = "amqp://ultra:s3cure-and-long@mq-0/%2f,amqp://guest:guest@mq-1/%2f,\
+                           amqp://ultra:rabbitmq@mq-2/%2f,amqp://mq-3/%2f"
+            .to_owned();
+        let err = config.validate().expect_err("unsafe").to_string();
+        assert!(!err.contains("AMQP_URL node 1"), "{err}");
+        assert!(err.contains("AMQP_URL node 2 uses RabbitMQ's default guest credentials"), "{err}");
+        assert!(err.contains("AMQP_URL node 3 uses a default or example password"), "{err}");
+        assert!(err.contains("AMQP_URL node 4 has no credentials"), "{err}");
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod apikey;
 pub mod catalog;
+pub mod cidr;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -13,6 +13,7 @@ pub const HTTP_REQUESTS: &str = "ultra_http_requests_total";
 pub const HTTP_DURATION: &str = "ultra_http_request_duration_seconds";
 pub const RATE_LIMITED: &str = "ultra_rate_limit_rejections_total";
 pub const SSE_SUBSCRIBERS: &str = "ultra_sse_subscribers";
+pub const EVENT_RECHECKS: &str = "ultra_event_rechecks_total";
 
 // Jobs: submitted by the api; finished (by status) by a worker, or by the api when a
 // queued job is cancelled.
@@ -112,6 +113,10 @@ fn describe() {
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time to answer an HTTP request (streams: to their headers)");
     describe_counter!(RATE_LIMITED, "Requests refused with 429, by rate-limit policy");
     describe_gauge!(SSE_SUBSCRIBERS, "Event streams open in this process");
+    describe_counter!(
+        EVENT_RECHECKS,
+        "Reads of a watched job's new events from PostgreSQL (one per job, not per stream)"
+    );
     describe_counter!(JOBS_SUBMITTED, "Analyze jobs accepted, by pattern");
     describe_counter!(JOBS_FINISHED, "Jobs that reached a terminal status, by pattern and status");
     describe_histogram!(JOB_DURATION, Unit::Seconds, "Submit to terminal status, by pattern and status");

@@ -34,24 +34,74 @@ impl PatternSpec {
         stages
     }
 
-    /// Provider calls for `models` models, at most: every model in the first stages,
-    /// one in synthesis.
-    pub fn calls(&self, models: usize) -> usize {
-        let per_model = 1 + usize::from(self.meta_template.is_some());
-        models * per_model + usize::from(self.synthesis_template.is_some())
+    /// The most tokens a job on `models` models can use, to reserve against the
+    /// budget: every call reads the prompt and writes at most `max_tokens`; a meta
+    /// call also reads its template and every model's answer (its own and the
+    /// others'), and so does the synthesis. Prompt and template are estimated at four
+    /// characters a token.
+    pub fn worst_case_tokens(&self, models: u64, prompt_tokens: u64, max_tokens: u64) -> u64 {
+        let answers = models.saturating_mul(max_tokens);
+        let reading_answers = |template: &str| {
+            let template_tokens = estimate_tokens(template);
+            prompt_tokens.saturating_add(template_tokens).saturating_add(answers).saturating_add(max_tokens)
+        };
+        let initial = models.saturating_mul(prompt_tokens.saturating_add(max_tokens));
+        let meta = self.meta_template.as_deref().map_or(0, |t| models.saturating_mul(reading_answers(t)));
+        let synthesis = self.synthesis_template.as_deref().map_or(0, reading_answers);
+        initial.saturating_add(meta).saturating_add(synthesis)
     }
 }
 
-/// Fills a template. Unknown `$names` are left as written.
-pub fn render(template: &str, values: &[(&str, &str)]) -> String {
-    // Longest names first, so `$own_response` is not taken for a shorter name.
-    let mut values = values.to_vec();
-    values.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
-    let mut out = template.to_owned();
-    for (name, value) in values {
-        out = out.replace(&format!("${name}"), value);
+/// Tokens in a text, estimated at four characters each (the same estimate the
+/// providers' context-window check uses).
+pub fn estimate_tokens(text: &str) -> u64 {
+    text.chars().count().div_ceil(4) as u64
+}
+
+/// A rendered prompt would be longer than the model can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the rendered prompt would be {chars} characters, over the limit of {limit}")]
+pub struct PromptTooLong {
+    pub chars: usize,
+    pub limit: usize,
+}
+
+/// Fills a template in one pass over the template alone: the values (a user's
+/// prompt, the models' answers) are copied in as they are and never scanned for
+/// `$names`, so text that contains `$other_responses` cannot multiply itself.
+/// Unknown `$names` are left as written. The size is counted before anything is
+/// built, so a prompt over `max_chars` costs no memory.
+pub fn render<'a>(template: &'a str, values: &[(&str, &'a str)], max_chars: usize) -> Result<String, PromptTooLong> {
+    let pieces = pieces(template, values);
+    let chars = pieces.iter().map(|piece| piece.chars().count()).sum();
+    if chars > max_chars {
+        return Err(PromptTooLong { chars, limit: max_chars });
     }
-    out
+    Ok(pieces.concat())
+}
+
+/// The template cut at its placeholders, each placeholder replaced by its value.
+fn pieces<'a>(template: &'a str, values: &[(&str, &'a str)]) -> Vec<&'a str> {
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while let Some(at) = rest.find('$') {
+        pieces.push(&rest[..at]);
+        let after = &rest[at + 1..];
+        // The longest name that matches, so `$own_response` is not taken for a shorter one.
+        let found = values.iter().filter(|(name, _)| after.starts_with(name)).max_by_key(|(name, _)| name.len());
+        match found {
+            Some((name, value)) => {
+                pieces.push(value);
+                rest = &after[name.len()..];
+            }
+            None => {
+                pieces.push("$");
+                rest = after;
+            }
+        }
+    }
+    pieces.push(rest);
+    pieces
 }
 
 const META_INTRO: &str = "Original question:\n$original_prompt\n\nYour earlier answer:\n$own_response\n\nOther models answered:\n$other_responses\n\n";
@@ -139,10 +189,31 @@ mod tests {
     #[test]
     fn templates_fill_their_placeholders() {
         let out = render(
-            "Q: $original_prompt / mine: $own_response / theirs: $other_responses",
+            "Q: $original_prompt / mine: $own_response / theirs: $other_responses / $unknown costs $5",
             &[("original_prompt", "why?"), ("own_response", "because"), ("other_responses", "- beta: since")],
+            1_000,
         );
-        assert_eq!(out, "Q: why? / mine: because / theirs: - beta: since");
+        assert_eq!(out.as_deref(), Ok("Q: why? / mine: because / theirs: - beta: since / $unknown costs $5"));
+    }
+
+    #[test]
+    fn placeholders_in_user_text_are_not_expanded() {
+        let hostile = "$other_responses ".repeat(1_900);
+        let out = render(
+            "Q: $original_prompt\nOthers: $other_responses",
+            &[("original_prompt", &hostile), ("other_responses", "- beta: a long answer")],
+            1_000_000,
+        )
+        .expect("fits");
+        assert_eq!(out.matches("- beta: a long answer").count(), 1);
+        assert_eq!(out.matches("$other_responses").count(), 1_900);
+    }
+
+    #[test]
+    fn a_prompt_over_the_limit_is_refused_before_it_is_built() {
+        let answer = "x".repeat(600);
+        let out = render("$original_prompt $responses", &[("original_prompt", "q"), ("responses", &answer)], 500);
+        assert_eq!(out, Err(PromptTooLong { chars: 602, limit: 500 }));
     }
 
     #[test]
@@ -151,11 +222,24 @@ mod tests {
         for name in ["direct", "gut", "confidence", "critique", "fact_check", "perspective", "scenario"] {
             assert!(patterns.get(name).is_some(), "{name}");
         }
-        assert_eq!(patterns.get("direct").map(|p| p.calls(3)), Some(3));
-        assert_eq!(patterns.get("critique").map(|p| p.calls(3)), Some(7));
         assert_eq!(
             patterns.get("critique").map(PatternSpec::stages),
             Some(vec![Stage::Initial, Stage::Meta, Stage::Synthesis])
         );
+    }
+
+    #[test]
+    fn the_worst_case_covers_what_meta_and_synthesis_read() {
+        let patterns = Patterns::builtin();
+        let direct = patterns.get("direct").expect("built in");
+        // Three calls, each reading 10 prompt tokens and writing up to 100.
+        assert_eq!(direct.worst_case_tokens(3, 10, 100), 330);
+        let critique = patterns.get("critique").expect("built in");
+        let meta_template = estimate_tokens(critique.meta_template.as_deref().unwrap_or_default());
+        let synthesis_template = estimate_tokens(critique.synthesis_template.as_deref().unwrap_or_default());
+        // Each meta call and the synthesis read the prompt, their template and all
+        // three answers (300), and write up to 100.
+        let expected = 330 + 3 * (10 + meta_template + 300 + 100) + (10 + synthesis_template + 300 + 100);
+        assert_eq!(critique.worst_case_tokens(3, 10, 100), expected);
     }
 }

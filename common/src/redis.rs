@@ -107,14 +107,6 @@ impl RedisHandle {
         self.guarded(Duration::from_millis(500), query).await.unwrap_or_else(|_| vec![None; keys.len()])
     }
 
-    /// Reads and deletes `key` in one step (single-use values).
-    pub async fn take_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
-        let query = |mut conn: ConnectionManager| async move {
-            redis::cmd("GETDEL").arg(key).query_async::<Option<String>>(&mut conn).await
-        };
-        self.guarded(Duration::from_millis(500), query).await
-    }
-
     pub async fn get_string(&self, key: &str) -> Result<Option<String>, RedisUnavailable> {
         self.guarded(Duration::from_millis(500), |mut conn| async move { conn.get::<_, Option<String>>(key).await })
             .await
@@ -124,6 +116,12 @@ impl RedisHandle {
         let ms = ttl.as_millis().max(1) as u64;
         self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pset_ex::<_, _, ()>(key, value, ms).await })
             .await
+    }
+
+    /// Gives an existing `key` `ttl` more to live (from now); a missing key stays missing.
+    pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), RedisUnavailable> {
+        let ms = ttl.as_millis().max(1) as i64;
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pexpire::<_, ()>(key, ms).await }).await
     }
 
     /// Sets `key` for `ttl` (a shared, self-expiring flag).
@@ -139,6 +137,25 @@ impl RedisHandle {
     /// Which of `keys` are set; an unavailable Redis answers "none".
     pub async fn flags(&self, keys: &[String]) -> Vec<bool> {
         self.get_strings(keys).await.into_iter().map(|v| v.is_some()).collect()
+    }
+
+    /// How long each of `keys` has left to live: `None` for a missing key, one
+    /// without an expiry, or an unavailable Redis.
+    pub async fn remaining_ttls(&self, keys: &[String]) -> Vec<Option<Duration>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let query = |mut conn: ConnectionManager| async move {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("PTTL").arg(key);
+            }
+            pipe.query_async::<Vec<i64>>(&mut conn).await
+        };
+        match self.guarded(Duration::from_millis(500), query).await {
+            Ok(ttls) => ttls.into_iter().map(|ms| u64::try_from(ms).ok().map(Duration::from_millis)).collect(),
+            Err(_) => vec![None; keys.len()],
+        }
     }
 
     pub async fn ping(&self) -> Result<(), RedisUnavailable> {

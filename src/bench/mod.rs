@@ -36,8 +36,8 @@ pub enum BenchCommand {
     Throughput(throughput::ThroughputBench),
     /// How many provider calls one worker process keeps in flight, and its RSS.
     Inflight(inflight::InflightBench),
-    /// Workers SIGKILLed and restarted, broker connections closed: lost and duplicated
-    /// jobs (exits non-zero on any).
+    /// Workers SIGKILLed and restarted, broker connections closed, the broker and
+    /// PostgreSQL restarted: lost and duplicated jobs (exits non-zero on any).
     Chaos(chaos::ChaosBench),
     /// Many SSE subscribers on one api process: RSS, delivery latency, events/s.
     Sse(sse::SseBench),

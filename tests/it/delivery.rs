@@ -159,6 +159,17 @@ async fn a_dead_lettered_job_fails_with_the_reason_and_an_admin_can_replay_it() 
         .await
         .expect("promote");
     let id = orphan(&app, user_id, 120).await;
+    // Its budget reserved, as a submission does: each end of the job settles it.
+    let mut conn = app.pool.acquire().await.expect("connection");
+    let today = db::usage::today(&mut *conn).await.expect("today");
+    db::usage::reserve(&mut conn, user_id, today, 100).await.expect("reserve");
+    sqlx::query("UPDATE jobs SET reserved_day = $2, reserved_tokens = 100 WHERE id = $1")
+        .bind(id)
+        .bind(today)
+        .execute(&mut *conn)
+        .await
+        .expect("reservation");
+    drop(conn);
 
     // What the broker does with a message past its delivery limit.
     let topology = Topology::new(&app.config.queue_prefix);
@@ -201,6 +212,22 @@ async fn a_dead_lettered_job_fails_with_the_reason_and_an_admin_can_replay_it() 
     let job = app.wait_for_terminal(&key, id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(app.mock.calls(), 1, "the step finished before the dead letter was not called again");
+    // Both ends settled the budget, yet every step's tokens are booked once.
+    let (used, reserved): (i64, i64) =
+        sqlx::query_as("SELECT used, reserved FROM usage_daily WHERE user_id = $1 AND day = $2")
+            .bind(user_id)
+            .bind(today)
+            .fetch_one(&app.pool)
+            .await
+            .expect("usage");
+    let steps: i64 = sqlx::query_scalar(
+        "SELECT sum(input_tokens + output_tokens)::bigint FROM job_steps WHERE job_id = $1 AND status = 'succeeded'",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .expect("steps");
+    assert_eq!((used, reserved), (steps, 0));
     crate::support::problem(replay(&admin).await.expect("replay"), reqwest::StatusCode::NOT_FOUND).await;
     app.stop().await;
 }

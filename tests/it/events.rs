@@ -71,8 +71,8 @@ async fn last_event_id_resumes_with_nothing_missed_or_repeated() {
         assert_eq!(ids(&rest), ((resume_after + 1)..=7).collect::<Vec<_>>(), "after {resume_after}");
         assert_eq!(kinds(&rest), kinds(&all[resume_after as usize..]));
     }
-    // After the terminal event there is nothing more: the stream ends at once.
-    assert!(SseReader::new(app.events(&key, id, Some("7")).await).collect_events().await.is_empty());
+    // After the terminal event there is nothing more: 204, which stops an EventSource.
+    assert_eq!(app.events(&key, id, Some("7")).await.status(), StatusCode::NO_CONTENT);
     problem(app.events(&key, id, Some("seven")).await, StatusCode::BAD_REQUEST).await;
     app.stop().await;
 }
@@ -165,7 +165,7 @@ async fn streams_start_with_a_retry_hint_and_can_come_with_the_submission() {
 }
 
 #[tokio::test]
-async fn a_browser_streams_with_a_single_use_ticket() {
+async fn a_browser_streams_with_a_ticket_and_is_told_to_stop_after_the_end() {
     let app = TestApp::spawn().await;
     let (_, key) = app.user_with_key().await;
     let (_, other) = app.user_with_key().await;
@@ -182,8 +182,21 @@ async fn a_browser_streams_with_a_single_use_ticket() {
 
     // No Authorization header, as an EventSource would.
     let events = SseReader::new(app.http.get(&url).send().await.expect("stream")).collect_events().await;
-    assert_eq!(events.last().and_then(|e| e.event.as_deref()), Some("succeeded"));
-    problem(app.http.get(&url).send().await.expect("stream"), StatusCode::UNAUTHORIZED).await;
+    let last = events.last().expect("events");
+    assert_eq!(last.event.as_deref(), Some("succeeded"));
+    // The EventSource reconnects to the same URL with the last id it saw: the story
+    // is over, and 204 tells it to stop (a 401 would only be an error).
+    let reconnect = app.http.get(&url).header("Last-Event-ID", last.id.clone().expect("id")).send().await;
+    let reconnect = reconnect.expect("reconnect");
+    assert_eq!(reconnect.status(), StatusCode::NO_CONTENT);
+    assert!(reconnect.headers().get("content-length").is_none_or(|v| v == "0"));
+    // One that dropped mid-story resumes with the same ticket, nothing missed or repeated.
+    let resumed = SseReader::new(app.http.get(&url).header("Last-Event-ID", "2").send().await.expect("resume"));
+    let resumed = resumed.collect_events().await;
+    assert_eq!(ids(&resumed), (3..=5).collect::<Vec<_>>());
+    // A forged ticket is refused.
+    let forged = format!("{}x", ticket["url"].as_str().expect("url"));
+    problem(app.http.get(app.url(&forged)).send().await.expect("stream"), StatusCode::UNAUTHORIZED).await;
 
     // A ticket is bound to its job.
     let second = app.submit_ok(&key, &["mock/alpha"]).await;
@@ -324,6 +337,45 @@ async fn a_client_that_leaves_gives_its_stream_back_at_once() {
     while app.events(&key, id, None).await.status() != StatusCode::OK {
         assert!(std::time::Instant::now() < deadline, "a stream slot came back within a second of the clients leaving");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
+/// Transactions committed in the test's database so far (PostgreSQL's own count).
+async fn transactions(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(&app.pool)
+        .await
+        .expect("pg_stat_database")
+}
+
+#[tokio::test]
+async fn quiet_streams_on_one_job_cost_one_database_check_not_one_each() {
+    // Without Redis, every stream used to poll PostgreSQL twice a second on its own.
+    let options =
+        Options { mock_latency_ms: 16_000, redis_url: Some("redis://127.0.0.1:1".into()), ..Default::default() };
+    let app = TestApp::spawn_with(options).await;
+    let (_, key) = app.user_with_key().await;
+    let id = app.submit_ok(&key, &["mock/alpha"]).await;
+    let mut readers = Vec::new();
+    for _ in 0..40 {
+        readers.push(SseReader::new(app.events(&key, id, None).await));
+    }
+    let streams: Vec<_> = readers.into_iter().map(|r| tokio::spawn(r.collect_events())).collect();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await; // replays done
+    let before = transactions(&app).await;
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await; // the step is still running
+    let spent = transactions(&app).await - before;
+    // 40 streams polling on their own: ~800 queries. One check per job: ~20, with the
+    // worker's own polling and the opening requests whose statistics PostgreSQL
+    // reports late (up to 10 s) on top.
+    assert!(spent < 350, "{spent} transactions in 10 s for 40 quiet streams on one job");
+    // And every stream still gets the whole story, from the database.
+    for stream in streams {
+        let events = stream.await.expect("stream task");
+        let lifecycle: Vec<_> = events.iter().filter(|e| e.id.is_some()).cloned().collect();
+        assert_eq!(ids(&lifecycle), (1..=5).collect::<Vec<_>>());
+        assert_eq!(lifecycle.last().and_then(|e| e.event.as_deref()), Some("succeeded"));
     }
     app.stop().await;
 }

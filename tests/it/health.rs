@@ -73,6 +73,7 @@ async fn postgres_down_is_down_and_requests_get_503_not_500() {
     assert_eq!(body["status"], "down", "{body}");
     assert_eq!(body["checks"]["postgres"]["status"], "down");
     let refused = app.submit(&key, &serde_json::json!({ "prompt": "hi", "models": ["mock/alpha"] })).await;
+    assert_eq!(refused.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"2"[..]), "a client is told when");
     crate::support::problem(refused, StatusCode::SERVICE_UNAVAILABLE).await;
 
     // Back again: the pool replaces its dead connections without a restart.

@@ -56,6 +56,23 @@ async fn login_brute_force_is_throttled_per_ip() {
 }
 
 #[tokio::test]
+async fn the_per_account_login_limit_keys_a_digest_not_the_email() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let huge = format!("{}@example.com", "x".repeat(20_000));
+    assert_eq!(app.login(&huge, "guess guess guess").await.status(), StatusCode::UNAUTHORIZED);
+    let client = redis::Client::open(app.config.redis_url.as_str()).expect("redis url");
+    let mut redis = client.get_multiplexed_async_connection().await.expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:rl:login-account:*", app.config.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].len() < 100 && !keys[0].contains("xxxx"), "the key holds the email: {}…", &keys[0][..80]);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn limits_hold_across_two_api_processes_sharing_redis() {
     let mut app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
     let second = app.spawn_second_api().await;

@@ -85,6 +85,14 @@ async fn a_job_runs_through_an_openai_compatible_server() {
         (first["output"].clone(), json!(true), json!(0.0))
     );
     assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 1);
+
+    // Another user asking the same is not told, by a free cached answer, that someone did.
+    let (_, other_key) = app.user_with_key().await;
+    let response = app.submit(&other_key, &body).await;
+    let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
+    let job = app.wait_for_terminal(&other_key, id).await;
+    assert_eq!(job["steps"][0]["cached"], false, "{job}");
+    assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 2);
     app.stop().await;
 }
 
@@ -129,12 +137,30 @@ async fn an_open_circuit_shows_in_the_catalog_and_readiness() {
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["open_circuits"], json!(["local"]));
 
-    // While open, calls fail fast: the server sees no third request.
-    let response = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
-    let id = response.json::<Value>().await.expect("JSON")["id"].as_str().expect("id").parse().expect("uuid");
-    let job = app.wait_for_terminal(&key, id).await;
-    assert_eq!(job["steps"][0]["error"]["code"], "circuit_open");
+    // While open, a job that could only fail is refused, with the cool-down left.
+    let refused = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body = problem(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(body["type"], "https://ultra.dev/problems/models-unavailable");
     assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_model_without_its_key_is_refused_at_submit() {
+    let config = catalog("http://127.0.0.1:9").replace(
+        "base_url = ",
+        &format!("api_key_env = \"ULTRA_TEST_UNSET_{}\"\nbase_url = ", uuid::Uuid::new_v4().simple()),
+    );
+    let app = TestApp::spawn_with(Options { config_toml: Some(config), ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let response = app.submit(&key, &json!({ "prompt": "hi", "models": ["local/llama"] })).await;
+    let body = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(body["errors"][0]["field"], "models[0]");
+    assert!(body["errors"][0]["message"].as_str().is_some_and(|m| m.contains("not available")), "{body}");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&app.pool).await.expect("count");
+    assert_eq!(jobs, 0, "nothing was accepted");
     app.stop().await;
 }
 

@@ -39,6 +39,12 @@ pub struct Options {
     pub config_toml: Option<String>,
     /// `ULTRA_METRICS_TOKEN`.
     pub metrics_token: Option<String>,
+    /// `ULTRA_TRUSTED_PROXIES`.
+    pub trusted_proxies: Vec<String>,
+    /// `ULTRA_HEADER_TIMEOUT_SECS` (the default when `None`).
+    pub header_timeout_secs: Option<u64>,
+    /// `ULTRA_MAX_CONNECTIONS` (the default when `None`).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Options {
@@ -57,6 +63,9 @@ impl Default for Options {
             cors_origins: Vec::new(),
             config_toml: None,
             metrics_token: None,
+            trusted_proxies: Vec::new(),
+            header_timeout_secs: None,
+            max_connections: None,
         }
     }
 }
@@ -116,6 +125,9 @@ impl TestApp {
         config.relay_interval_ms = 200;
         config.cors_origins = options.cors_origins.clone();
         config.metrics_token = options.metrics_token.clone();
+        config.trusted_proxies = options.trusted_proxies.clone();
+        config.header_timeout_secs = options.header_timeout_secs.unwrap_or(config.header_timeout_secs);
+        config.max_connections = options.max_connections.unwrap_or(config.max_connections);
         if let Some(toml) = &options.config_toml {
             let path = std::env::temp_dir().join(format!("ultra-test-{db_name}.toml"));
             std::fs::write(&path, toml).expect("write config file");

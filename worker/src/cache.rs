@@ -1,13 +1,16 @@
 //! The response cache: opt-in per request (`options.cache: true`), in Redis, keyed by
 //! a hash of everything that shapes the answer — model, upstream name, prompt and
-//! generation parameters. Only answers are stored, never errors. A hit costs nothing
-//! and is marked on its step. Without Redis the cache is simply empty.
+//! generation parameters — and of the user who asked. Only answers are stored, never
+//! errors. A hit costs nothing and is marked on its step, so it is kept per user: a
+//! shared entry would tell one user that another had asked the same prompt. Without
+//! Redis the cache is simply empty.
 
 use std::time::Duration;
 
 use common::redis::RedisHandle;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 use crate::providers::{Completion, CompletionRequest};
 
@@ -31,8 +34,9 @@ impl ResponseCache {
         Self { redis, prefix: format!("{prefix}:cache:"), ttl }
     }
 
-    pub fn key(&self, request: &CompletionRequest<'_>) -> String {
+    pub fn key(&self, user_id: Uuid, request: &CompletionRequest<'_>) -> String {
         let identity = serde_json::json!([
+            user_id,
             request.model.id,
             request.model.upstream,
             request.prompt,
@@ -44,8 +48,8 @@ impl ResponseCache {
         format!("{}{hex}", self.prefix)
     }
 
-    pub async fn get(&self, request: &CompletionRequest<'_>) -> Option<Completion> {
-        let raw = self.redis.get_string(&self.key(request)).await.ok()??;
+    pub async fn get(&self, user_id: Uuid, request: &CompletionRequest<'_>) -> Option<Completion> {
+        let raw = self.redis.get_string(&self.key(user_id, request)).await.ok()??;
         let stored: Stored = serde_json::from_str(&raw).ok()?;
         Some(Completion {
             text: stored.text,
@@ -55,7 +59,7 @@ impl ResponseCache {
         })
     }
 
-    pub async fn put(&self, request: &CompletionRequest<'_>, completion: &Completion) {
+    pub async fn put(&self, user_id: Uuid, request: &CompletionRequest<'_>, completion: &Completion) {
         let stored = Stored {
             text: completion.text.clone(),
             input_tokens: completion.input_tokens,
@@ -63,7 +67,7 @@ impl ResponseCache {
             finish_reason: completion.finish_reason.clone(),
         };
         let Ok(raw) = serde_json::to_string(&stored) else { return };
-        if let Err(err) = self.redis.set_string(&self.key(request), &raw, self.ttl).await {
+        if let Err(err) = self.redis.set_string(&self.key(user_id, request), &raw, self.ttl).await {
             tracing::debug!(error = %err, "answer not cached (redis unavailable)");
         }
     }

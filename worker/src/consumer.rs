@@ -1,7 +1,7 @@
 //! The RabbitMQ consumer: manual acks, prefetch = concurrency, and its own recovery.
-//! A lost connection ends the session; the supervisor reconnects with back-off and
-//! the broker redelivers whatever was unacked. Each delivery is acked only after its
-//! job's terminal commit.
+//! A lost connection ends the session: its jobs are aborted and their leases released,
+//! the supervisor reconnects with back-off, and the broker redelivers whatever was
+//! unacked. Each delivery is acked only after its job's terminal commit.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -31,6 +31,9 @@ use crate::pipeline::{self, JobContext};
 /// Longest a session set-up, cancel or close may take before the broker counts as
 /// unresponsive.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest releasing abandoned jobs' leases may hold up a reconnection (or shutdown);
+/// leases it did not release expire unrenewed.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Consumer {
     pub config: Arc<Config>,
@@ -128,13 +131,33 @@ impl Consumer {
                 tracing::warn!(abandoned = in_flight.len(), "connection lost; in-flight jobs will be redelivered")
             }
         }
-        in_flight.abort_all();
+        self.abandon(&mut in_flight).await;
         let close = async {
             let _ = channel.close(200, "shutdown".into()).await;
             let _ = connection.close(200, "shutdown".into()).await;
         };
         let _ = tokio::time::timeout(SETUP_TIMEOUT, close).await;
         ended
+    }
+
+    /// Stops the session's unfinished jobs and, once they have all stopped, releases
+    /// their leases, so that their redeliveries — to this worker or another — are
+    /// claimed at once. Kept, the leases would turn those deliveries away as
+    /// duplicates until they expired. Before the channel closes: on shutdown the
+    /// messages are redelivered only then, and find their jobs free.
+    async fn abandon(&self, in_flight: &mut JoinSet<()>) {
+        if in_flight.is_empty() {
+            return;
+        }
+        // Aborted and awaited: no run of this process is left to use a lease.
+        in_flight.shutdown().await;
+        match tokio::time::timeout(RELEASE_TIMEOUT, pipeline::release_leases(&self.ctx)).await {
+            Ok(Ok(released)) => tracing::info!(released = released.len(), "released the leases of abandoned jobs"),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot release the leases of abandoned jobs; they expire unrenewed")
+            }
+            Err(_) => tracing::warn!("releasing the leases of abandoned jobs timed out; they expire unrenewed"),
+        }
     }
 }
 
@@ -181,6 +204,8 @@ async fn settle(
     let mut backoff = Duration::from_millis(500);
     let done = loop {
         match AssertUnwindSafe(pipeline::run(ctx, job_id, context)).catch_unwind().await {
+            // Ended, retried, a duplicate, or lost to another worker (which holds the
+            // job now, or the reaper requeued it): either way this delivery is done.
             Ok(Ok(_)) => break true,
             Ok(Err(err)) => {
                 tracing::warn!(%job_id, error = %err, retry_in_ms = backoff.as_millis() as u64, "job interrupted by an infrastructure error")

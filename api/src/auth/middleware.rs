@@ -2,16 +2,23 @@
 //! then apply the rate-limit policies that fit the route and the caller, and write
 //! the `RateLimit` headers on the response. Unauthenticated routes (`register`,
 //! `login`, `refresh`) are limited per client IP, login most strictly (password
-//! guessing); authenticated ones per user, across every api replica.
+//! guessing); authenticated ones per user, across every api replica. Before any
+//! credential is looked up, an address that has failed too many is refused
+//! ([`CredentialLookups`]).
 
 use std::{net::IpAddr, sync::Arc};
 
 use poem::{http::Method, Endpoint, IntoResponse, Middleware, Request, Response, Result};
 
-use super::{authenticate, Principal};
+use super::{
+    authenticate,
+    lookups::{CredentialLookups, Outcome},
+    Principal,
+};
 use crate::{
+    client_ip::ClientIps,
     error::ApiError,
-    limits::{write_headers, Policy},
+    limits::{write_headers, Decision, Policy},
     state::AppState,
 };
 
@@ -22,18 +29,30 @@ const REFRESH_PER_MINUTE: u32 = 30;
 /// Per-IP limit of `/v1` requests without valid credentials (key guessing).
 const ANONYMOUS_PER_MINUTE: u32 = 60;
 
-pub struct Gate;
+pub struct Gate {
+    client_ips: ClientIps,
+}
+
+impl Gate {
+    /// `client_ips` tells a client's address behind the trusted proxies.
+    pub fn new(client_ips: ClientIps) -> Self {
+        Self { client_ips }
+    }
+}
 
 impl<E: Endpoint> Middleware<E> for Gate {
     type Output = GateEndpoint<E>;
 
     fn transform(&self, inner: E) -> Self::Output {
-        GateEndpoint { inner }
+        GateEndpoint { inner, client_ips: self.client_ips.clone(), lookups: CredentialLookups::default() }
     }
 }
 
 pub struct GateEndpoint<E> {
     inner: E,
+    client_ips: ClientIps,
+    /// This process's failed credentials per address.
+    lookups: CredentialLookups,
 }
 
 impl<E: Endpoint> Endpoint for GateEndpoint<E> {
@@ -45,25 +64,39 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
             return self.inner.call(req).await.map(IntoResponse::into_response); // health, docs, spec
         }
         let state = req.data::<Arc<AppState>>().cloned().ok_or_else(|| ApiError::Internal("state missing".into()))?;
-        let ip = client_ip(&req);
+        let ip = client_ip(&self.client_ips, &req);
+        let ticket = stream_ticket(&req);
+        let token = if ticket.is_none() { bearer_token(&req) } else { None };
         let mut principal = None;
-        if let Some((job_id, ticket)) = stream_ticket(&req) {
-            match super::authenticate_ticket(&state, &ticket, job_id).await {
+        if ticket.is_some() || token.is_some() {
+            // Cheap and in-process, before anything is looked up.
+            let lookup = match self.lookups.begin(&ip) {
+                Ok(lookup) => lookup,
+                Err(refused) => return Ok(refusal(&[refused])),
+            };
+            let is_ticket = ticket.is_some();
+            let found = match (ticket, token) {
+                (Some((job_id, ticket)), _) => super::authenticate_ticket(&state, &ticket, job_id).await,
+                (None, Some(token)) => authenticate(&state, &token).await,
+                (None, None) => Err(ApiError::Unauthorized),
+            };
+            match found {
                 Ok(found) => {
-                    // The operation's bearer scheme wants a header; the principal it
-                    // will be handed is this one, bound to this job's stream.
-                    req.headers_mut()
-                        .insert("authorization", poem::http::HeaderValue::from_static("Bearer stream-ticket"));
+                    self.lookups.settle(&ip, lookup, Outcome::Valid);
+                    if is_ticket {
+                        // The operation's bearer scheme wants a header; the principal it
+                        // will be handed is this one, bound to this job's stream.
+                        req.headers_mut()
+                            .insert("authorization", poem::http::HeaderValue::from_static("Bearer stream-ticket"));
+                    }
                     principal = Some(found);
                 }
-                Err(ApiError::Unauthorized) => {}
-                Err(err) => return Err(err.into()),
-            }
-        } else if let Some(token) = bearer_token(&req) {
-            match authenticate(&state, &token).await {
-                Ok(found) => principal = Some(found),
-                Err(ApiError::Unauthorized) => {} // the operation answers 401
-                Err(err) => return Err(err.into()),
+                // The operation answers 401.
+                Err(ApiError::Unauthorized) => self.lookups.settle(&ip, lookup, Outcome::Invalid),
+                Err(err) => {
+                    self.lookups.settle(&ip, lookup, Outcome::Undecided);
+                    return Err(err.into());
+                }
             }
         }
 
@@ -98,22 +131,27 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
         if let Some(principal) = principal {
             req.extensions_mut().insert::<Principal>(principal);
         }
-        let refused = decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after_secs);
-        let mut response = match refused {
-            Some(decision) => {
-                metrics::counter!(common::metrics::RATE_LIMITED, "policy" => decision.policy.name).increment(1);
-                let error =
-                    ApiError::RateLimited { policy: decision.policy.name, retry_after: decision.retry_after_secs };
-                poem::error::ResponseError::as_response(&error)
-            }
-            None => match self.inner.call(req).await {
-                Ok(output) => output.into_response(),
-                Err(err) => crate::error::into_problem(err).await,
-            },
+        if decisions.iter().any(|d| !d.allowed) {
+            return Ok(refusal(&decisions));
+        }
+        let mut response = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(err) => crate::error::into_problem(err).await,
         };
         write_headers(&decisions, response.headers_mut());
         Ok(response)
     }
+}
+
+/// The 429 for a request some of `decisions` refused, naming the policy that asks
+/// for the longest wait, with every decision's headers.
+fn refusal(decisions: &[Decision]) -> Response {
+    let refused = decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after_secs);
+    let (policy, retry_after) = refused.map_or(("unknown", 1), |d| (d.policy.name, d.retry_after_secs));
+    metrics::counter!(common::metrics::RATE_LIMITED, "policy" => policy).increment(1);
+    let mut response = poem::error::ResponseError::as_response(&ApiError::RateLimited { policy, retry_after });
+    write_headers(decisions, response.headers_mut());
+    response
 }
 
 /// `GET /v1/jobs/{id}/events?ticket=…` without an `Authorization` header.
@@ -132,18 +170,17 @@ fn bearer_token(req: &Request) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned()).filter(|t| !t.is_empty())
 }
 
-/// The peer address, IPv6 by its /64 (one host usually holds a whole /64, so keying
-/// by /128 would hand it 2^64 buckets). Behind a reverse proxy this is the proxy;
-/// trusting `X-Forwarded-For` needs a configured list of proxies, which Ultra does
-/// not have yet.
-fn client_ip(req: &Request) -> String {
-    match req.remote_addr().as_socket_addr().map(|a| a.ip()) {
-        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+/// The client's address (behind trusted proxies, the one they name), IPv6 by its /64
+/// (one host usually holds a whole /64, so keying by /128 would hand it 2^64 buckets).
+fn client_ip(client_ips: &ClientIps, req: &Request) -> String {
+    let Some(peer) = req.remote_addr().as_socket_addr().map(|a| a.ip()) else {
+        return "unknown".to_owned();
+    };
+    match client_ips.resolve(peer, req.headers()) {
+        IpAddr::V6(v6) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
-        Some(IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or_else(String::new, |v4| v4.to_string()),
-        Some(ip) => ip.to_string(),
-        None => "unknown".to_owned(),
+        IpAddr::V4(v4) => v4.to_string(),
     }
 }

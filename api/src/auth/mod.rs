@@ -6,6 +6,7 @@
 //! keys, tokens or users exist.
 
 pub mod jwt;
+pub mod lookups;
 pub mod middleware;
 pub mod password;
 pub mod refresh;

@@ -1,7 +1,12 @@
 //! Stream tickets: a browser's `EventSource` cannot send an `Authorization` header, and
 //! a long-lived token must never go in a URL. So a client trades its credential for a
-//! ticket — random, single-use, valid 60 seconds, bound to one job and one user — and
+//! ticket — random, bound to one job and one user, to be used within 60 seconds — and
 //! opens `/v1/jobs/{id}/events?ticket=…`. Tickets live in Redis as a hash only.
+//!
+//! An `EventSource` reconnects to the same URL (after a dropped connection, or a
+//! stream closed while idle), so a ticket that has opened a stream stays good for its
+//! job and user until the job's deadline plus 60 seconds: the reconnection resumes
+//! with `Last-Event-ID`, and one after the job's end gets `204` (which stops it).
 
 use std::time::Duration;
 
@@ -28,13 +33,26 @@ pub async fn issue(redis: &RedisHandle, prefix: &str, user_id: Uuid, job_id: Uui
     Ok(ticket)
 }
 
-/// Spends a ticket: the user it was issued to, if it is valid for `job_id`. A ticket
-/// works once, whatever the outcome.
+/// The user a ticket was issued to, if it is valid for `job_id`.
 pub async fn redeem(redis: &RedisHandle, prefix: &str, ticket: &str, job_id: Uuid) -> Option<Uuid> {
     if ticket.len() > 64 {
         return None;
     }
-    let stored = redis.take_string(&key(prefix, ticket)).await.ok()??;
+    let stored = redis.get_string(&key(prefix, ticket)).await.ok()??;
     let (user, job) = stored.split_once(':')?;
     (job.parse::<Uuid>().ok()? == job_id).then(|| user.parse().ok()).flatten()
+}
+
+/// Keeps a ticket that opened a stream good for reconnections: until the job's
+/// deadline (when its stream can have nothing more to say) plus [`TICKET_TTL`].
+pub async fn keep_for_reconnects(
+    redis: &RedisHandle,
+    prefix: &str,
+    ticket: &str,
+    deadline: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    let until_deadline = deadline.and_then(|at| (at - chrono::Utc::now()).to_std().ok()).unwrap_or(Duration::ZERO);
+    if let Err(err) = redis.expire(&key(prefix, ticket), until_deadline + TICKET_TTL).await {
+        tracing::debug!(error = %err, "stream ticket not extended (redis unavailable)");
+    }
 }

@@ -68,6 +68,13 @@ fn is_partial(head: &[u8]) -> bool {
     matches!(httparse::Request::new(&mut headers).parse(head), Ok(httparse::Status::Partial))
 }
 
+/// Whether `head`, as [`read_head`] left it, still lacks bytes that did not come in
+/// time: under the size limit and not yet a whole head (nor a wrong one). A longer
+/// head goes to hyper, whose header timeout then applies.
+pub fn is_unfinished(head: &[u8]) -> bool {
+    head.len() < HEAD_LIMIT && is_partial(head)
+}
+
 /// The request, if `head` is exactly one complete `GET` of a job's event stream over
 /// HTTP/1.1 without a body; `None` leaves the connection to hyper.
 pub fn request(head: &[u8], local: &LocalAddr, remote: &RemoteAddr, scheme: &Scheme) -> Option<Request> {
@@ -92,12 +99,24 @@ pub fn request(head: &[u8], local: &LocalAddr, remote: &RemoteAddr, scheme: &Sch
     Some(Request::from_parts(parts, Body::empty()))
 }
 
-/// `/v1/jobs/{id}/events`, with or without a query.
+/// `/v1/jobs/{id}/events` with the job's id as a hyphenated UUID, with or without a
+/// query, without a fragment. Anything else — another route, another spelling of an
+/// id — is hyper's, so this path never serves what the router would not.
 fn is_event_stream(target: &str) -> bool {
+    if target.contains('#') {
+        return false;
+    }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    path.strip_prefix("/v1/jobs/")
-        .and_then(|rest| rest.strip_suffix("/events"))
-        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+    path.strip_prefix("/v1/jobs/").and_then(|rest| rest.strip_suffix("/events")).is_some_and(is_hyphenated_uuid)
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, in hex digits.
+fn is_hyphenated_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(at, b)| match at {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// Answers `request` on `socket` through `app`, once one of the `openings` is free,
@@ -128,6 +147,7 @@ pub async fn serve(
 
 async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
     let (parts, body) = response.into_parts();
+    let status = parts.status;
     let is_stream = parts.status == http::StatusCode::OK
         && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut head =
@@ -146,7 +166,11 @@ async fn respond(socket: &mut TcpStream, response: Response) -> io::Result<()> {
     if !is_stream {
         // An error or other short answer: whole, with its length.
         let body = body.into_vec().await.unwrap_or_default();
-        head.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
+        // A 204 has no body and no length (RFC 9110 §8.6).
+        if status != http::StatusCode::NO_CONTENT {
+            head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        }
+        head.extend_from_slice(b"connection: close\r\n\r\n");
         head.extend_from_slice(&body);
         return socket.write_all(&head).await;
     }
@@ -256,6 +280,49 @@ mod tests {
         assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nContent-Length: 0\r\n\r\n")));
         assert!(!taken(&format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n")));
         assert!(!taken("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    }
+
+    #[test]
+    fn only_the_event_stream_route_with_a_job_id_is_taken() {
+        let id = "0192f7a0-0000-7000-8000-00000000abcd";
+        let get = |target: &str| taken(&format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(get(&format!("/v1/jobs/{id}/events")));
+        assert!(get(&format!("/v1/jobs/{}/events", id.to_uppercase())));
+        assert!(get(&format!("/v1/jobs/{id}/events?ticket=t&x=1")));
+        for target in [
+            format!("/v1/jobs/{id}/events#fragment"),
+            format!("/v1/jobs/{id}/events?ticket=t#fragment"),
+            format!("/v1/jobs/{id}#/events"),
+            format!("/v1/jobs/{id}/events/"),
+            format!("/v1/jobs/{id}/eventsx"),
+            format!("/v1/jobs/{id}/cancel/events"),
+            format!("/v1/jobs/{id}"),
+            format!("/v1/jobs/{}/events", id.replace('-', "")),
+            format!("/v1/jobs/{{{id}}}/events"),
+            format!("/v1/jobs/urn:uuid:{id}/events"),
+            format!("/v1/jobs/{}/events", &id[..35]),
+            format!("/v1/jobs/{id}0/events"),
+            format!("/v1/jobs/../jobs/{id}/events"),
+            format!("//v1/jobs/{id}/events"),
+            format!("/v2/jobs/{id}/events"),
+            format!("http://a/v1/jobs/{id}/events"),
+            "/v1/jobs/0192f7a0-0000-7000-8000-00000000abcg/events".to_owned(),
+            "/v1/jobs/0192f7a0+0000-7000-8000-00000000abcd/events".to_owned(),
+            "/v1/jobs/%30192f7a0-0000-7000-8000-00000000abcd/events".to_owned(),
+            "/v1/jobs/x/events".to_owned(),
+        ] {
+            assert!(!get(&target), "{target}");
+        }
+    }
+
+    #[test]
+    fn an_unfinished_head_is_partial_and_under_the_limit() {
+        assert!(is_unfinished(b""), "nothing sent");
+        assert!(is_unfinished(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!is_unfinished(b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!is_unfinished(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "HTTP/2 is hyper's at once");
+        let long = format!("GET / HTTP/1.1\r\nCookie: {}", "c".repeat(HEAD_LIMIT));
+        assert!(!is_unfinished(long.as_bytes()), "a long head is hyper's, under its own deadline");
     }
 
     #[test]

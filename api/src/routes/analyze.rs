@@ -3,7 +3,13 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use common::{db, patterns::PatternSpec, queue::JobMessage, trace::TraceContext};
+use common::{
+    catalog::ModelSpec,
+    db,
+    patterns::{estimate_tokens, PatternSpec},
+    queue::JobMessage,
+    trace::TraceContext,
+};
 use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -17,6 +23,7 @@ use crate::{
     relay,
     routes::{
         jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
+        models::availability,
         ApiTags,
     },
     state::AppState,
@@ -143,17 +150,20 @@ impl AnalyzeApi {
         let tier = state.tiers.for_user(&auth.0.tier);
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let accepted = validate(state, &request, models_allowed)?;
+        check_models_can_run(state, &request.models).await?;
         // The effective `max_tokens` is stored with the job, so the reservation below is
-        // a real bound: every call of every stage reads the prompt (estimated at four
-        // characters a token) and writes at most `max_tokens`.
+        // a real bound: what every call of every stage can read and write.
         // What the key vouches for: the request as parsed (so whitespace does not matter).
         let request_hash = Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec();
         let mut options = request.options.unwrap_or_default();
         let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
         let timeout = options.timeout_s;
-        let calls = accepted.spec.calls(request.models.len()) as i64;
-        let prompt_tokens = request.prompt.chars().count().div_ceil(4) as i64;
-        let reserve = calls * (i64::from(max_tokens) + prompt_tokens);
+        let worst_case = accepted.spec.worst_case_tokens(
+            request.models.len() as u64,
+            estimate_tokens(&request.prompt),
+            u64::from(max_tokens),
+        );
+        let reserve = i64::try_from(worst_case).unwrap_or(i64::MAX);
         let options = serde_json::to_value(options).map_err(|e| ApiError::Internal(e.into()))?;
         let id = Uuid::now_v7();
 
@@ -274,6 +284,47 @@ async fn replay(
     Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id: job.id, status: "queued".to_owned(), links }), location))
 }
 
+/// Refuses what cannot run rather than accepting a job bound to fail: a model whose
+/// provider has no key is a `422` naming it; a job whose every model is behind an
+/// open circuit is a `503` with `Retry-After` (the soonest circuit's cool-down).
+async fn check_models_can_run(state: &AppState, models: &[String]) -> Result<(), ApiError> {
+    let specs: Vec<&ModelSpec> = models.iter().filter_map(|id| state.catalog.get(id)).collect();
+    let availability = availability(state, &specs).await;
+    let unavailable: Vec<FieldError> = specs
+        .iter()
+        .zip(&availability)
+        .enumerate()
+        .filter(|(_, (_, a))| !a.has_key)
+        .map(|(index, (model, _))| {
+            FieldError::new(
+                format!("models[{index}]"),
+                format!(
+                    "model `{}` is not available: its provider `{}` has no API key configured",
+                    model.id, model.provider
+                ),
+            )
+        })
+        .collect();
+    if !unavailable.is_empty() {
+        return Err(ApiError::validation(unavailable));
+    }
+    let soonest = availability
+        .iter()
+        .map(|a| a.circuit_open_for)
+        .collect::<Option<Vec<_>>>()
+        .and_then(|open| open.into_iter().min());
+    if let Some(wait) = soonest {
+        return Err(ApiError::ModelsUnavailable {
+            detail: format!(
+                "every model of this job is behind an open circuit breaker (its provider is failing); retry in {} s",
+                wait.as_secs_f64().ceil() as u64
+            ),
+            retry_after: (wait.as_secs_f64().ceil() as u64).max(1),
+        });
+    }
+    Ok(())
+}
+
 /// Checks everything at once, so the client can fix every field in one round trip.
 /// An oversized prompt is a 413 of its own (it is about size, not shape).
 fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -> Result<Accepted, ApiError> {
@@ -301,7 +352,10 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
         ));
     }
     let mut seen = HashMap::new();
-    for (index, model) in request.models.iter().enumerate() {
+    // Past the count limit each model is not looked at: a long list of bogus names
+    // gets one error, not one per name.
+    let named = if request.models.len() > models_allowed { &[][..] } else { &request.models[..] };
+    for (index, model) in named.iter().enumerate() {
         if let Some(first) = seen.insert(model.as_str(), index) {
             errors.push(FieldError::new(format!("models[{index}]"), format!("duplicate of models[{first}]")));
         } else if state.catalog.get(model).is_none() {

@@ -102,6 +102,16 @@ pub enum NoContent {
 /// Logins per minute for one account, from any number of addresses.
 const LOGIN_PER_ACCOUNT_PER_MINUTE: u32 = 10;
 
+/// The rate-limit key of an account's logins: a digest of the normalised email, so
+/// whatever a client sends as `email` makes a short key (and no address is stored
+/// in Redis in the clear).
+fn account_bucket(email: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(email.as_bytes());
+    format!("email:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..18]))
+}
+
 pub struct AuthApi {
     pub state: Arc<AppState>,
 }
@@ -152,7 +162,7 @@ impl AuthApi {
         let email = db::users::normalize_email(&email);
         // Guessing one account's password from many addresses meets this limit.
         let account_limit = Policy::per_minute("login-account", LOGIN_PER_ACCOUNT_PER_MINUTE);
-        let decision = self.state.limiter.check(&format!("email:{email}"), account_limit).await;
+        let decision = self.state.limiter.check(&account_bucket(&email), account_limit).await;
         if !decision.allowed {
             metrics::counter!(common::metrics::RATE_LIMITED, "policy" => "login-account").increment(1);
             return Err(ApiError::RateLimited { policy: "login-account", retry_after: decision.retry_after_secs });

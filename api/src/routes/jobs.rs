@@ -66,6 +66,10 @@ pub struct ErrorInfo {
     /// For a failed job: each model that failed, at which stage, and why.
     #[oai(skip_serializing_if_is_none)]
     pub failures: Option<Value>,
+    /// For a failed step: the errors of its last runs (`attempt`, `code`, `message`),
+    /// oldest first, so a final `circuit_open` still shows what opened the circuit.
+    #[oai(skip_serializing_if_is_none)]
+    pub attempts: Option<Value>,
 }
 
 impl ErrorInfo {
@@ -76,6 +80,7 @@ impl ErrorInfo {
             message: text("message"),
             retryable: value.get("retryable").and_then(Value::as_bool),
             failures: value.get("failures").cloned(),
+            attempts: value.get("attempts").cloned(),
         }
     }
 }
@@ -343,8 +348,9 @@ impl JobsApi {
     /// Get a stream ticket
     ///
     /// For browsers: `EventSource` cannot send an `Authorization` header, and a
-    /// long-lived token must never go in a URL. The ticket is single-use, valid 60 s,
-    /// and good for this job's event stream only.
+    /// long-lived token must never go in a URL. The ticket must be used within 60 s
+    /// and is good for this job's event stream only; once used it stays good for
+    /// reconnections until the job's deadline plus 60 s, so an `EventSource` resumes.
     #[oai(path = "/jobs/:id/stream-ticket", method = "post")]
     async fn stream_ticket(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<StreamTicket>, ApiError> {
         let job = self.owned_job(&auth, id.0).await?;
@@ -375,9 +381,8 @@ impl JobsApi {
         last_event_id: Header<Option<String>>,
         /// A stream ticket from `POST /v1/jobs/{id}/stream-ticket`, for browsers'
         /// `EventSource` (which cannot send `Authorization`).
-        #[allow(unused_variables)]
         ticket: Query<Option<String>>,
-    ) -> Result<SseBody<StreamItemView>, ApiError> {
+    ) -> Result<EventsResponse, ApiError> {
         if matches!(auth.0.credential, Credential::StreamTicket(job) if job != id.0) {
             return Err(ApiError::NotFound("job not found"));
         }
@@ -387,10 +392,29 @@ impl JobsApi {
                 ApiError::BadRequest("invalid header `Last-Event-ID`: expected an event sequence number".into())
             })?,
         };
+        let state = &self.state;
         let job = self.owned_job(&auth, id.0).await?;
-        let permit = stream_permit(&self.state, &auth.0)?;
-        Ok(event_stream(&self.state, permit, job.id, after, job.status.is_terminal()))
+        if let (Credential::StreamTicket(_), Some(ticket)) = (&auth.0.credential, &ticket.0) {
+            ticket::keep_for_reconnects(&state.redis, &state.config.redis_prefix, ticket, job.deadline_at).await;
+        }
+        let ended = job.status.is_terminal();
+        if ended && after > 0 && db::events::after(&state.pool, job.id, after, 1).await?.is_empty() {
+            return Ok(EventsResponse::Ended);
+        }
+        let permit = stream_permit(state, &auth.0)?;
+        Ok(EventsResponse::Stream(event_stream(state, permit, job.id, after, ended)))
     }
+}
+
+#[derive(ApiResponse)]
+pub enum EventsResponse {
+    /// The job's events after `Last-Event-ID`, as they happen.
+    #[oai(status = 200)]
+    Stream(SseBody<StreamItemView>),
+    /// The client has the job's terminal event already: there is nothing more to
+    /// send (an `EventSource` stops reconnecting on this answer).
+    #[oai(status = 204)]
+    Ended,
 }
 
 /// The SSE response for one job's events after `after`: a `retry:` hint first, then
@@ -452,11 +476,11 @@ pub enum CancelResponse {
     Cancelling(Json<CancelView>),
 }
 
-/// A single-use ticket to open one job's event stream without an `Authorization` header.
+/// A ticket to open one job's event stream without an `Authorization` header.
 #[derive(Debug, Object)]
 pub struct StreamTicket {
     pub ticket: String,
-    /// Seconds the ticket stays valid (it works once).
+    /// Seconds the ticket has to be used in (it then stays good for reconnections).
     pub expires_in: u64,
     /// The stream URL with the ticket, for `new EventSource(url)`.
     pub url: String,

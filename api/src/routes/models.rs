@@ -1,6 +1,6 @@
 //! `GET /v1/models`: the catalog, and whether each model can be used now.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use common::catalog::{circuit_key, ModelSpec};
 use poem_openapi::{payload::Json, Object, OpenApi};
@@ -60,18 +60,16 @@ impl ModelsApi {
     async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
         let state = &self.state;
         let models: Vec<&ModelSpec> = state.catalog.models().collect();
-        let circuit_keys: Vec<String> =
-            models.iter().map(|m| circuit_key(&state.config.redis_prefix, &m.provider)).collect();
-        let open = state.redis.flags(&circuit_keys).await;
+        let availability = availability(state, &models).await;
         let models = models
             .into_iter()
-            .zip(open)
-            .map(|(m, circuit_open)| ModelView {
+            .zip(availability)
+            .map(|(m, availability)| ModelView {
                 id: m.id.clone(),
                 provider: m.provider.clone(),
                 upstream: m.upstream.clone(),
                 description: m.description.clone(),
-                available: state.catalog.has_key(&m.provider) && !circuit_open,
+                available: availability.is_available(),
                 input_price_per_mtok: m.input_price_per_mtok,
                 output_price_per_mtok: m.output_price_per_mtok,
                 context_window: m.context_window,
@@ -80,4 +78,31 @@ impl ModelsApi {
             .collect();
         Ok(Json(ModelList { models }))
     }
+}
+
+/// Whether a model can be called now, as every api replica sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Availability {
+    /// The provider's key is configured (the mock needs none).
+    pub has_key: bool,
+    /// The provider's circuit breaker is open for this much longer (shared through Redis).
+    pub circuit_open_for: Option<Duration>,
+}
+
+impl Availability {
+    pub fn is_available(&self) -> bool {
+        self.has_key && self.circuit_open_for.is_none()
+    }
+}
+
+/// The availability of each of `models`, in order: one Redis round trip for all.
+pub async fn availability(state: &AppState, models: &[&ModelSpec]) -> Vec<Availability> {
+    let circuit_keys: Vec<String> =
+        models.iter().map(|m| circuit_key(&state.config.redis_prefix, &m.provider)).collect();
+    let open_for = state.redis.remaining_ttls(&circuit_keys).await;
+    models
+        .iter()
+        .zip(open_for)
+        .map(|(m, circuit_open_for)| Availability { has_key: state.catalog.has_key(&m.provider), circuit_open_for })
+        .collect()
 }

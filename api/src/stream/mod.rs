@@ -1,8 +1,9 @@
 //! A job's event stream, gapless and without duplicates: subscribe to live events
-//! first, then replay from PostgreSQL after the client's last id, then follow the live
-//! events, dropping any sequence number already sent. A gap in the live sequence, a
-//! lagging subscriber, a hub resync or a quiet interval all fall back to reading the
-//! database, so a lost Redis message delays an event but never loses it.
+//! first, then replay from PostgreSQL after the client's last id, then follow the
+//! hub's events (live from Redis, or re-read by the hub from PostgreSQL, once per job),
+//! dropping any sequence number already sent. A gap in the sequence or a lagging
+//! subscriber fall back to reading the database, so a lost Redis message delays an
+//! event but never loses it.
 //!
 //! Token events (live only) are forwarded as they come. A client that joins while
 //! steps are running first gets a `snapshot` of each running step's text so far (from
@@ -60,14 +61,11 @@ pub struct Partials {
 
 /// Rows read from the database per replay query.
 const REPLAY_BATCH: i64 = 500;
-/// How often a stream re-reads the database while live events flow (a safety net).
-const LIVE_RECHECK: Duration = Duration::from_secs(10);
-/// How often a stream polls the database while Redis is unavailable.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a stream waits before retrying a replay the database refused.
+const REPLAY_RETRY: Duration = Duration::from_millis(500);
 
 pub struct JobEventStream {
     pool: PgPool,
-    hub: Arc<EventHub>,
     subscription: Subscription,
     job_id: Uuid,
     /// The last sequence number sent to the client.
@@ -96,10 +94,9 @@ impl JobEventStream {
     /// Subscribes at once, before any replay, so nothing published in between is missed.
     pub fn new(sources: Sources, job_id: Uuid, after_seq: i64, job_ended: bool) -> Self {
         let Sources { pool, hub, partials, shutdown, idle_limit } = sources;
-        let subscription = hub.subscribe(job_id);
+        let subscription = hub.subscribe(job_id, after_seq);
         Self {
             pool,
-            hub,
             subscription,
             job_id,
             last_seq: after_seq,
@@ -162,7 +159,7 @@ impl JobEventStream {
                     self.needs_replay = true;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                        _ = tokio::time::sleep(REPLAY_RETRY) => {}
                     }
                 } else if self.pending.is_empty() && self.job_ended {
                     return None;
@@ -174,7 +171,6 @@ impl JobEventStream {
                 Box::pin(self.take_snapshots()).await;
                 continue;
             }
-            let quiet = if self.hub.is_live() { LIVE_RECHECK } else { POLL_INTERVAL };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep_until(self.idle_since + self.idle_limit) => return None,
@@ -187,7 +183,6 @@ impl JobEventStream {
                             self.ready.push_back(StreamItem::Token(item));
                         }
                     }
-                    Ok(HubMessage::Resync) => self.needs_replay = true,
                     // Fell behind: lifecycle events come back from the database, and the
                     // dropped tokens are covered by a fresh snapshot.
                     Err(RecvError::Lagged(_)) => {
@@ -197,7 +192,6 @@ impl JobEventStream {
                     // The hub never drops a sender that has receivers; treat it as a resync.
                     Err(RecvError::Closed) => self.needs_replay = true,
                 },
-                _ = tokio::time::sleep(quiet) => self.needs_replay = true,
             }
         }
     }

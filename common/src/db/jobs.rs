@@ -171,8 +171,14 @@ pub async fn list_owned(
 pub enum Unclaimed {
     /// Terminal or unknown: the delivery is a duplicate.
     Finished,
-    /// Another worker holds a live lease on it: that worker will finish it, or the
-    /// reaper will return it to the queue if it dies.
+    /// Another worker holds a live lease on it. Acking and dropping the delivery cannot
+    /// strand the job, because a lease outlives its holder's run by at most `lease`:
+    /// renewals extend only the jobs a worker is running now (`renew_leases`), and a
+    /// worker that stops running one without ending it (its broker connection dropped,
+    /// it shut down) releases the lease at once (`release_leases`). So the holder
+    /// either ends the job or sends it back to `queued` with an outbox row (a retry),
+    /// or the lease expires and the reaper (`reap_expired`, in every api) returns the
+    /// job to `queued` with an outbox row, which the relay publishes.
     Leased,
 }
 
@@ -236,25 +242,50 @@ pub async fn claim(
     }))
 }
 
-/// Extends every lease `owner` holds on a running job (one query for a whole worker).
+/// Extends `owner`'s leases on `ids`, the jobs it is running now — never on a job it
+/// has stopped running (one aborted when its broker connection dropped, say), which
+/// would then stay leased, and its redeliveries dropped, for as long as the worker
+/// is busy. Returns the ids renewed: one missing is no longer `owner`'s (its lease
+/// expired and the reaper or another worker took it, or it ended elsewhere), so its
+/// run must stop. An expired lease nobody took is still `owner`'s, and renewed.
 pub async fn renew_leases(
     ex: impl PgExecutor<'_>,
     owner: Uuid,
+    ids: &[Uuid],
     lease: std::time::Duration,
-) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE jobs SET lease_until = now() + make_interval(secs => $2)
-          WHERE lease_owner = $1 AND status = 'running'",
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $3)
+          WHERE id = ANY($2) AND lease_owner = $1 AND status = 'running'
+          RETURNING id",
     )
     .bind(owner)
+    .bind(ids)
     .bind(lease.as_secs_f64())
-    .execute(ex)
-    .await?;
-    Ok(done.rows_affected())
+    .fetch_all(ex)
+    .await
 }
 
-/// Returns running jobs whose lease expired (their worker is gone) to the queue, with
-/// an outbox row each so the relay publishes them. Returns how many.
+/// Ends every lease `owner` holds on a running job now, for a worker that runs none of
+/// them any more (it aborted them when its broker connection dropped, or abandoned
+/// them at shutdown): their messages go back to the queue, and the next delivery,
+/// wherever it lands, claims the job at once instead of finding it leased. A job
+/// whose delivery was dropped meanwhile (it came while the lease was still live) is
+/// now expired, so the reaper's next pass requeues it. Returns the jobs released.
+pub async fn release_leases(ex: impl PgExecutor<'_>, owner: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE jobs SET lease_until = now()
+          WHERE lease_owner = $1 AND status = 'running' AND lease_until > now()
+          RETURNING id",
+    )
+    .bind(owner)
+    .fetch_all(ex)
+    .await
+}
+
+/// Returns running jobs whose lease expired (their worker is gone, or released the
+/// lease when it stopped running them) to the queue, with an outbox row each so the
+/// relay publishes them. Returns their ids.
 pub async fn reap_expired(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "WITH expired AS (
@@ -288,22 +319,29 @@ pub async fn finish(
 ) -> Result<Option<(Finished, JobEvent)>, sqlx::Error> {
     debug_assert!(status.is_terminal());
     let row: Option<FinishedRow> = sqlx::query_as(
-        "WITH finished AS (
+        "WITH spent AS (
+            -- Cached answers cost nothing: they count neither tokens nor money. What an
+            -- earlier end of this job booked (a replayed dead letter's) is not booked again.
+            SELECT coalesce(sum(coalesce(s.input_tokens, 0) + coalesce(s.output_tokens, 0))
+                                FILTER (WHERE NOT s.cached), 0)::bigint AS tokens,
+                   coalesce(sum(s.cost_micros), 0)::bigint AS cost,
+                   (SELECT booked_tokens FROM jobs WHERE id = $1) AS booked_tokens,
+                   (SELECT booked_cost_micros FROM jobs WHERE id = $1) AS booked_cost
+              FROM job_steps s WHERE s.job_id = $1
+         ), finished AS (
             UPDATE jobs SET status = $2, result = $3, error = $4, finished_at = now(), updated_at = now(),
-                            last_event_seq = last_event_seq + 1
+                            last_event_seq = last_event_seq + 1,
+                            booked_tokens = spent.tokens, booked_cost_micros = spent.cost
+              FROM spent
              WHERE id = $1 AND status IN ('queued', 'running')
-             RETURNING id, user_id, pattern, created_at, finished_at, reserved_day, reserved_tokens, last_event_seq
-         ), spent AS (
-            -- Cached answers cost nothing: they count neither tokens nor money.
-            SELECT coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))
-                                FILTER (WHERE NOT cached), 0)::bigint AS tokens,
-                   coalesce(sum(cost_micros), 0)::bigint AS cost
-              FROM job_steps WHERE job_id = $1
+             RETURNING id, user_id, pattern, created_at, finished_at, reserved_day, reserved_tokens, last_event_seq,
+                       greatest(spent.tokens - spent.booked_tokens, 0) AS new_tokens,
+                       greatest(spent.cost - spent.booked_cost, 0) AS new_cost
          ), settled AS (
             UPDATE usage_daily u
-               SET reserved = greatest(u.reserved - f.reserved_tokens, 0), used = u.used + spent.tokens,
-                   cost_micros = u.cost_micros + spent.cost
-              FROM finished f, spent
+               SET reserved = greatest(u.reserved - f.reserved_tokens, 0), used = u.used + f.new_tokens,
+                   cost_micros = u.cost_micros + f.new_cost
+              FROM finished f
              WHERE f.reserved_day IS NOT NULL AND u.user_id = f.user_id AND u.day = f.reserved_day
          ), event AS (
             INSERT INTO job_events (job_id, seq, kind, data)

@@ -8,6 +8,7 @@ pub mod idempotency;
 pub mod jobs;
 pub mod outbox;
 pub mod refresh_tokens;
+pub mod retention;
 pub mod steps;
 pub mod usage;
 pub mod users;

@@ -56,11 +56,13 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error>
 }
 
 /// Locks up to `limit` rows older than `min_age_ms` that no other relay holds. The
-/// age keeps the relay from racing the fast path for a job being published right now.
+/// age keeps the relay from racing the fast path for a job being published right now;
+/// a retry's row (one with a delay) has no fast path, and waits no longer than the
+/// delay it reports.
 pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, job_id, attempt, delay_ms, traceparent FROM outbox
-          WHERE created_at < now() - make_interval(secs => $1::float8 / 1000)
+          WHERE created_at < now() - make_interval(secs => $1::float8 / 1000) OR delay_ms > 0
           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(min_age_ms)

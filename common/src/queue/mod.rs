@@ -14,8 +14,10 @@
 //! Declarations are idempotent and use only arguments RabbitMQ 3.10 and 4.x both
 //! accept, so every process may declare on start-up.
 
+pub mod nodes;
 mod publisher;
 
+pub use nodes::connect;
 pub use publisher::{Publisher, QueueStats};
 
 use std::time::Duration;
@@ -23,7 +25,7 @@ use std::time::Duration;
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    Channel, Connection, ConnectionProperties, ExchangeKind,
+    Channel, Connection, ExchangeKind,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -35,7 +37,7 @@ pub const ANALYZE_ROUTING_KEY: &str = "analyze";
 /// because RabbitMQ 3.x has no default limit and 4.x defaults to 20.
 pub const DELIVERY_LIMIT: i32 = 10;
 
-/// How long a connection attempt may take before the broker counts as down.
+/// How long a connection attempt to one node may take before it counts as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Exchange and queue names for one prefix.
@@ -86,7 +88,11 @@ impl Topology {
             .chain(self.delay_queues.iter().map(|(_, queue)| ("delay", queue.as_str())))
     }
 
-    /// Declares everything; safe to repeat (same names, same arguments).
+    /// Declares what consuming and publishing jobs need — the exchanges, the two
+    /// quorum queues, their bindings — and is safe to repeat (same names, same
+    /// arguments). In a cluster all of it answers while a majority of nodes is up, so
+    /// it works through any surviving node. The delay queues are declared apart
+    /// ([`Self::declare_delay_queues`]): they live on one node.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         // Durable: the topology survives a broker restart (https://www.rabbitmq.com/docs/queues#durability).
         let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
@@ -114,14 +120,6 @@ impl Topology {
         work_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange.as_str().into()));
         channel.queue_declare(self.analyze_queue.as_str().into(), QueueDeclareOptions::durable(), work_args).await?;
         channel.queue_declare(self.dead_queue.as_str().into(), QueueDeclareOptions::durable(), quorum_args()).await?;
-        for (ttl, queue) in &self.delay_queues {
-            // Classic queues: per-queue TTL and dead-lettering work alike on 3.10 and 4.x.
-            let mut args = FieldTable::default();
-            args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl.as_millis() as i32));
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange.as_str().into()));
-            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(ANALYZE_ROUTING_KEY.into()));
-            channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args).await?;
-        }
 
         for (queue, exchange) in [(&self.analyze_queue, &self.jobs_exchange), (&self.dead_queue, &self.dead_exchange)] {
             channel
@@ -134,6 +132,24 @@ impl Topology {
                 )
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Declares the delay queues, on a channel of their own. They are classic queues,
+    /// which live on the node that first declared them: while that node is down,
+    /// declaring them fails (`NOT_FOUND`, home node down) and the broker closes the
+    /// channel — which must not be the caller's. Only publishers use them.
+    pub async fn declare_delay_queues(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        for (ttl, queue) in &self.delay_queues {
+            // Classic queues: per-queue TTL and dead-lettering work alike on 3.10 and 4.x.
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl.as_millis() as i32));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange.as_str().into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(ANALYZE_ROUTING_KEY.into()));
+            channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+        }
+        let _ = channel.close(200, "done".into()).await;
         Ok(())
     }
 }
@@ -159,15 +175,6 @@ fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
-}
-
-/// Opens a connection, failing after `CONNECT_TIMEOUT` rather than hanging.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out connecting to RabbitMQ").into()),
-    }
 }
 
 /// Consumes `queue` with manual acks and a broker-chosen consumer tag.

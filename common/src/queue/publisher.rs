@@ -92,10 +92,16 @@ impl Publisher {
         // mandatory: an unroutable message comes back instead of vanishing.
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let result = async {
+            let now = (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY);
             let (exchange, routing_key) = if delay.is_zero() {
-                (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY)
-            } else {
+                now
+            } else if self.delay_queue_available(self.topology.delay_queue(delay)).await {
                 ("", self.topology.delay_queue(delay))
+            } else {
+                // Late rather than lost: the broker would confirm a message routed to a
+                // classic queue whose node is down, and drop it.
+                tracing::warn!(job_id = %message.job_id(), "delay queue unavailable (its node is down?); publishing the retry without delay");
+                now
             };
             let confirm =
                 channel.basic_publish(exchange.into(), routing_key.into(), options, &payload, properties).await?;
@@ -151,6 +157,22 @@ impl Publisher {
         }
     }
 
+    /// Whether `queue` (a delay queue) can take a message now: a passive declare on a
+    /// channel of its own (a failed one closes its channel). Only retries pay for it.
+    async fn delay_queue_available(&self, queue: &str) -> bool {
+        let check = async {
+            let channel = match &*self.state.lock().await {
+                State::Connected(link) => link.connection.create_channel().await?,
+                State::Disconnected { .. } => return Err(std::io::Error::other("disconnected").into()),
+            };
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            channel.queue_declare(queue.into(), passive, FieldTable::default()).await?;
+            let _ = channel.close(200, "done".into()).await;
+            Ok::<_, lapin::Error>(())
+        };
+        matches!(tokio::time::timeout(CONFIRM_TIMEOUT, check).await, Ok(Ok(())))
+    }
+
     async fn channel(&self) -> Result<Channel, PublishError> {
         let mut state = self.state.lock().await;
         if let State::Connected(link) = &*state {
@@ -176,19 +198,26 @@ impl Publisher {
         }
     }
 
-    /// Connects, declares and enables confirms, bounded in time: a broker that accepts
-    /// TCP but stalls must not hold every submit behind this lock.
+    /// Connects (to the first node of the list that answers, each bounded by
+    /// `connect`), declares and enables confirms, bounded in time: a broker that
+    /// accepts TCP but stalls must not hold every submit behind this lock.
     async fn open(&self) -> Result<Link, lapin::Error> {
-        let open = async {
-            // Named after the topology, so an operator (or a test) can find this one.
-            let connection = connect(&self.url, &format!("ultra-publisher {}", self.topology.jobs_exchange)).await?;
+        // Named after the topology, so an operator (or a test) can find this one.
+        let connection = connect(&self.url, &format!("ultra-publisher {}", self.topology.jobs_exchange)).await?;
+        let setup = async {
             let channel = connection.create_channel().await?;
             self.topology.declare(&channel).await?;
+            // Without them only retries suffer (see `publish_after`): not a reason to refuse jobs.
+            if let Err(err) = self.topology.declare_delay_queues(&connection).await {
+                tracing::warn!(error = %err, "cannot declare the delay queues (their node is down?)");
+            }
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok(Link { connection, channel })
+            Ok::<_, lapin::Error>(channel)
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT * 2, open).await {
-            Ok(result) => result,
+        let setup = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await;
+        match setup {
+            Ok(Ok(channel)) => Ok(Link { connection, channel }),
+            Ok(Err(err)) => Err(err),
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "RabbitMQ set-up timed out").into()),
         }
     }

@@ -45,11 +45,29 @@ pub struct JobContext {
     pub log_prompts: bool,
 }
 
-/// The jobs one worker process is running, each with the token that aborts it: a
+/// The jobs one worker process is running, each with the tokens that stop it: a
 /// duplicate delivery of one of them is dropped rather than run twice at once, and one
 /// watcher (`watch`) serves them all.
 #[derive(Default)]
-pub struct RunningJobs(std::sync::Mutex<HashMap<Uuid, CancellationToken>>);
+pub struct RunningJobs {
+    jobs: std::sync::Mutex<HashMap<Uuid, Running>>,
+    /// Held by a renewal from reading the running jobs to its update, and by a release
+    /// (`release_leases`): a renewal that read jobs which have stopped since cannot
+    /// extend their leases after the release.
+    renewals: tokio::sync::Mutex<()>,
+}
+
+/// One job running here.
+struct Running {
+    /// Cancelled on a cancellation request: the job ends `cancelled`.
+    cancel: CancellationToken,
+    /// Cancelled when a renewal finds the lease is no longer ours: the run is dropped
+    /// and writes nothing more (another worker has the job, or it ended elsewhere).
+    lease_lost: CancellationToken,
+    /// Whether its claim succeeded: only then is there a lease to renew (a job is
+    /// entered before its claim, so two deliveries here cannot both claim it).
+    claimed: bool,
+}
 
 /// Marks a job running here until dropped (also when its task is aborted).
 pub struct RunningGuard<'a> {
@@ -58,22 +76,45 @@ pub struct RunningGuard<'a> {
 }
 
 impl RunningJobs {
-    pub fn enter(&self, job_id: Uuid, cancel: CancellationToken) -> Option<RunningGuard<'_>> {
-        let mut jobs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn enter(
+        &self,
+        job_id: Uuid,
+        cancel: CancellationToken,
+        lease_lost: CancellationToken,
+    ) -> Option<RunningGuard<'_>> {
+        let mut jobs = self.lock();
         if jobs.contains_key(&job_id) {
             return None;
         }
-        jobs.insert(job_id, cancel);
+        jobs.insert(job_id, Running { cancel, lease_lost, claimed: false });
         Some(RunningGuard { jobs: self, job_id })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn ids(&self) -> Vec<Uuid> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+        self.lock().keys().copied().collect()
+    }
+
+    /// The claimed jobs, each with the token that drops its run if its lease is lost.
+    fn leased(&self) -> Vec<(Uuid, CancellationToken)> {
+        self.lock().iter().filter(|(_, job)| job.claimed).map(|(id, job)| (*id, job.lease_lost.clone())).collect()
     }
 
     fn cancel(&self, job_id: Uuid) {
-        if let Some(token) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&job_id) {
-            token.cancel();
+        if let Some(job) = self.lock().get(&job_id) {
+            job.cancel.cancel();
+        }
+    }
+}
+
+impl RunningGuard<'_> {
+    /// The claim succeeded: from now on the watcher renews the job's lease.
+    pub fn claimed(&self) {
+        if let Some(job) = self.jobs.lock().get_mut(&self.job_id) {
+            job.claimed = true;
         }
     }
 }
@@ -103,16 +144,51 @@ pub async fn watch(ctx: Arc<JobContext>, shutdown: CancellationToken) {
         }
         if last_renewal.elapsed() >= LEASE / 3 {
             last_renewal = tokio::time::Instant::now();
-            if let Err(err) = db::jobs::renew_leases(&ctx.pool, ctx.worker_id, LEASE).await {
-                tracing::warn!(error = %err, "cannot renew leases; retrying");
-            }
+            renew_leases(&ctx).await;
         }
     }
 }
 
+/// Renews the leases of the jobs this process is running — only those: a job it
+/// stopped running must not stay leased (see `db::jobs::renew_leases`). A claimed job
+/// whose lease was not renewed is no longer ours, so its run is dropped at once,
+/// writing nothing more: another worker has it, or it ended elsewhere.
+async fn renew_leases(ctx: &JobContext) {
+    let _renewal = ctx.running.renewals.lock().await;
+    let leased = ctx.running.leased();
+    if leased.is_empty() {
+        return;
+    }
+    let ids: Vec<Uuid> = leased.iter().map(|(id, _)| *id).collect();
+    let renewed = match db::jobs::renew_leases(&ctx.pool, ctx.worker_id, &ids, LEASE).await {
+        Ok(renewed) => renewed,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot renew leases; retrying");
+            return;
+        }
+    };
+    // A job that ended since it was read is missing too; dropping its finished run is harmless.
+    for (job_id, lease_lost) in leased {
+        if !renewed.contains(&job_id) {
+            tracing::warn!(%job_id, "lease lost: the job is no longer this worker's; dropping its run");
+            lease_lost.cancel();
+        }
+    }
+}
+
+/// Ends every lease this process holds (see `db::jobs::release_leases`), so the
+/// redeliveries of the jobs it abandoned are claimed at once. Only for the process's
+/// one consumer, once every job it ran has stopped: then no run here uses a lease.
+/// Under the renewal lock, so a renewal that read those jobs before they stopped
+/// cannot extend their leases afterwards. Returns the jobs released.
+pub async fn release_leases(ctx: &JobContext) -> Result<Vec<Uuid>, sqlx::Error> {
+    let _renewals = ctx.running.renewals.lock().await;
+    db::jobs::release_leases(&ctx.pool, ctx.worker_id).await
+}
+
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        self.jobs.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.job_id);
+        self.jobs.lock().remove(&self.job_id);
     }
 }
 
@@ -125,6 +201,10 @@ pub enum Outcome {
     Retried,
     /// Already terminal, or unknown: a duplicate delivery; nothing was done.
     Skipped,
+    /// The job's lease passed to another worker (or the job ended elsewhere) while it
+    /// ran here: the run was dropped mid-way, writing nothing more. The delivery is
+    /// settled; the job goes on wherever it is now.
+    LeaseLost,
 }
 
 /// Failures of infrastructure (not of providers): the delivery must be retried.
@@ -134,8 +214,9 @@ pub enum PipelineError {
     Database(#[from] sqlx::Error),
 }
 
-/// How long a claim holds a job without renewal; renewed every third of it. A worker
-/// gone for longer has its jobs returned to the queue by the reaper.
+/// How long a claim holds a job without renewal; renewed every third of it while the
+/// job runs here, and released at once if this worker stops running it unfinished. A
+/// worker gone for longer has its jobs returned to the queue by the reaper.
 pub const LEASE: Duration = Duration::from_secs(30);
 
 /// How often a running job checks whether it was cancelled.
@@ -145,18 +226,20 @@ const CANCEL_POLL: Duration = Duration::from_millis(250);
 /// continues it.
 pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> Result<Outcome, PipelineError> {
     // A job this process is running already: the delivery is a duplicate.
-    let cancel = CancellationToken::new();
-    let Some(_running_here) = ctx.running.enter(job_id, cancel.clone()) else {
+    let (cancel, lease_lost) = (CancellationToken::new(), CancellationToken::new());
+    let Some(running_here) = ctx.running.enter(job_id, cancel.clone(), lease_lost.clone()) else {
         tracing::info!(%job_id, "job already running in this worker; dropping duplicate delivery");
         return Ok(Outcome::Skipped);
     };
     let (job, started) = match db::jobs::claim(&ctx.pool, job_id, ctx.worker_id, LEASE).await? {
         Ok(claimed) => claimed,
         Err(unclaimed) => {
+            // Safe to drop even if leased elsewhere: see `Unclaimed::Leased`.
             tracing::info!(%job_id, ?unclaimed, "job finished, unknown or leased elsewhere; dropping duplicate delivery");
             return Ok(Outcome::Skipped);
         }
     };
+    running_here.claimed();
     // Only a first run announces itself (and only a claimed job has steps).
     let first_run = started.is_some();
     if let Some(event) = started {
@@ -190,7 +273,9 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
     let work = stages.run();
     tokio::pin!(work);
     // The deadline aborts the calls in flight at once; a cancellation request does so
-    // through the process's watcher, which cancels the same token.
+    // through the process's watcher, which cancels the same token. A lost lease drops
+    // the run outright, as an abort would: the job is no longer this worker's, so
+    // nothing more is written for it here — no failed steps, no terminal status.
     let mut deadline_passed = false;
     let outcome = loop {
         tokio::select! {
@@ -200,6 +285,7 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
                 deadline_passed = true;
                 cancel.cancel();
             }
+            _ = lease_lost.cancelled() => return Ok(Outcome::LeaseLost),
         }
     };
     if deadline_passed {

@@ -8,7 +8,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use common::{
     db::{jobs::Job, steps::Step},
     domain::Stage,
-    patterns::{render, PatternSpec},
+    patterns::{render, PatternSpec, PromptTooLong},
+    queue::DELAY_TIERS,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -47,7 +48,7 @@ impl Stages<'_> {
         .max(1);
         let mut failures = Vec::new();
 
-        let prompts = job.models.iter().map(|m| (m.clone(), job.prompt.clone())).collect();
+        let prompts = job.models.iter().map(|m| (m.clone(), Ok(job.prompt.clone()))).collect();
         let initial = self.stage(Stage::Initial, prompts, &mut failures).await?;
         if let Some(delay) = self.retry_delay(&failures) {
             return Ok(StagesOutcome::Retry(delay));
@@ -66,6 +67,7 @@ impl Stages<'_> {
                     let prompt = render(
                         template,
                         &[("original_prompt", &job.prompt), ("own_response", own), ("other_responses", &others)],
+                        self.prompt_limit(model),
                     );
                     (model.clone(), prompt)
                 })
@@ -83,14 +85,15 @@ impl Stages<'_> {
 
         let mut synthesis = None;
         if let Some(template) = &self.pattern.synthesis_template {
-            let prompt = render(template, &[("original_prompt", &job.prompt), ("responses", &listing(current.iter()))]);
+            let responses = listing(current.iter());
+            let values = [("original_prompt", job.prompt.as_str()), ("responses", responses.as_str())];
             // The requested model first, then the others in the job's order.
             let wanted = job.options.get("synthesis_model").and_then(Value::as_str);
             let mut candidates: Vec<&String> = current.iter().map(|(m, _)| m).collect();
             candidates.sort_by_key(|m| Some(m.as_str()) != wanted);
             for model in candidates {
-                let outcome =
-                    self.stage(Stage::Synthesis, vec![(model.clone(), prompt.clone())], &mut failures).await?;
+                let prompt = render(template, &values, self.prompt_limit(model));
+                let outcome = self.stage(Stage::Synthesis, vec![(model.clone(), prompt)], &mut failures).await?;
                 if let Some((model, output)) = outcome.into_iter().next() {
                     synthesis = Some(json!({ "model": model, "output": output }));
                     break;
@@ -121,7 +124,9 @@ impl Stages<'_> {
 
     /// If a failure so far was transient and the job has runs left: how long to wait
     /// before the next run. Exponential backoff from one second (capped at two
-    /// minutes) with jitter, and never sooner than a provider's `Retry-After`. The
+    /// minutes) with jitter, and never sooner than a provider's `Retry-After` (up to
+    /// the longest delay queue), rounded up to the delay queue that will carry the
+    /// message (`queued_delay`): that is the wait the `queued` event reports. The
     /// steps that succeeded are kept; only the failed ones run again.
     fn retry_delay(&self, failures: &[Value]) -> Option<Duration> {
         if self.job.attempts as u32 >= self.max_attempts {
@@ -137,7 +142,13 @@ impl Stages<'_> {
         let exponent = (self.job.attempts.max(1) - 1).min(7) as u32;
         let base = Duration::from_secs(1).saturating_mul(1 << exponent).min(Duration::from_secs(120));
         let jittered = base.mul_f64(rand::random_range(0.5..1.5));
-        Some(asked.map_or(jittered, |asked| asked.max(jittered)))
+        Some(queued_delay(asked.map_or(jittered, |asked| asked.max(jittered))))
+    }
+
+    /// The longest prompt worth rendering for `model`: its context window at four
+    /// characters a token (the provider guard then checks the exact fit).
+    fn prompt_limit(&self, model: &str) -> usize {
+        self.ctx.catalog.get(model).map_or(usize::MAX, |spec| (spec.context_window as usize).saturating_mul(4))
     }
 
     /// Runs one stage's steps concurrently; the answers in the job's model order, the
@@ -145,12 +156,13 @@ impl Stages<'_> {
     async fn stage(
         &self,
         stage: Stage,
-        prompts: Vec<(String, String)>,
+        prompts: Vec<(String, Result<String, PromptTooLong>)>,
         failures: &mut Vec<Value>,
     ) -> Result<Vec<(String, String)>, PipelineError> {
         let runs = prompts.iter().map(|(model, prompt)| {
             let previous = self.done.get(&(stage, model.clone()));
             let span = tracing::info_span!("step", %stage, model = model.as_str());
+            let prompt = prompt.as_deref().map_err(|too_long| *too_long);
             step::run(self.ctx, self.job, stage, model, prompt, previous, self.cancel).instrument(span)
         });
         let results = futures::future::join_all(runs).await;
@@ -163,6 +175,16 @@ impl Stages<'_> {
         }
         Ok(answers)
     }
+}
+
+/// The longest delay queue: a longer delay waits this long.
+const LONGEST_DELAY: Duration = DELAY_TIERS[DELAY_TIERS.len() - 1];
+
+/// How long a retry published for `delay` really waits: the TTL of the delay queue
+/// that carries it, the shortest tier that covers `delay` or else the longest (as
+/// `Topology::delay_queue` picks). A job told it waits 1.4 s would come back after 5.
+fn queued_delay(delay: Duration) -> Duration {
+    DELAY_TIERS.iter().copied().find(|tier| *tier >= delay).unwrap_or(LONGEST_DELAY)
 }
 
 /// `- model: answer` lines, for templates.
@@ -180,4 +202,27 @@ fn too_few(stage: Stage, answered: usize, needed: usize, failures: Vec<Value>) -
         "message": format!("{answered} models answered at the {stage} stage; at least {needed} needed"),
         "failures": failures,
     }))
+}
+
+#[cfg(test)]
+mod delay_tests {
+    use common::queue::Topology;
+
+    use super::*;
+
+    #[test]
+    fn a_retry_reports_the_delay_of_the_queue_that_carries_it() {
+        let topology = Topology::new("t.");
+        for (wanted_ms, waits_s) in
+            [(1, 1), (1_000, 1), (1_367, 5), (5_000, 5), (29_000, 30), (90_000, 120), (600_000, 120)]
+        {
+            let wanted = Duration::from_millis(wanted_ms);
+            let reported = queued_delay(wanted);
+            assert_eq!(reported, Duration::from_secs(waits_s), "{wanted_ms} ms");
+            // The relay, given the reported delay, publishes to the same queue it would
+            // have for the wanted one, the queue whose TTL is the reported delay.
+            assert_eq!(topology.delay_queue(reported), topology.delay_queue(wanted));
+            assert_eq!(topology.delay_queue(reported), format!("t.ultra.delay.{waits_s}s"));
+        }
+    }
 }

@@ -11,6 +11,7 @@ use common::{
         steps::{Step, StepOutcome},
     },
     domain::{EventKind, Stage, StepStatus},
+    patterns::PromptTooLong,
 };
 use serde_json::{json, Value};
 
@@ -33,7 +34,7 @@ pub async fn run(
     job: &Job,
     stage: Stage,
     model: &str,
-    prompt: &str,
+    prompt: Result<&str, PromptTooLong>,
     previous: Option<&Step>,
     cancel: &CancellationToken,
 ) -> Result<StepResult, PipelineError> {
@@ -51,12 +52,23 @@ pub async fn run(
     };
     ctx.events.publish(&started).await;
 
-    if ctx.log_prompts {
+    if let (true, Ok(prompt)) = (ctx.log_prompts, prompt) {
         tracing::debug!(job_id = %job.id, %stage, model, prompt, "step prompt");
     }
+    // A prompt too long to render fails the step for good, without a call.
+    let call = async {
+        match prompt {
+            Ok(prompt) => call(ctx, job, stage, model, prompt).await,
+            Err(too_long) => Err(json!({
+                "code": "context_too_long",
+                "message": format!("{too_long}: the model's context window cannot hold it"),
+                "retryable": false,
+            })),
+        }
+    };
     // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
     let result = tokio::select! {
-        result = call(ctx, job, stage, model, prompt) => result,
+        result = call => result,
         _ = cancel.cancelled() => {
             let past_deadline = job.deadline_at.is_some_and(|at| at <= chrono::Utc::now());
             let (code, message) = if past_deadline {
@@ -67,6 +79,8 @@ pub async fn run(
             Err(json!({ "code": code, "message": message, "retryable": false }))
         }
     };
+    let earlier = previous.and_then(|step| step.error.as_ref());
+    let result = result.map_err(|error| with_attempts(error, job.attempts, earlier));
 
     let (outcome, (kind, data)) = match &result {
         Ok(Answer { completion, cost_micros, cached }) => (
@@ -112,6 +126,30 @@ pub async fn run(
     Ok(result.map(|answer| answer.completion.text))
 }
 
+/// Most attempts a failed step's error lists: enough to show why it failed (the
+/// 500s that opened a circuit, not only the `circuit_open` that ended the job), and
+/// bounded, so the row stays small however often a job is retried.
+const ATTEMPTS_KEPT: usize = 5;
+/// Longest message an attempt keeps in that list.
+const ATTEMPT_MESSAGE_CHARS: usize = 300;
+
+/// `error` (this run's, attempt `attempt`) with `attempts`: the step's errors in its
+/// earlier runs (from `earlier`, its previous error) and this one, oldest first, each
+/// `{attempt, code, message}`, the last `ATTEMPTS_KEPT` only. The error's own fields
+/// stay as they were: `attempts` is added, never in their place.
+fn with_attempts(mut error: Value, attempt: i32, earlier: Option<&Value>) -> Value {
+    let mut attempts: Vec<Value> =
+        earlier.and_then(|e| e.get("attempts")).and_then(Value::as_array).cloned().unwrap_or_default();
+    let message: Option<String> =
+        error.get("message").and_then(Value::as_str).map(|m| m.chars().take(ATTEMPT_MESSAGE_CHARS).collect());
+    attempts.push(json!({ "attempt": attempt, "code": error.get("code"), "message": message }));
+    let kept = attempts.split_off(attempts.len().saturating_sub(ATTEMPTS_KEPT));
+    if let Some(fields) = error.as_object_mut() {
+        fields.insert("attempts".to_owned(), Value::Array(kept));
+    }
+    error
+}
+
 /// How long a finished step's result is retried against the database (doubling
 /// back-off from 100 ms) before the job is handed back for redelivery.
 const RECORD_PATIENCE: Duration = Duration::from_secs(10);
@@ -145,7 +183,7 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
     };
     let use_cache = job.options.get("cache").and_then(Value::as_bool).unwrap_or(false);
     if use_cache {
-        if let Some(completion) = ctx.cache.get(&request).await {
+        if let Some(completion) = ctx.cache.get(job.user_id, &request).await {
             return Ok(Answer { completion, cost_micros: 0, cached: true });
         }
     }
@@ -163,7 +201,7 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
         err.to_json()
     })?;
     if use_cache {
-        ctx.cache.put(&request, &completion).await; // answers only: errors are never cached
+        ctx.cache.put(job.user_id, &request, &completion).await; // answers only: errors are never cached
     }
     let cost_micros = spec.cost_micros(i64::from(completion.input_tokens), i64::from(completion.output_tokens));
     meter.succeeded(&completion, cost_micros);
@@ -207,5 +245,68 @@ impl CallMeter {
             metrics::counter!(metrics_names::TOKENS, &labels).increment(tokens.max(0) as u64);
         }
         metrics::counter!(metrics_names::COST, &[model, provider]).increment(cost_micros.max(0) as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: &str, message: &str) -> Value {
+        json!({ "code": code, "message": message, "retryable": true })
+    }
+
+    /// The step's stored error after each run's failure, as the next run finds it.
+    fn runs(failures: &[(&str, &str)]) -> Value {
+        failures.iter().enumerate().fold(Value::Null, |earlier, (i, (code, message))| {
+            with_attempts(failure(code, message), i as i32 + 1, Some(&earlier).filter(|e| !e.is_null()))
+        })
+    }
+
+    #[test]
+    fn a_failed_step_shows_the_errors_that_led_to_its_last_one() {
+        let overloaded = "the provider is overloaded or failing (500): upstream connect error";
+        let open = "the circuit breaker for this provider is open";
+        let error = runs(&[
+            ("overloaded", overloaded),
+            ("overloaded", overloaded),
+            ("circuit_open", open),
+            ("circuit_open", open),
+        ]);
+        assert_eq!(error["code"], "circuit_open", "the last error is still the step's error");
+        assert_eq!(error["retryable"], true);
+        assert_eq!(
+            error["attempts"],
+            json!([
+                { "attempt": 1, "code": "overloaded", "message": overloaded },
+                { "attempt": 2, "code": "overloaded", "message": overloaded },
+                { "attempt": 3, "code": "circuit_open", "message": open },
+                { "attempt": 4, "code": "circuit_open", "message": open },
+            ])
+        );
+    }
+
+    #[test]
+    fn the_history_is_bounded() {
+        let long = "x".repeat(1_000);
+        let error = runs(&[("timeout", long.as_str()); 9]);
+        let attempts = error["attempts"].as_array().expect("attempts");
+        assert_eq!(attempts.len(), ATTEMPTS_KEPT);
+        assert_eq!((attempts[0]["attempt"].as_i64(), attempts[4]["attempt"].as_i64()), (Some(5), Some(9)));
+        assert!(attempts.iter().all(|a| a["message"].as_str().map(str::len) == Some(ATTEMPT_MESSAGE_CHARS)));
+        assert_eq!(error["message"].as_str().map(str::len), Some(1_000), "the error's own message is untouched");
+    }
+
+    #[test]
+    fn a_first_failure_or_an_older_error_without_history_starts_one() {
+        let cancelled = json!({ "code": "cancelled", "message": "the job was cancelled", "retryable": false });
+        let older = failure("timeout", "the provider did not answer in time");
+        for earlier in [None, Some(&older)] {
+            let error = with_attempts(cancelled.clone(), 2, earlier);
+            assert_eq!(
+                error["attempts"],
+                json!([{ "attempt": 2, "code": "cancelled", "message": "the job was cancelled" }])
+            );
+        }
     }
 }

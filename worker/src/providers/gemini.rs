@@ -107,10 +107,11 @@ fn chunk(progress: &mut Progress, data: &str) -> Vec<Result<StreamEvent, Provide
         return vec![Err(ProviderError::Truncated("unreadable chunk".into()))];
     };
     if let Some(error) = value.get("error") {
-        let message = error.get("message").and_then(Value::as_str).unwrap_or("error in stream").to_owned();
+        let said = error.get("message").and_then(Value::as_str);
+        let message = http::excerpt(said.unwrap_or("error in stream"));
         return vec![Err(match error.get("code").and_then(Value::as_u64) {
             Some(429) => ProviderError::RateLimited { retry_after: None },
-            Some(code @ 500..=599) => ProviderError::Overloaded { status: code as u16 },
+            Some(code @ 500..=599) => ProviderError::Overloaded { status: code as u16, detail: http::detail(said) },
             _ => ProviderError::BadRequest(message),
         })];
     }

@@ -15,6 +15,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Most of an error body read to explain a failure.
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
+/// Longest excerpt of a provider's own message that our errors keep (they are stored
+/// with the step and shown to the user).
+const EXCERPT_CHARS: usize = 200;
+/// What replaces anything that looks like a credential.
+const REDACTED: &str = "[redacted]";
+/// Prefixes of keys providers issue: OpenAI and most compatible servers (`sk-`),
+/// Google (`AIza`), AWS (`AKIA`), Groq (`gsk_`), Hugging Face (`hf_`), xAI (`xai-`),
+/// GitHub (`ghp_`, `github_pat_`).
+const KEY_PREFIXES: &[&str] = &["sk-", "sk_", "AIza", "AKIA", "gsk_", "hf_", "xai-", "ghp_", "github_pat_"];
+/// Names whose value in `name=value` is a secret (a URL's `?key=`, `access_token=`).
+const SECRET_NAMES: &[&str] = &["key", "token", "secret", "password", "signature"];
 
 pub fn client() -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(CONNECT_TIMEOUT).build()
@@ -140,11 +151,11 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> Provider
         // Gemini answers an invalid key with 400 `API_KEY_INVALID`.
         400 if lower.contains("api_key_invalid") || lower.contains("api key not valid") => ProviderError::Auth,
         408 => ProviderError::Timeout,
-        413 => ProviderError::ContextTooLong(summary(body)),
-        400 | 404 | 422 if mentions_context_limit(&lower) => ProviderError::ContextTooLong(summary(body)),
+        413 => ProviderError::ContextTooLong(body_excerpt(body)),
+        400 | 404 | 422 if mentions_context_limit(&lower) => ProviderError::ContextTooLong(body_excerpt(body)),
         400 | 422 if lower.contains("content_filter") || lower.contains("safety") => ProviderError::ContentFiltered,
-        500..=599 => ProviderError::Overloaded { status: status.as_u16() },
-        _ => ProviderError::BadRequest(format!("{status}: {}", summary(body))),
+        500..=599 => ProviderError::Overloaded { status: status.as_u16(), detail: body_detail(body) },
+        _ => ProviderError::BadRequest(format!("{status}: {}", body_excerpt(body))),
     }
 }
 
@@ -161,15 +172,142 @@ fn mentions_context_limit(lower: &str) -> bool {
     .any(|needle| lower.contains(needle))
 }
 
-/// The provider's own error message, if the body is JSON that has one, shortened.
-fn summary(body: &str) -> String {
+/// The provider's own error message as an excerpt (see `excerpt`).
+fn body_excerpt(body: &str) -> String {
+    excerpt(&provider_message(body))
+}
+
+/// The message of an error body: the JSON error's message where there is one
+/// (OpenAI and LiteLLM `error.message`, Anthropic `error.message`, Gemini
+/// `error.message`; also a bare `message`, `error` or `detail` string), otherwise the
+/// body itself (a proxy's HTML page, plain text).
+fn provider_message(body: &str) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| v.pointer("/error/message").or_else(|| v.pointer("/message")))
-        .and_then(|m| m.as_str())
-        .unwrap_or(body);
-    message.chars().take(300).collect()
+    let said = parsed.as_ref().and_then(|v| {
+        ["/error/message", "/message", "/error", "/detail"]
+            .iter()
+            .find_map(|pointer| v.pointer(pointer).and_then(serde_json::Value::as_str))
+    });
+    said.unwrap_or(body).to_owned()
+}
+
+/// The provider's own error message as `Overloaded`'s detail, if it said anything.
+fn body_detail(body: &str) -> Option<String> {
+    let message = provider_message(body);
+    detail(Some(message.as_str()))
+}
+
+/// A provider's message as the detail of an error: its excerpt, if it says anything.
+pub fn detail(message: Option<&str>) -> Option<String> {
+    message.map(excerpt).filter(|e| !e.is_empty())
+}
+
+/// A provider's own message, made safe to store with a step and show to its user:
+/// one line (control and invisible characters dropped, whitespace collapsed),
+/// anything that looks like a credential replaced by `[redacted]` — before it is cut
+/// to `EXCERPT_CHARS`, so a cut cannot leave part of a key behind.
+pub fn excerpt(message: &str) -> String {
+    let visible: String =
+        message.chars().filter(|c| !is_invisible(*c)).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let line = visible.split_whitespace().collect::<Vec<_>>().join(" ");
+    shorten(&redact_secrets(&line), EXCERPT_CHARS)
+}
+
+/// Format characters that change how text displays without showing (zero-width
+/// spaces and joiners, bidirectional overrides, the byte-order mark).
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
+/// At most `max` characters, the last an ellipsis when something was cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(max.saturating_sub(1)).collect();
+    short.push('…');
+    short
+}
+
+/// Characters of a key or token: letters, digits, and what base64 (standard and
+/// URL-safe) and key formats add. Anything else separates words.
+fn is_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '/' | '=')
+}
+
+/// `text` with every word that looks like a credential replaced by `[redacted]`: a
+/// word after `Bearer` or `Basic`, a known key prefix, the value of `key=`,
+/// `token=`…, and long runs of hex or of letters and digits.
+fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let mut after_scheme = false;
+    for c in text.chars() {
+        if is_key_char(c) {
+            word.push(c);
+            continue;
+        }
+        if !word.is_empty() {
+            push_word(&mut out, &word, after_scheme);
+            after_scheme = is_auth_scheme(&word);
+            word.clear();
+        }
+        out.push(c);
+    }
+    if !word.is_empty() {
+        push_word(&mut out, &word, after_scheme);
+    }
+    out
+}
+
+/// `Authorization` schemes whose next word is the credential.
+fn is_auth_scheme(word: &str) -> bool {
+    word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic")
+}
+
+/// Appends `word`, or `[redacted]` in place of the secret it is or holds.
+fn push_word(out: &mut String, word: &str, after_scheme: bool) {
+    if after_scheme || looks_like_key(word) {
+        out.push_str(REDACTED);
+        return;
+    }
+    match word.split_once('=') {
+        // Not base64 padding: a value follows the `=`.
+        Some((name, value))
+            if !value.trim_matches('=').is_empty() && (names_a_secret(name) || looks_like_key(value)) =>
+        {
+            out.push_str(name);
+            out.push('=');
+            out.push_str(REDACTED);
+        }
+        _ => out.push_str(word),
+    }
+}
+
+fn names_a_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_NAMES.iter().any(|secret| name.ends_with(secret))
+}
+
+/// A known key prefix with something after it; 32 or more hex digits; 32 or more
+/// characters mixing upper case, lower case and digits (base64); or 40 or more
+/// mixing letters and digits. Words, model names and UUIDs are none of these.
+fn looks_like_key(word: &str) -> bool {
+    let prefixed = KEY_PREFIXES.iter().any(|prefix| word.len() >= prefix.len() + 4 && word.starts_with(prefix));
+    let hex = word.len() >= 32 && word.chars().all(|c| c.is_ascii_hexdigit());
+    let base64 = word.len() >= 32
+        && has(word, char::is_ascii_uppercase)
+        && has(word, char::is_ascii_lowercase)
+        && has(word, char::is_ascii_digit);
+    let opaque = word.len() >= 40 && has(word, char::is_ascii_alphabetic) && has(word, char::is_ascii_digit);
+    prefixed || hex || base64 || opaque
+}
+
+fn has(word: &str, class: fn(&char) -> bool) -> bool {
+    word.chars().any(|c| class(&c))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -334,6 +472,48 @@ mod tests {
     }
 
     #[test]
+    fn a_server_error_keeps_the_providers_message() {
+        let anthropic = r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), anthropic),
+            ProviderError::Overloaded { status: 500, detail: Some("Internal server error".into()) }
+        );
+        let plain = "upstream timed out\n";
+        assert_eq!(
+            classify(StatusCode::GATEWAY_TIMEOUT, &HeaderMap::new(), plain).to_string(),
+            "the provider is overloaded or failing (504): upstream timed out"
+        );
+    }
+
+    #[test]
+    fn excerpts_keep_words_model_names_and_ids() {
+        let said = "model claude-3-5-sonnet-20241022 (request 123e4567-e89b-12d3-a456-426614174000) \
+                    failed: max_tokens=4096 is too large; padding QUJD== is fine";
+        assert_eq!(excerpt(said), said);
+    }
+
+    #[test]
+    fn excerpts_redact_what_looks_like_a_credential() {
+        for (said, shown) in [
+            ("key sk-ant-api03-abcdEFGH1234 is invalid", "key [redacted] is invalid"),
+            ("Authorization: Bearer 12345", "Authorization: Bearer [redacted]"),
+            ("GET /v1/models?api_key=hunter2&page=2", "GET /v1/models?api_key=[redacted]&page=2"),
+            ("digest 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "digest [redacted]"),
+            ("token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9 expired", "token [redacted] expired"),
+        ] {
+            assert_eq!(excerpt(said), shown);
+        }
+    }
+
+    #[test]
+    fn excerpts_are_one_short_line() {
+        assert_eq!(excerpt("line\none\u{7}\u{202e}\ttwo  "), "line one two");
+        let long = excerpt(&"word ".repeat(100));
+        assert_eq!(long.chars().count(), EXCERPT_CHARS);
+        assert!(long.ends_with('…'), "{long}");
+    }
+
+    #[test]
     fn statuses_are_classified() {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", "7".parse().expect("header"));
@@ -343,7 +523,10 @@ mod tests {
         );
         let none = HeaderMap::new();
         assert_eq!(classify(StatusCode::UNAUTHORIZED, &none, ""), ProviderError::Auth);
-        assert_eq!(classify(StatusCode::INTERNAL_SERVER_ERROR, &none, ""), ProviderError::Overloaded { status: 500 });
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, &none, ""),
+            ProviderError::Overloaded { status: 500, detail: None }
+        );
         assert!(matches!(
             classify(
                 StatusCode::BAD_REQUEST,

@@ -74,7 +74,7 @@ impl MockBehaviour {
             Some("timeout") => ProviderError::Timeout,
             Some("auth") => ProviderError::Auth,
             Some("bad_request") => ProviderError::BadRequest("mock failure".into()),
-            _ => ProviderError::Overloaded { status: 503 },
+            _ => ProviderError::Overloaded { status: 503, detail: None },
         };
         Self {
             latency: spec.mock_latency_ms.map_or(default_latency, Duration::from_millis),
@@ -130,7 +130,7 @@ impl Provider for MockProvider {
         };
         tokio::time::sleep(behaviour.latency + jitter).await;
         if fails {
-            return Err(behaviour.failure.clone().unwrap_or(ProviderError::Overloaded { status: 503 }));
+            return Err(behaviour.failure.clone().unwrap_or(ProviderError::Overloaded { status: 503, detail: None }));
         }
 
         let mut words: Vec<String> =

@@ -58,8 +58,10 @@ pub struct Completion {
 pub enum ProviderError {
     #[error("rate limited by the provider")]
     RateLimited { retry_after: Option<Duration> },
-    #[error("the provider is overloaded or failing ({status})")]
-    Overloaded { status: u16 },
+    /// `detail`: a short, redacted excerpt of what the provider said (`http::excerpt`),
+    /// so a user sees why, not only the status.
+    #[error("the provider is overloaded or failing ({status}){}", detail_suffix(.detail))]
+    Overloaded { status: u16, detail: Option<String> },
     #[error("the provider did not answer in time")]
     Timeout,
     #[error("cannot reach the provider: {0}")]
@@ -110,6 +112,9 @@ impl ProviderError {
             ProviderError::BadRequest(m) => ProviderError::BadRequest(clean(m)),
             ProviderError::ContextTooLong(m) => ProviderError::ContextTooLong(clean(m)),
             ProviderError::Truncated(m) => ProviderError::Truncated(clean(m)),
+            ProviderError::Overloaded { status, detail } => {
+                ProviderError::Overloaded { status, detail: detail.map(clean) }
+            }
             other => other,
         }
     }
@@ -138,6 +143,11 @@ impl ProviderError {
         }
         value
     }
+}
+
+/// `: detail`, or nothing: how `Overloaded` ends its message.
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
 }
 
 pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;

@@ -120,7 +120,8 @@ fn chunk(progress: &mut Progress, data: &str) -> Vec<Result<StreamEvent, Provide
 
 /// An error object sent inside the stream (OpenAI and compatible servers do this).
 fn stream_error(error: &Value) -> ProviderError {
-    let message = error.get("message").and_then(Value::as_str).unwrap_or("error in stream").to_owned();
+    let said = error.get("message").and_then(Value::as_str);
+    let message = http::excerpt(said.unwrap_or("error in stream"));
     // `type` is the category, `code` the detail: either may say what happened.
     let says = |what: &str| ["type", "code"].iter().any(|k| error.get(*k).and_then(Value::as_str) == Some(what));
     if says("context_length_exceeded") {
@@ -130,7 +131,7 @@ fn stream_error(error: &Value) -> ProviderError {
     } else if says("rate_limit_exceeded") || says("rate_limit_error") {
         ProviderError::RateLimited { retry_after: None }
     } else if says("server_error") || says("overloaded_error") {
-        ProviderError::Overloaded { status: 500 }
+        ProviderError::Overloaded { status: 500, detail: http::detail(said) }
     } else {
         ProviderError::BadRequest(message)
     }

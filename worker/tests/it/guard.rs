@@ -14,7 +14,10 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_pr
 
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(502)).mount(&server).await;
     for _ in 0..2 {
-        assert_eq!(provider.complete(&request, |_| {}).await.err(), Some(ProviderError::Overloaded { status: 502 }));
+        assert_eq!(
+            provider.complete(&request, |_| {}).await.err(),
+            Some(ProviderError::Overloaded { status: 502, detail: None })
+        );
     }
     // Open: calls fail fast without reaching the server.
     let before = server.received_requests().await.map_or(0, |r| r.len());
@@ -49,7 +52,10 @@ async fn a_failed_probe_opens_the_circuit_again() {
     assert!(provider.is_open());
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // The probe reaches the server, fails, and the circuit is open again at once.
-    assert_eq!(provider.complete(&request, |_| {}).await.err(), Some(ProviderError::Overloaded { status: 500 }));
+    assert_eq!(
+        provider.complete(&request, |_| {}).await.err(),
+        Some(ProviderError::Overloaded { status: 500, detail: None })
+    );
     assert!(provider.is_open());
     assert_eq!(provider.complete(&request, |_| {}).await.err(), Some(ProviderError::CircuitOpen));
     assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 3);

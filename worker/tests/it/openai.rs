@@ -96,8 +96,8 @@ async fn error_statuses_say_whether_to_retry() {
             ResponseTemplate::new(401).set_body_json(json!({ "error": { "message": "bad key sk-test-secret" } })),
             ProviderError::Auth,
         ),
-        (ResponseTemplate::new(500), ProviderError::Overloaded { status: 500 }),
-        (ResponseTemplate::new(503), ProviderError::Overloaded { status: 503 }),
+        (ResponseTemplate::new(500), ProviderError::Overloaded { status: 500, detail: None }),
+        (ResponseTemplate::new(503), ProviderError::Overloaded { status: 503, detail: None }),
     ];
     for (response, expected) in cases {
         server.reset().await;
@@ -122,6 +122,56 @@ async fn error_statuses_say_whether_to_retry() {
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(400).set_body_json(too_long)).mount(&server).await;
     let error = say_hi(&server).await.err().expect("fails");
     assert!(matches!(error, ProviderError::ContextTooLong(_)) && !error.is_retryable(), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_server_error_keeps_what_the_provider_said() {
+    let server = server().await;
+    // LiteLLM's body (OpenAI's error shape) when its upstream fails.
+    let body = json!({ "error": {
+        "message": "litellm.InternalServerError: OpenAIException - upstream connect error or disconnect/reset before headers",
+        "type": "None", "param": "None", "code": "500",
+    } });
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500).set_body_json(body)).mount(&server).await;
+    let error = say_hi(&server).await.err().expect("fails");
+    assert!(matches!(error, ProviderError::Overloaded { status: 500, .. }) && error.is_retryable(), "{error:?}");
+    // What the failed step records and its user sees.
+    let stored = error.to_json();
+    assert_eq!(stored["code"], "overloaded");
+    assert_eq!(
+        stored["message"],
+        "the provider is overloaded or failing (500): litellm.InternalServerError: OpenAIException - \
+         upstream connect error or disconnect/reset before headers"
+    );
+}
+
+#[tokio::test]
+async fn a_server_error_excerpt_is_short_one_line_and_keyless() {
+    let server = server().await;
+    let leaky = format!(
+        "upstream said:\n\u{1b}[31m401 for key sk-proj-Abc123Def456Ghi789 and sk-test-secret \
+         (Authorization: Bearer tok_live_51HxYz) at https://upstream.example/v1?key=AIzaSyD-1234567890abcdefghijklmnopqrstu&x=1 \
+         request 0123456789abcdef0123456789abcdef\r\n{}",
+        "and so on ".repeat(40)
+    );
+    let body = json!({ "error": { "message": leaky, "type": "server_error" } });
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(502).set_body_json(body)).mount(&server).await;
+    let error = say_hi(&server).await.err().expect("fails");
+    let ProviderError::Overloaded { status: 502, detail: Some(detail) } = &error else {
+        panic!("an overload with a detail: {error:?}")
+    };
+    assert!(
+        detail
+            .starts_with("upstream said: [31m401 for key [redacted] and [redacted] (Authorization: Bearer [redacted])"),
+        "{detail}"
+    );
+    assert!(detail.contains("request [redacted] and so on"), "{detail}");
+    for secret in ["sk-proj", "sk-test-secret", "tok_live", "AIza", "0123456789abcdef"] {
+        assert!(!detail.contains(secret), "{secret} leaked: {detail}");
+    }
+    assert!(!detail.chars().any(char::is_control), "one line, no escapes: {detail:?}");
+    assert!(detail.chars().count() <= 200 && detail.ends_with('…'), "cut short: {detail}");
+    assert!(error.to_json()["message"].as_str().is_some_and(|m| m.ends_with(detail.as_str())));
 }
 
 #[tokio::test]
