@@ -18,40 +18,52 @@ const MAX_HOPS: usize = 16;
 /// (`unknown`, an obfuscated `_name`, garbage).
 type Hop = Option<IpAddr>;
 
+/// The header the trusted proxies write (`ULTRA_FORWARDED_HEADER`). Only that one is
+/// read: the other is whatever the client chose to send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=…`.
+    Forwarded,
+}
+
+impl std::str::FromStr for ForwardedHeader {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Self::XForwardedFor),
+            "forwarded" => Ok(Self::Forwarded),
+            other => Err(format!("ULTRA_FORWARDED_HEADER is `{other}`: `x-forwarded-for` or `forwarded`")),
+        }
+    }
+}
+
 /// Resolves client addresses given the trusted proxies.
 #[derive(Debug, Clone, Default)]
 pub struct ClientIps {
     trusted: Vec<Cidr>,
+    header: ForwardedHeader,
 }
 
 impl ClientIps {
-    pub fn new(trusted: Vec<Cidr>) -> Self {
-        Self { trusted }
+    pub fn new(trusted: Vec<Cidr>, header: ForwardedHeader) -> Self {
+        Self { trusted, header }
     }
 
     /// The client's address, given the connection's `peer` and the request's headers.
     /// With no trusted proxies, or a peer that is not one, the headers are ignored.
-    /// If the request has both headers and they name different clients, the peer is
-    /// the answer: one of them was written by the client, and which cannot be told.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !self.is_trusted(peer) {
             return peer;
         }
-        let forwarded_for = hops(headers, "x-forwarded-for", parse_forwarded_for);
-        let forwarded = hops(headers, "forwarded", parse_forwarded);
-        match (forwarded_for, forwarded) {
-            (Some(a), Some(b)) => {
-                let (a, b) = (self.walk(peer, &a), self.walk(peer, &b));
-                if a == b {
-                    a
-                } else {
-                    peer
-                }
-            }
-            (Some(hops), None) | (None, Some(hops)) => self.walk(peer, &hops),
-            (None, None) => peer,
-        }
+        let chain = match self.header {
+            ForwardedHeader::XForwardedFor => hops(headers, "x-forwarded-for", parse_forwarded_for),
+            ForwardedHeader::Forwarded => hops(headers, "forwarded", parse_forwarded),
+        };
+        chain.map_or(peer, |hops| self.walk(peer, &hops))
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -174,7 +186,7 @@ mod tests {
     }
 
     fn proxies(blocks: &[&str]) -> ClientIps {
-        ClientIps::new(blocks.iter().map(|b| b.parse().expect("a block")).collect())
+        ClientIps::new(blocks.iter().map(|b| b.parse().expect("a block")).collect(), ForwardedHeader::XForwardedFor)
     }
 
     fn resolve_bytes(ips: &ClientIps, peer: &str, pairs: &[(&'static str, &[u8])]) -> IpAddr {
@@ -195,7 +207,8 @@ mod tests {
     }
 
     fn forwarded(ips: &ClientIps, value: &str) -> IpAddr {
-        resolve(ips, "10.0.0.1", &[("forwarded", value)])
+        let ips = ClientIps { header: ForwardedHeader::Forwarded, ..ips.clone() };
+        resolve(&ips, "10.0.0.1", &[("forwarded", value)])
     }
 
     #[test]
@@ -255,11 +268,14 @@ mod tests {
     }
 
     #[test]
-    fn headers_that_disagree_leave_the_peer() {
-        let ips = proxies(&["10.0.0.0/8"]);
-        let both = |forwarded: &'static str| [("x-forwarded-for", "203.0.113.7"), ("forwarded", forwarded)];
-        assert_eq!(resolve(&ips, "10.0.0.1", &both("for=203.0.113.7")), ip("203.0.113.7"));
-        assert_eq!(resolve(&ips, "10.0.0.1", &both("for=198.51.100.1")), ip("10.0.0.1"));
+    fn only_the_header_the_proxies_write_is_read() {
+        let xff_proxies = proxies(&["10.0.0.0/8"]);
+        let forwarded_proxies = ClientIps { header: ForwardedHeader::Forwarded, ..xff_proxies.clone() };
+        let both = [("x-forwarded-for", "203.0.113.7"), ("forwarded", "for=198.51.100.1")];
+        assert_eq!(resolve(&xff_proxies, "10.0.0.1", &both), ip("203.0.113.7"));
+        assert_eq!(resolve(&forwarded_proxies, "10.0.0.1", &both), ip("198.51.100.1"));
+        // A client's own `Forwarded` behind X-Forwarded-For proxies moves it nowhere.
+        assert_eq!(resolve(&xff_proxies, "10.0.0.1", &[("forwarded", "for=198.51.100.1")]), ip("10.0.0.1"));
     }
 
     #[test]

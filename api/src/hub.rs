@@ -84,7 +84,8 @@ impl Drop for Subscription {
 }
 
 impl EventHub {
-    /// Registers a stream that has sent everything up to `after_seq`.
+    /// Registers a stream that has sent everything up to `after_seq` (at most the
+    /// job's newest event: the handler sees to that).
     pub fn subscribe(self: &Arc<Self>, job_id: Uuid, after_seq: i64) -> Subscription {
         let interval = self.recheck_interval();
         let receiver = self

@@ -75,7 +75,10 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         config: config.clone(),
     });
 
-    let client_ips = ClientIps::new(config.trusted_proxies().map_err(anyhow::Error::msg)?);
+    let client_ips = ClientIps::new(
+        config.trusted_proxies().map_err(anyhow::Error::msg)?,
+        config.forwarded_header.parse().map_err(anyhow::Error::msg)?,
+    );
 
     let mut tasks = JoinSet::new();
     tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));

@@ -169,6 +169,11 @@ pub struct Config {
     #[arg(long, env = "ULTRA_TRUSTED_PROXIES", value_delimiter = ',', global = true)]
     pub trusted_proxies: Vec<String>,
 
+    /// The header the trusted proxies write the client's address in:
+    /// `x-forwarded-for` or `forwarded` (RFC 7239). The other is ignored.
+    #[arg(long, env = "ULTRA_FORWARDED_HEADER", default_value = "x-forwarded-for", global = true)]
+    pub forwarded_header: String,
+
     /// Clients connect to the api directly, with no reverse proxy in front: lets
     /// production start without `ULTRA_TRUSTED_PROXIES`.
     #[arg(long, env = "ULTRA_DIRECT_CLIENTS", default_value_t = false, global = true)]
@@ -351,6 +356,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             problems.push("ULTRA_MAX_CONNECTIONS must be at least 1".to_owned());
+        }
+        if !["x-forwarded-for", "forwarded"].contains(&self.forwarded_header.trim().to_ascii_lowercase().as_str()) {
+            problems.push(format!(
+                "ULTRA_FORWARDED_HEADER is `{}`: `x-forwarded-for` or `forwarded`",
+                self.forwarded_header
+            ));
         }
         let trusted_proxies = self.trusted_proxies();
         if let Err(problem) = &trusted_proxies {

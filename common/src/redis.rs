@@ -118,10 +118,11 @@ impl RedisHandle {
             .await
     }
 
-    /// Gives an existing `key` `ttl` more to live (from now); a missing key stays missing.
-    pub async fn expire(&self, key: &str, ttl: Duration) -> Result<(), RedisUnavailable> {
-        let ms = ttl.as_millis().max(1) as i64;
-        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pexpire::<_, ()>(key, ms).await }).await
+    /// Makes an existing `key` expire at `unix_ms` (milliseconds since the epoch); a
+    /// missing key stays missing.
+    pub async fn expire_at(&self, key: &str, unix_ms: i64) -> Result<(), RedisUnavailable> {
+        self.guarded(Duration::from_secs(1), |mut conn| async move { conn.pexpire_at::<_, ()>(key, unix_ms).await })
+            .await
     }
 
     /// Sets `key` for `ttl` (a shared, self-expiring flag).

@@ -204,8 +204,12 @@ async fn settle(
     let mut backoff = Duration::from_millis(500);
     let done = loop {
         match AssertUnwindSafe(pipeline::run(ctx, job_id, context)).catch_unwind().await {
-            // Ended, retried, a duplicate, or lost to another worker (which holds the
-            // job now, or the reaper requeued it): either way this delivery is done.
+            // The lease went elsewhere mid-run: another worker holds the job, or the
+            // reaper requeued it — and its new message may have been dropped here as
+            // a duplicate of this very run. Requeued, this delivery is claimed if the
+            // job waits, or dropped if someone runs it: never stranded.
+            Ok(Ok(pipeline::Outcome::LeaseLost)) => break false,
+            // Ended, retried, or a duplicate: this delivery is done.
             Ok(Ok(_)) => break true,
             Ok(Err(err)) => {
                 tracing::warn!(%job_id, error = %err, retry_in_ms = backoff.as_millis() as u64, "job interrupted by an infrastructure error")

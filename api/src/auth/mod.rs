@@ -82,10 +82,22 @@ pub async fn authenticate(state: &Arc<AppState>, token: &str) -> Result<Principa
     Ok(Principal { user_id: user.id, role: user.role, tier: user.tier, credential: Credential::AccessToken })
 }
 
+/// Whether checking `token` means a database lookup: a well-formed API key (its
+/// checksum holds) or a JWT whose signature and claims verify. Anything else is refused
+/// on the CPU alone, and is no threat to the pool.
+pub fn needs_lookup(state: &AppState, token: &str) -> bool {
+    if token.starts_with(apikey::KEY_PREFIX) {
+        apikey::prefix_of(token).is_some()
+    } else {
+        state.jwt.verify(token).is_ok()
+    }
+}
+
 /// Resolves `?ticket=` on `GET /v1/jobs/{id}/events` to the user it was issued to.
 pub async fn authenticate_ticket(state: &Arc<AppState>, ticket: &str, job_id: Uuid) -> Result<Principal, ApiError> {
-    let user_id =
-        ticket::redeem(&state.redis, &state.config.redis_prefix, ticket, job_id).await.ok_or(ApiError::Unauthorized)?;
+    let redeemed = ticket::redeem(&state.redis, &state.config.redis_prefix, ticket, job_id).await;
+    // Without Redis no ticket can be told good or bad: unavailable, not unauthorized.
+    let user_id = redeemed.map_err(|e| ApiError::Unavailable(Box::new(e)))?.ok_or(ApiError::Unauthorized)?;
     let user = db::users::get(&state.pool, user_id).await?.filter(|u| u.disabled_at.is_none());
     let user = user.ok_or(ApiError::Unauthorized)?;
     Ok(Principal { user_id: user.id, role: user.role, tier: user.tier, credential: Credential::StreamTicket(job_id) })

@@ -34,25 +34,36 @@ pub async fn issue(redis: &RedisHandle, prefix: &str, user_id: Uuid, job_id: Uui
 }
 
 /// The user a ticket was issued to, if it is valid for `job_id`.
-pub async fn redeem(redis: &RedisHandle, prefix: &str, ticket: &str, job_id: Uuid) -> Option<Uuid> {
+pub async fn redeem(
+    redis: &RedisHandle,
+    prefix: &str,
+    ticket: &str,
+    job_id: Uuid,
+) -> Result<Option<Uuid>, RedisUnavailable> {
     if ticket.len() > 64 {
-        return None;
+        return Ok(None);
     }
-    let stored = redis.get_string(&key(prefix, ticket)).await.ok()??;
-    let (user, job) = stored.split_once(':')?;
-    (job.parse::<Uuid>().ok()? == job_id).then(|| user.parse().ok()).flatten()
+    let stored = redis.get_string(&key(prefix, ticket)).await?;
+    Ok(stored.as_deref().and_then(|stored| {
+        let (user, job) = stored.split_once(':')?;
+        (job.parse::<Uuid>().ok()? == job_id).then(|| user.parse().ok()).flatten()
+    }))
 }
 
 /// Keeps a ticket that opened a stream good for reconnections: until the job's
-/// deadline (when its stream can have nothing more to say) plus [`TICKET_TTL`].
+/// deadline (when its stream can have nothing more to say) plus [`TICKET_TTL`] — a
+/// fixed moment, so using the ticket again never pushes it further.
 pub async fn keep_for_reconnects(
     redis: &RedisHandle,
     prefix: &str,
     ticket: &str,
     deadline: Option<chrono::DateTime<chrono::Utc>>,
 ) {
-    let until_deadline = deadline.and_then(|at| (at - chrono::Utc::now()).to_std().ok()).unwrap_or(Duration::ZERO);
-    if let Err(err) = redis.expire(&key(prefix, ticket), until_deadline + TICKET_TTL).await {
+    let Some(until) = deadline.map(|at| at + TICKET_TTL) else { return };
+    if until <= chrono::Utc::now() {
+        return; // the ticket keeps what is left of its first minute
+    }
+    if let Err(err) = redis.expire_at(&key(prefix, ticket), until.timestamp_millis()).await {
         tracing::debug!(error = %err, "stream ticket not extended (redis unavailable)");
     }
 }

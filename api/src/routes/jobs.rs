@@ -394,11 +394,13 @@ impl JobsApi {
         };
         let state = &self.state;
         let job = self.owned_job(&auth, id.0).await?;
+        // No client can have seen an event the job has not had.
+        let after = after.min(job.last_event_seq);
         if let (Credential::StreamTicket(_), Some(ticket)) = (&auth.0.credential, &ticket.0) {
             ticket::keep_for_reconnects(&state.redis, &state.config.redis_prefix, ticket, job.deadline_at).await;
         }
         let ended = job.status.is_terminal();
-        if ended && after > 0 && db::events::after(&state.pool, job.id, after, 1).await?.is_empty() {
+        if ended && db::events::after(&state.pool, job.id, after, 1).await?.is_empty() {
             return Ok(EventsResponse::Ended);
         }
         let permit = stream_permit(state, &auth.0)?;

@@ -218,6 +218,12 @@ impl JobEventStream {
         loop {
             match db::events::after(&self.pool, self.job_id, after, REPLAY_BATCH).await {
                 Ok(events) => {
+                    // The database itself lacks the events before the first it has (purged
+                    // past their retention): waiting for them would replay forever.
+                    if let Some(first) = events.first().filter(|first| after == self.last_seq && first.seq > after + 1)
+                    {
+                        self.last_seq = first.seq - 1;
+                    }
                     let full = events.len() as i64 == REPLAY_BATCH;
                     if let Some(last) = events.last() {
                         after = last.seq;

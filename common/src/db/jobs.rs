@@ -11,7 +11,7 @@ use crate::{
 };
 
 const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
-                       created_at, started_at, finished_at, deadline_at";
+                       created_at, started_at, finished_at, deadline_at, last_event_seq";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Job {
@@ -30,6 +30,8 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     /// Past this the job fails `deadline_exceeded`.
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The sequence number of the job's newest event.
+    pub last_event_seq: i64,
 }
 
 /// What a client asked for, validated.
@@ -204,7 +206,7 @@ pub async fn claim(
              WHERE id = $1
                AND (status = 'queued'
                     OR (status = 'running' AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)))
-             RETURNING {COLUMNS}, last_event_seq
+             RETURNING {COLUMNS}
          ), started AS (
             INSERT INTO job_events (job_id, seq, kind, data)
             SELECT id, last_event_seq, $4, jsonb_build_object('attempt', attempts) FROM claimed WHERE attempts = 1

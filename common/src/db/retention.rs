@@ -37,11 +37,14 @@ pub async fn purge(pool: &PgPool, retention: &Retention) -> Result<Purged, sqlx:
         idempotency_keys: super::idempotency::purge_expired(pool, retention.idempotency_keys).await?,
         job_events: delete(
             pool,
-            "DELETE FROM job_events WHERE (job_id, seq) IN (
-                SELECT e.job_id, e.seq FROM jobs j JOIN job_events e ON e.job_id = j.id
+            // Whole jobs at a time (a job's events are gone or all there), a batch of
+            // jobs with events per pass.
+            "DELETE FROM job_events WHERE job_id IN (
+                SELECT j.id FROM jobs j
                  WHERE j.status IN ('succeeded', 'failed', 'cancelled')
                    AND j.finished_at <= now() - make_interval(secs => $1)
-                 LIMIT $2)",
+                   AND EXISTS (SELECT 1 FROM job_events e WHERE e.job_id = j.id)
+                 LIMIT $2 / 100)",
             retention.job_events,
         )
         .await?,

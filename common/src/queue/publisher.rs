@@ -198,13 +198,13 @@ impl Publisher {
         }
     }
 
-    /// Connects (to the first node of the list that answers, each bounded by
-    /// `connect`), declares and enables confirms, bounded in time: a broker that
-    /// accepts TCP but stalls must not hold every submit behind this lock.
+    /// Connects (to the first node of the list that answers), declares and enables
+    /// confirms, all of it bounded in time: brokers that accept TCP but stall must not
+    /// hold every submit behind this lock for a connect timeout per node.
     async fn open(&self) -> Result<Link, lapin::Error> {
-        // Named after the topology, so an operator (or a test) can find this one.
-        let connection = connect(&self.url, &format!("ultra-publisher {}", self.topology.jobs_exchange)).await?;
         let setup = async {
+            // Named after the topology, so an operator (or a test) can find this one.
+            let connection = connect(&self.url, &format!("ultra-publisher {}", self.topology.jobs_exchange)).await?;
             let channel = connection.create_channel().await?;
             self.topology.declare(&channel).await?;
             // Without them only retries suffer (see `publish_after`): not a reason to refuse jobs.
@@ -212,11 +212,11 @@ impl Publisher {
                 tracing::warn!(error = %err, "cannot declare the delay queues (their node is down?)");
             }
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok::<_, lapin::Error>(channel)
+            Ok::<_, lapin::Error>(Link { connection, channel })
         };
-        let setup = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await;
+        let setup = tokio::time::timeout(CONNECT_TIMEOUT * 3, setup).await;
         match setup {
-            Ok(Ok(channel)) => Ok(Link { connection, channel }),
+            Ok(Ok(link)) => Ok(link),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "RabbitMQ set-up timed out").into()),
         }

@@ -124,6 +124,7 @@ impl RunningGuard<'_> {
 /// of `LEASE`). Runs until `shutdown`.
 pub async fn watch(ctx: Arc<JobContext>, shutdown: CancellationToken) {
     let mut last_renewal = tokio::time::Instant::now();
+    let mut renewed_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -144,7 +145,16 @@ pub async fn watch(ctx: Arc<JobContext>, shutdown: CancellationToken) {
         }
         if last_renewal.elapsed() >= LEASE / 3 {
             last_renewal = tokio::time::Instant::now();
-            renew_leases(&ctx).await;
+            if renew_leases(&ctx).await {
+                renewed_at = last_renewal;
+            } else if renewed_at.elapsed() >= LEASE {
+                // Our leases have expired by now: another worker may be running these
+                // jobs. Stop paying for their calls here.
+                tracing::warn!("leases not renewed for a whole lease; dropping every run");
+                for (_, lease_lost) in ctx.running.leased() {
+                    lease_lost.cancel();
+                }
+            }
         }
     }
 }
@@ -153,18 +163,19 @@ pub async fn watch(ctx: Arc<JobContext>, shutdown: CancellationToken) {
 /// stopped running must not stay leased (see `db::jobs::renew_leases`). A claimed job
 /// whose lease was not renewed is no longer ours, so its run is dropped at once,
 /// writing nothing more: another worker has it, or it ended elsewhere.
-async fn renew_leases(ctx: &JobContext) {
+/// Returns whether the database answered.
+async fn renew_leases(ctx: &JobContext) -> bool {
     let _renewal = ctx.running.renewals.lock().await;
     let leased = ctx.running.leased();
     if leased.is_empty() {
-        return;
+        return true;
     }
     let ids: Vec<Uuid> = leased.iter().map(|(id, _)| *id).collect();
     let renewed = match db::jobs::renew_leases(&ctx.pool, ctx.worker_id, &ids, LEASE).await {
         Ok(renewed) => renewed,
         Err(err) => {
             tracing::warn!(error = %err, "cannot renew leases; retrying");
-            return;
+            return false;
         }
     };
     // A job that ended since it was read is missing too; dropping its finished run is harmless.
@@ -174,6 +185,7 @@ async fn renew_leases(ctx: &JobContext) {
             lease_lost.cancel();
         }
     }
+    true
 }
 
 /// Ends every lease this process holds (see `db::jobs::release_leases`), so the
@@ -201,9 +213,9 @@ pub enum Outcome {
     Retried,
     /// Already terminal, or unknown: a duplicate delivery; nothing was done.
     Skipped,
-    /// The job's lease passed to another worker (or the job ended elsewhere) while it
-    /// ran here: the run was dropped mid-way, writing nothing more. The delivery is
-    /// settled; the job goes on wherever it is now.
+    /// The job's lease passed to another worker (or the job ended elsewhere, or was
+    /// requeued by the reaper) while it ran here: the run was dropped mid-way, writing
+    /// nothing more. The delivery is requeued; the job goes on wherever it is now.
     LeaseLost,
 }
 
