@@ -45,10 +45,15 @@ pub struct Consumer {
 impl Consumer {
     /// Consumes until `shutdown`, reconnecting after any failure.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        const FIRST_RETRY: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST_RETRY;
         while !shutdown.is_cancelled() {
             let result = self.session(&shutdown).await;
-            self.connected.store(false, Ordering::Relaxed);
+            // A session that got going was a success: the next loss starts the back-off
+            // afresh, rather than waiting as long as after a run of failed connects.
+            if self.connected.swap(false, Ordering::Relaxed) {
+                backoff = FIRST_RETRY;
+            }
             match result {
                 Ok(()) => break,
                 Err(err) => {

@@ -1,6 +1,6 @@
 //! `outbox`: jobs committed but not yet confirmed by RabbitMQ.
 
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgExecutor;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -55,18 +55,41 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error>
     Ok(())
 }
 
-/// Locks up to `limit` rows older than `min_age_ms` that no other relay holds. The
-/// age keeps the relay from racing the fast path for a job being published right now;
-/// a retry's row (one with a delay) has no fast path, and waits no longer than the
-/// delay it reports.
-pub async fn lock_batch(conn: &mut PgConnection, min_age_ms: i64, limit: i64) -> Result<Vec<Pending>, sqlx::Error> {
+/// Claims up to `limit` rows older than `min_age_ms` that no other relay has claimed,
+/// for `claim`: the claim commits at once, so no row lock is held while the broker
+/// confirms. The age keeps the relay from racing the fast path for a job being
+/// published right now; a retry's row (one with a delay) has no fast path, and waits
+/// no longer than the delay it reports. A relay that dies mid-batch leaves claims
+/// that lapse, and its rows are published by the next.
+pub async fn claim_batch(
+    ex: impl PgExecutor<'_>,
+    min_age_ms: i64,
+    limit: i64,
+    claim: std::time::Duration,
+) -> Result<Vec<Pending>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, job_id, attempt, delay_ms, traceparent FROM outbox
-          WHERE created_at < now() - make_interval(secs => $1::float8 / 1000) OR delay_ms > 0
-          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "UPDATE outbox SET claimed_until = now() + make_interval(secs => $3)
+          WHERE id IN (SELECT id FROM outbox
+                        WHERE (created_at < now() - make_interval(secs => $1::float8 / 1000) OR delay_ms > 0)
+                          AND (claimed_until IS NULL OR claimed_until < now())
+                        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+          RETURNING id, job_id, attempt, delay_ms, traceparent",
     )
     .bind(min_age_ms)
     .bind(limit)
-    .fetch_all(conn)
+    .bind(claim.as_secs_f64())
+    .fetch_all(ex)
     .await
+}
+
+/// Gives claimed rows back at once (their publish failed), for the next pass.
+pub async fn unclaim(ex: impl PgExecutor<'_>, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1)").bind(ids).execute(ex).await?;
+    Ok(())
+}
+
+/// Deletes the rows the broker confirmed, in one statement.
+pub async fn delete_many(ex: impl PgExecutor<'_>, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(ex).await?;
+    Ok(())
 }

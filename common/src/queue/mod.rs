@@ -185,7 +185,8 @@ pub async fn consume(channel: &lapin::Channel, queue: &str) -> Result<lapin::Con
 }
 
 /// Closes every broker connection of the processes using `prefix` (they are named
-/// after the topology), with the broker's own `rabbitmqctl`, as an operator would.
+/// after the topology), with the broker's own `rabbitmqctl`, as an operator would;
+/// returns how many it closed.
 /// Chaos tests and benchmarks use it; it needs to run on the broker's host.
 pub fn close_connections(prefix: &str) -> std::io::Result<usize> {
     use std::process::{Command, Stdio};
@@ -197,16 +198,18 @@ pub fn close_connections(prefix: &str) -> std::io::Result<usize> {
     let mine = Topology::new(prefix).jobs_exchange;
     let pids: Vec<&str> =
         listing.lines().filter(|l| l.contains(&mine)).filter_map(|l| l.split_whitespace().next()).collect();
+    let mut closed = 0;
     for pid in &pids {
-        let closed = Command::new("rabbitmqctl")
+        // A connection may be gone by now, or the broker stopping: that one is skipped.
+        let status = Command::new("rabbitmqctl")
             .args(["-q", "close_connection", pid, "closed by a chaos test"])
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()?;
-        if !closed.success() {
-            return Err(std::io::Error::other(format!("rabbitmqctl close_connection {pid} failed")));
-        }
+        closed += usize::from(status.success());
     }
-    Ok(pids.len())
+    Ok(closed)
 }
 
 /// The message on `ultra.analyze`. Versioned so old and new processes can share a

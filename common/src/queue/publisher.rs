@@ -78,6 +78,45 @@ impl Publisher {
         delay: std::time::Duration,
         traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
+        let result = match self.send(message, delay, traceparent).await {
+            Ok(confirm) => self.confirmed(confirm).await,
+            Err(err) => Err(err),
+        };
+        self.reset_after(&result).await;
+        result
+    }
+
+    /// Publishes many messages at once and waits for their confirms together: one
+    /// round trip of confirms for the lot, not one per message. The results are in
+    /// the order of `messages`.
+    pub async fn publish_many(
+        &self,
+        messages: &[(JobMessage, std::time::Duration, Option<String>)],
+    ) -> Vec<Result<(), PublishError>> {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (message, delay, traceparent) in messages {
+            confirms.push(self.send(message, *delay, traceparent.as_deref()).await);
+        }
+        let results = futures::future::join_all(confirms.into_iter().map(|sent| async move {
+            match sent {
+                Ok(confirm) => self.confirmed(confirm).await,
+                Err(err) => Err(err),
+            }
+        }))
+        .await;
+        if let Some(failed) = results.iter().find(|r| r.is_err()) {
+            self.reset_after(failed).await;
+        }
+        results
+    }
+
+    /// Sends one message; its confirm is awaited by `confirmed`.
+    async fn send(
+        &self,
+        message: &JobMessage,
+        delay: std::time::Duration,
+        traceparent: Option<&str>,
+    ) -> Result<lapin::PublisherConfirm, PublishError> {
         let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
         let mut headers = FieldTable::default();
@@ -91,36 +130,37 @@ impl Publisher {
             .with_headers(headers);
         // mandatory: an unroutable message comes back instead of vanishing.
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let result = async {
-            let now = (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY);
-            let (exchange, routing_key) = if delay.is_zero() {
-                now
-            } else if self.delay_queue_available(self.topology.delay_queue(delay)).await {
-                ("", self.topology.delay_queue(delay))
-            } else {
-                // Late rather than lost: the broker would confirm a message routed to a
-                // classic queue whose node is down, and drop it.
-                tracing::warn!(job_id = %message.job_id(), "delay queue unavailable (its node is down?); publishing the retry without delay");
-                now
-            };
-            let confirm =
-                channel.basic_publish(exchange.into(), routing_key.into(), options, &payload, properties).await?;
-            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Err(_) => Err(PublishError::ConfirmTimeout),
-                Ok(Err(err)) => Err(err.into()),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                    Err(PublishError::Unroutable(self.topology.analyze_queue.clone()))
-                }
-                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unavailable("confirms not enabled".into())),
-            }
+        let now = (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY);
+        let (exchange, routing_key) = if delay.is_zero() {
+            now
+        } else if self.delay_queue_available(self.topology.delay_queue(delay)).await {
+            ("", self.topology.delay_queue(delay))
+        } else {
+            // Late rather than lost: the broker would confirm a message routed to a
+            // classic queue whose node is down, and drop it.
+            tracing::warn!(job_id = %message.job_id(), "delay queue unavailable (its node is down?); publishing the retry without delay");
+            now
+        };
+        Ok(channel.basic_publish(exchange.into(), routing_key.into(), options, &payload, properties).await?)
+    }
+
+    /// Waits for the broker's verdict on one message.
+    async fn confirmed(&self, confirm: lapin::PublisherConfirm) -> Result<(), PublishError> {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => Err(PublishError::ConfirmTimeout),
+            Ok(Err(err)) => Err(err.into()),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(self.topology.analyze_queue.clone())),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Unavailable("confirms not enabled".into())),
         }
-        .await;
+    }
+
+    /// A broken channel or a lost confirm: the next publish reconnects.
+    async fn reset_after(&self, result: &Result<(), PublishError>) {
         if matches!(result, Err(PublishError::Amqp(_) | PublishError::ConfirmTimeout)) {
             self.reset().await;
         }
-        result
     }
 
     /// Whether the broker answers now: connects if needed (readiness probe).
