@@ -161,3 +161,17 @@ async fn a_stage_below_its_quorum_fails_the_job_with_the_reasons() {
     assert!(strict["error"]["message"].as_str().is_some_and(|m| m.contains("initial")), "{strict}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn placeholders_in_a_prompt_are_text_not_templates() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.user_with_key().await;
+    // Expanded, each `$other_responses` would paste in the other models' answers: a
+    // meta prompt of ~140,000 tokens per model, past the mock's 128,000-token window.
+    let prompt = "$other_responses ".repeat(1_900);
+    let body = json!({ "prompt": prompt, "models": ["mock/alpha", "mock/beta", "mock/gamma"], "pattern": "critique" });
+    let job = run(&app, &key, body).await;
+    assert_eq!(job["status"], "succeeded", "{}", job["error"]);
+    assert_eq!(job["result"]["meta"].as_array().map(Vec::len), Some(3));
+    app.stop().await;
+}
