@@ -169,40 +169,9 @@ impl Harness {
     }
 }
 
-/// Limits far above anything a benchmark reaches, and mock models whose concurrency
-/// caps do not bind (the built-in ones allow 1,000 calls each).
-const BENCH_CONFIG: &str = r#"
-[tiers.bench]
-requests_per_minute = 1000000000
-analyze_per_minute = 1000000000
-concurrent_jobs = 100000000
-models_per_job = 3
-daily_tokens = 1000000000000000
-concurrent_streams = 1000000
-max_job_seconds = 3600
-
-[providers.mock]
-kind = "mock"
-concurrency = 1000000
-
-[[models]]
-id = "mock/alpha"
-provider = "mock"
-upstream = "alpha"
-concurrency = 1000000
-
-[[models]]
-id = "mock/beta"
-provider = "mock"
-upstream = "beta"
-concurrency = 1000000
-
-[[models]]
-id = "mock/gamma"
-provider = "mock"
-upstream = "gamma"
-concurrency = 1000000
-"#;
+/// Limits far above anything a benchmark reaches (tier `bench`), and mock models
+/// whose concurrency caps do not bind.
+const BENCH_CONFIG: &str = include_str!("limitless.toml");
 
 /// The mock models a job of `count` models names.
 pub fn models(count: usize) -> anyhow::Result<Vec<&'static str>> {

@@ -19,6 +19,7 @@
 # its directory deleted; the shared broker (rabbit@localhost, :5672) is never touched.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+repo="$(pwd)"
 
 mode=full
 case "${1:-}" in
@@ -183,34 +184,10 @@ ultra_env() {
   unset ULTRA_METRICS_TOKEN ULTRA_ENV
 }
 
-# A tier whose limits a run never reaches, and mock models without concurrency caps.
+# A tier whose limits a run never reaches (`bench`), and mock models without
+# concurrency caps: the benchmarks' own configuration.
 write_ultra_config() {
-  cat >"$work/ultra.toml" <<'EOF'
-[tiers.cluster]
-requests_per_minute = 1000000000
-analyze_per_minute = 1000000000
-concurrent_jobs = 100000000
-models_per_job = 3
-daily_tokens = 1000000000000000
-concurrent_streams = 1000000
-max_job_seconds = 3600
-
-[providers.mock]
-kind = "mock"
-concurrency = 1000000
-
-[[models]]
-id = "mock/alpha"
-provider = "mock"
-upstream = "alpha"
-concurrency = 1000000
-
-[[models]]
-id = "mock/beta"
-provider = "mock"
-upstream = "beta"
-concurrency = 1000000
-EOF
+  cp "$repo/src/bench/limitless.toml" "$work/ultra.toml"
 }
 
 start_ultra() { # mode VAR=value...: `ultra <mode>` with these variables too, logging to $work
@@ -311,7 +288,7 @@ AMQP_URL="$(amqp_list 0 1 2)"
 database_made=true # the admin commands create it
 email="cluster-${run_id}@example.com"
 "$ULTRA_BIN" admin create-user --email "$email" >/dev/null
-"$ULTRA_BIN" admin set-tier --email "$email" --tier cluster >/dev/null
+"$ULTRA_BIN" admin set-tier --email "$email" --tier bench >/dev/null
 key="$("$ULTRA_BIN" admin create-api-key --email "$email" --name cluster | tail -n 1)"
 
 api_port="$(free_port)"
