@@ -1,12 +1,14 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build of the one `ultra` binary; the runtime image runs it as a non-root user.
+# Only the `ultra` package is built: the benchmarks (`ultra-bench`) and the test kit are
+# workspace members the image never carries.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin ultra \
+    cargo build --release --locked -p ultra --bin ultra \
     && install -m 0755 target/release/ultra /usr/local/bin/ultra
 
 FROM debian:bookworm-slim

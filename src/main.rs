@@ -2,7 +2,6 @@
 //! the worker, both, or an admin command.
 
 mod admin;
-mod bench;
 mod serve;
 
 use std::sync::Arc;
@@ -36,9 +35,6 @@ enum Command {
     /// Administrative commands.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
-    /// Benchmarks against the local services (docs/BENCHMARKS.md).
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
 }
 
 #[tokio::main]
@@ -73,6 +69,5 @@ async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
         Command::Worker { .. } => serve::worker(config).await,
         Command::Migrate => admin::migrate(&config).await,
         Command::Admin(command) => admin::run(&config, command).await,
-        Command::Bench(command) => bench::run(&config, command).await,
     }
 }

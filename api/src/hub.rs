@@ -19,6 +19,7 @@ use std::{
 };
 
 use common::{
+    backoff::Backoff,
     db,
     events::{channel_pattern, JobEvent, LiveMessage, TokenEvent},
 };
@@ -187,10 +188,10 @@ impl EventHub {
     /// Keeps the subscription up until shutdown, reconnecting with back-off.
     pub async fn run(self: Arc<Self>, client: redis::Client, redis_prefix: String, shutdown: CancellationToken) {
         let pattern = channel_pattern(&redis_prefix);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             match self.subscribe_once(&client, &pattern, &shutdown).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => backoff.reset(),
                 Err(err) => {
                     tracing::warn!(error = %err, "redis event subscription unavailable; streams poll PostgreSQL")
                 }
@@ -199,9 +200,8 @@ impl EventHub {
             self.recheck_all_now();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

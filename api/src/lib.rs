@@ -11,6 +11,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod middleware;
+pub mod openapi;
 pub mod queues;
 pub mod relay;
 pub mod routes;
@@ -87,20 +88,41 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
 
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let service = routes::service(state.clone());
+    let choices = openapi::Choices {
+        models: state.catalog.models().map(|m| m.id.as_str()).collect(),
+        patterns: state.patterns.iter().map(|(name, _)| name).collect(),
+        tiers: state.tiers.names().collect(),
+        max_prompt_chars: config.max_prompt_chars,
+        max_models: config.max_models_per_job,
+    };
+    let document = openapi::finish(&service.spec(), &choices).context("the OpenAPI document")?;
     // Blank entries must not turn into "no list", which CORS would read as "any origin".
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
     common::metrics::install();
     let routes = Arc::new(metrics::RouteTemplates::from_spec(&service.spec(), &["/docs", "/openapi.json", "/metrics"]));
     let app = Route::new()
-        .nest("/docs", service.swagger_ui())
-        .at("/openapi.json", service.spec_endpoint())
+        .at(
+            "/docs",
+            poem::get(poem::endpoint::make_sync({
+                let html = service.swagger_ui_html().replace(&service.spec(), &document);
+                move |_| poem::web::Html(html.clone())
+            })),
+        )
+        .at(
+            "/openapi.json",
+            poem::get(poem::endpoint::make_sync({
+                let document = document.clone();
+                move |_| poem::Response::builder().content_type("application/json").body(document.clone())
+            })),
+        )
         .at("/metrics", poem::get(metrics::endpoint))
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate::new(client_ips))
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
+        .with(middleware::AllowHeader(Arc::new(openapi::Methods::of(&document))))
         .with(metrics::HttpMetrics(routes))
         .with(middleware::RequestContext)
         .data(state.clone())

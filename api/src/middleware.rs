@@ -133,7 +133,7 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
         let id = given
             .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        let parent = req.headers().get(trace::HEADER).and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
+        let parent = TraceContext::extract(&HttpHeaders(req.headers()));
         let span = tracing::info_span!(
             "request",
             request_id = %id,
@@ -148,6 +148,52 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
         let mut response = self.inner.call(req).instrument(span).await?.into_response();
         if let Ok(value) = HeaderValue::from_str(&id) {
             response.headers_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+}
+
+/// A request's headers as the carrier OpenTelemetry's propagator reads `traceparent`
+/// from.
+struct HttpHeaders<'a>(&'a poem::http::HeaderMap);
+
+impl trace::Extractor for HttpHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|name| name.as_str()).collect()
+    }
+}
+
+/// A `405` names the methods its path takes (`Allow`, which RFC 9110 §15.5.6 requires),
+/// from the served OpenAPI document.
+pub struct AllowHeader(pub std::sync::Arc<crate::openapi::Methods>);
+
+impl<E: Endpoint> Middleware<E> for AllowHeader {
+    type Output = AllowHeaderEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        AllowHeaderEndpoint { inner, methods: self.0.clone() }
+    }
+}
+
+pub struct AllowHeaderEndpoint<E> {
+    inner: E,
+    methods: std::sync::Arc<crate::openapi::Methods>,
+}
+
+impl<E: Endpoint> Endpoint for AllowHeaderEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        let path = req.uri().path().to_owned();
+        let mut response = self.inner.call(req).await?.into_response();
+        if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+            if let Some(allowed) = self.methods.allowed(&path).and_then(|m| HeaderValue::from_str(m).ok()) {
+                response.headers_mut().insert(poem::http::header::ALLOW, allowed);
+            }
         }
         Ok(response)
     }

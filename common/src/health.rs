@@ -49,9 +49,8 @@ pub struct Readiness {
     /// `down` (PostgreSQL down).
     pub status: Status,
     pub checks: Checks,
-    /// Providers whose circuit breaker is open: their models are unavailable for now.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    #[oai(skip_serializing_if_is_empty)]
+    /// Providers whose circuit breaker is open: their models are unavailable for now
+    /// (empty when none is).
     pub open_circuits: Vec<String>,
 }
 

@@ -1,10 +1,11 @@
 //! What the api and the workers share: configuration, domain types, database access,
-//! queue topology, the event bus, health probes and telemetry.
+//! queue topology, the event bus, health probes, telemetry and the SSE parser.
 //!
 //! Error policy: functions here return typed errors (`sqlx::Error`, `lapin::Error`,
 //! the `thiserror` enums beside them); `anyhow` belongs only to binaries and start-up.
 
 pub mod apikey;
+pub mod backoff;
 pub mod catalog;
 pub mod cidr;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod patterns;
 pub mod queue;
 pub mod redis;
 pub mod shutdown;
+pub mod sse;
 pub mod telemetry;
 pub mod tiers;
 pub mod trace;

@@ -5,7 +5,7 @@
 
 use std::io::IsTerminal;
 
-use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -82,19 +82,12 @@ pub fn continue_trace(span: &tracing::Span, parent: Option<TraceContext>) -> Tra
 
 fn span_context(span: &tracing::Span, parent: Option<TraceContext>) -> TraceContext {
     if let Some(parent) = parent {
-        let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-        let remote =
-            SpanContext::new(parent.trace_id.into(), parent.span_id.into(), flags, true, TraceState::default());
         // Fails only without the OpenTelemetry layer, where there is nothing to link.
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent.into()));
     }
     let exported = span.context().span().span_context().clone();
     if exported.is_valid() {
-        return TraceContext {
-            trace_id: u128::from_be_bytes(exported.trace_id().to_bytes()),
-            span_id: u64::from_be_bytes(exported.span_id().to_bytes()),
-            sampled: exported.is_sampled(),
-        };
+        return TraceContext::from(&exported);
     }
     parent.map_or_else(TraceContext::root, |p| p.child())
 }

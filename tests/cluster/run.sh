@@ -187,7 +187,7 @@ ultra_env() {
 # A tier whose limits a run never reaches (`bench`), and mock models without
 # concurrency caps: the benchmarks' own configuration.
 write_ultra_config() {
-  cp "$repo/src/bench/limitless.toml" "$work/ultra.toml"
+  cp "$repo/bench/src/limitless.toml" "$work/ultra.toml"
 }
 
 start_ultra() { # mode VAR=value...: `ultra <mode>` with these variables too, logging to $work

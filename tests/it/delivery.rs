@@ -247,7 +247,7 @@ async fn insert_queued_job(tx: &mut sqlx::PgConnection, user_id: Uuid, prompt: &
         reserved_day: None,
         timeout_secs: 600,
     };
-    db::jobs::insert(&mut *tx, &new_job).await.expect("insert job");
+    testkit::jobs::insert(&mut *tx, &new_job).await.expect("insert job");
     db::events::append(&mut *tx, id, EventKind::Queued, json!({})).await.expect("queued event");
     id
 }

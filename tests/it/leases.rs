@@ -8,12 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    db::audit::{self, DeliveryAudit},
-    Config,
-};
+use common::Config;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::audit::{self, DeliveryAudit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -58,8 +58,19 @@ async fn a_critique_runs_three_stages_and_names_its_synthesis_model() {
     // A revision is a different call from the first answer (its prompt carries the others').
     assert_ne!(result["meta"][0]["output"], result["answers"][0]["output"]);
 
+    // A synthesis model from outside the job's models writes the synthesis only, and a
+    // quorum above the job's models asks for every one of them.
+    let outside = json!({ "prompt": "x", "models": ["mock/alpha"], "pattern": "critique",
+                          "options": { "synthesis_model": "mock/beta", "min_models": 2 } });
+    let job = run(&app, &key, outside).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let expected = [("initial", "mock/alpha"), ("meta", "mock/alpha"), ("synthesis", "mock/beta")]
+        .map(|(stage, model)| (stage.to_owned(), model.to_owned()));
+    assert_eq!(stages(&job), expected);
+
+    let max = app.config.max_models_per_job + 1;
     let bad = json!({ "prompt": "x", "models": ["mock/alpha"], "pattern": "critique",
-                      "options": { "synthesis_model": "mock/beta", "min_models": 2 } });
+                      "options": { "synthesis_model": "mock/omega", "min_models": max } });
     let refused = problem(app.submit(&key, &bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(crate::support::fields(&refused), ["options.synthesis_model", "options.min_models"]);
     app.stop().await;

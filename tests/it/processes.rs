@@ -207,8 +207,8 @@ async fn two_hundred_jobs_survive_workers_killed_mid_run() {
     }
 
     // Every job succeeded once, each finished step recorded once, nothing left unpublished.
-    let audit = common::db::audit::delivery(&app.pool).await.expect("audit");
-    let clean = common::db::audit::DeliveryAudit { jobs: ids.len() as i64, ..Default::default() };
+    let audit = testkit::audit::delivery(&app.pool).await.expect("audit");
+    let clean = testkit::audit::DeliveryAudit { jobs: ids.len() as i64, ..Default::default() };
     assert_eq!(audit, clean);
     let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE kind = 'step.completed'")
         .fetch_one(&app.pool)

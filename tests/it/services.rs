@@ -120,5 +120,5 @@ pub fn unique_prefix() -> String {
 
 /// Removes a test's queues and exchanges.
 pub async fn delete_topology(prefix: &str) {
-    let _ = common::queue::Topology::new(prefix).delete(&amqp_url()).await;
+    let _ = testkit::queue::delete_topology(&common::queue::Topology::new(prefix), &amqp_url()).await;
 }

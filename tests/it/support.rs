@@ -319,7 +319,7 @@ pub fn fields(problem: &Value) -> Vec<String> {
 /// Closes this test's own broker connections, as an operator's `rabbitmqctl
 /// close_connection` would.
 pub fn close_broker_connections(prefix: &str) -> usize {
-    common::queue::close_connections(prefix).expect("rabbitmqctl (the broker's own tool) must be installed")
+    testkit::queue::close_connections(prefix).expect("rabbitmqctl (the broker's own tool) must be installed")
 }
 
 /// An OpenAI-compatible server's streamed answer: one chunk of `text`, then `[DONE]`.

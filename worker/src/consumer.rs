@@ -13,8 +13,9 @@ use std::{
 };
 
 use common::{
+    backoff::Backoff,
     queue::{self, JobMessage, Topology},
-    trace::{self, TraceContext},
+    trace::{AmqpHeaders, TraceContext},
     Config,
 };
 use futures::{FutureExt, StreamExt};
@@ -45,26 +46,25 @@ pub struct Consumer {
 impl Consumer {
     /// Consumes until `shutdown`, reconnecting after any failure.
     pub async fn run(self, shutdown: CancellationToken) {
-        const FIRST_RETRY: Duration = Duration::from_millis(200);
-        let mut backoff = FIRST_RETRY;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while !shutdown.is_cancelled() {
             let result = self.session(&shutdown).await;
             // A session that got going was a success: the next loss starts the back-off
             // afresh, rather than waiting as long as after a run of failed connects.
             if self.connected.swap(false, Ordering::Relaxed) {
-                backoff = FIRST_RETRY;
+                backoff.reset();
             }
+            let delay = backoff.next_delay();
             match result {
                 Ok(()) => break,
                 Err(err) => {
-                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "consumer session ended; reconnecting")
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "consumer session ended; reconnecting")
                 }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -181,13 +181,8 @@ async fn handle(ctx: Arc<JobContext>, delivery: Delivery, shutdown: Cancellation
     };
     let job_id = message.job_id();
     // This run is a span of the trace the message carries (or of a new one).
-    let parent = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(trace::HEADER))
-        .and_then(|value| value.as_long_string())
-        .and_then(|value| TraceContext::parse(&value.to_string()));
+    let parent =
+        delivery.properties.headers().as_ref().and_then(|headers| TraceContext::extract(&AmqpHeaders(headers)));
     let span = tracing::info_span!(
         "job",
         %job_id,
@@ -206,9 +201,9 @@ async fn settle(
     context: &TraceContext,
     shutdown: &CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let done = loop {
-        match AssertUnwindSafe(pipeline::run(ctx, job_id, context)).catch_unwind().await {
+        let delay = match AssertUnwindSafe(pipeline::run(ctx, job_id, context)).catch_unwind().await {
             // The lease went elsewhere mid-run: another worker holds the job, or the
             // reaper requeued it — and its new message may have been dropped here as
             // a duplicate of this very run. Requeued, this delivery is claimed if the
@@ -217,7 +212,9 @@ async fn settle(
             // Ended, retried, or a duplicate: this delivery is done.
             Ok(Ok(_)) => break true,
             Ok(Err(err)) => {
-                tracing::warn!(%job_id, error = %err, retry_in_ms = backoff.as_millis() as u64, "job interrupted by an infrastructure error")
+                let delay = backoff.next_delay();
+                tracing::warn!(%job_id, error = %err, retry_in_ms = delay.as_millis() as u64, "job interrupted by an infrastructure error");
+                delay
             }
             Err(_) => {
                 // A bug, not an outage: hand the message back; the delivery limit
@@ -225,12 +222,11 @@ async fn settle(
                 tracing::error!(%job_id, "job handler panicked; requeueing");
                 break false;
             }
-        }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break false,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     };
     let settled = if done {
         // If the ack is lost, the redelivery finds the job finished and drops it.

@@ -67,14 +67,14 @@ impl AdminApi {
     /// dead-lettered jobs. Scale workers on the work queue's depth; a growing outbox
     /// backlog means the broker is not taking messages. If RabbitMQ is down, `queues`
     /// is empty and `broker_error` says why.
-    #[oai(path = "/queues", method = "get")]
+    #[oai(path = "/queues", method = "get", operation_id = "queues")]
     async fn queues(&self, auth: BearerAuth) -> Result<Json<QueuesSnapshot>, ApiError> {
         require_admin(&auth)?;
         Ok(Json(QueuesSnapshot::take(&self.state).await?))
     }
 
     /// List dead-lettered jobs
-    #[oai(path = "/dead-letters", method = "get")]
+    #[oai(path = "/dead-letters", method = "get", operation_id = "dead_letters")]
     async fn dead_letters(&self, auth: BearerAuth) -> Result<Json<DeadLetterList>, ApiError> {
         require_admin(&auth)?;
         let letters = db::jobs::dead_letters(&self.state.pool, 100).await?;
@@ -94,7 +94,7 @@ impl AdminApi {
     ///
     /// Puts it back in the queue; it resumes, skipping the steps it finished. Its budget
     /// reservation is taken again for today. Anything but a dead-lettered job is 404.
-    #[oai(path = "/dead-letters/:job_id/replay", method = "post")]
+    #[oai(path = "/dead-letters/:job_id/replay", method = "post", operation_id = "replay")]
     async fn replay(
         &self,
         auth: BearerAuth,
@@ -121,7 +121,7 @@ impl AdminApi {
     }
 
     /// Change a user's tier or disable them
-    #[oai(path = "/users/:id", method = "patch")]
+    #[oai(path = "/users/:id", method = "patch", operation_id = "update_user")]
     async fn update_user(
         &self,
         auth: BearerAuth,

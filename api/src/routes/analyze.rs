@@ -73,16 +73,20 @@ pub struct AnalyzeOptions {
     /// this one). A cached answer costs nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
-    /// The model that writes the synthesis (one of `models`); by default the first
-    /// model with an answer. If it fails, the next one takes over.
+    /// The model that writes the synthesis; by default the first model with an answer.
+    /// One not among `models` writes the synthesis only. If it fails, the job's models
+    /// take over in their order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synthesis_model: Option<String>,
-    /// Answers a stage needs to go on (default 1); fewer fail the job.
+    /// Answers a stage needs to go on (default 1); fewer fail the job. More than the
+    /// job's models asks for every one of them.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[oai(validator(minimum(value = "1")))]
     pub min_models: Option<u32>,
     /// The job's deadline in seconds from submission, at most the tier's
     /// `max_job_seconds`; past it the job fails `deadline_exceeded`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[oai(validator(minimum(value = "1"), maximum(value = "4294967295")))]
     pub timeout_s: Option<u32>,
 }
 
@@ -124,7 +128,7 @@ impl AnalyzeApi {
     ///
     /// Validates the request and queues the job. The job is durable from the moment
     /// this returns 202, even while the message broker is down.
-    #[oai(path = "/analyze", method = "post")]
+    #[oai(path = "/analyze", method = "post", operation_id = "analyze")]
     async fn analyze(
         &self,
         auth: BearerAuth,
@@ -135,7 +139,7 @@ impl AnalyzeApi {
         /// Makes a retried submission safe: the same key with the same body returns the
         /// original job; with another body, 422; while the first is in progress, 409.
         /// Keys are per user, kept `ULTRA_IDEMPOTENCY_RETENTION_SECS` (a day).
-        #[oai(name = "Idempotency-Key")]
+        #[oai(name = "Idempotency-Key", validator(max_length = 255, pattern = "^[ \t]*[!-~]+[ \t]*$"))]
         idempotency_key: Header<Option<String>>,
         trace: poem::web::Data<&TraceContext>,
     ) -> Result<AnalyzeResponse, ApiError> {
@@ -151,6 +155,7 @@ impl AnalyzeApi {
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let accepted = validate(state, &request, models_allowed)?;
         check_models_can_run(state, &request.models).await?;
+        check_synthesis_model(state, &request).await?;
         // The effective `max_tokens` is stored with the job, so the reservation below is
         // a real bound: what every call of every stage can read and write.
         // What the key vouches for: the request as parsed (so whitespace does not matter).
@@ -289,7 +294,11 @@ async fn replay(
 /// open circuit is a `503` with `Retry-After` (the soonest circuit's cool-down).
 async fn check_models_can_run(state: &AppState, models: &[String]) -> Result<(), ApiError> {
     let specs: Vec<&ModelSpec> = models.iter().filter_map(|id| state.catalog.get(id)).collect();
-    let availability = availability(state, &specs).await;
+    check_specs_can_run(state, &specs).await
+}
+
+async fn check_specs_can_run(state: &AppState, specs: &[&ModelSpec]) -> Result<(), ApiError> {
+    let availability = availability(state, specs).await;
     let unavailable: Vec<FieldError> = specs
         .iter()
         .zip(&availability)
@@ -325,6 +334,29 @@ async fn check_models_can_run(state: &AppState, models: &[String]) -> Result<(),
     Ok(())
 }
 
+/// White space as the document's prompt `pattern` means it (ECMAScript's `\s`), so
+/// the server refuses exactly the prompts the document calls invalid.
+fn is_blank(c: char) -> bool {
+    matches!(
+        c,
+        '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
+            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}' | '\u{feff}'
+    )
+}
+
+/// A synthesis model from outside the job's models must be able to run too.
+async fn check_synthesis_model(state: &AppState, request: &AnalyzeRequest) -> Result<(), ApiError> {
+    let extra =
+        request.options.as_ref().and_then(|o| o.synthesis_model.as_ref()).filter(|m| !request.models.contains(m));
+    match extra.and_then(|id| state.catalog.get(id)) {
+        Some(spec) => check_specs_can_run(state, &[spec]).await.map_err(|err| match err {
+            ApiError::Validation(_) => ApiError::field("options.synthesis_model", "this model is not available now"),
+            other => other,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks everything at once, so the client can fix every field in one round trip.
 /// An oversized prompt is a 413 of its own (it is about size, not shape).
 fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -> Result<Accepted, ApiError> {
@@ -338,7 +370,7 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
     }
 
     let mut errors = Vec::new();
-    if request.prompt.trim().is_empty() {
+    if request.prompt.chars().all(is_blank) {
         errors.push(FieldError::new("prompt", "must not be empty"));
     } else if request.prompt.contains('\0') {
         errors.push(FieldError::new("prompt", "must not contain NUL characters"));
@@ -392,13 +424,19 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
             errors.push(FieldError::new("options.timeout_s", "must be at least 1 second"));
         }
         if let Some(model) = &options.synthesis_model {
-            if !request.models.contains(model) {
-                errors.push(FieldError::new("options.synthesis_model", "must be one of `models`"));
+            if state.catalog.get(model).is_none() {
+                errors.push(FieldError::new(
+                    "options.synthesis_model",
+                    format!("unknown model `{model}`; see GET /v1/models"),
+                ));
             }
         }
         if let Some(min) = options.min_models {
-            if min == 0 || min as usize > request.models.len() {
-                errors.push(FieldError::new("options.min_models", "must be between 1 and the number of models"));
+            if min == 0 || min as usize > config.max_models_per_job {
+                errors.push(FieldError::new(
+                    "options.min_models",
+                    format!("must be between 1 and {}", config.max_models_per_job),
+                ));
             }
         }
     }

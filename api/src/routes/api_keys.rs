@@ -67,7 +67,7 @@ impl ApiKeysApi {
     /// Create an API key
     ///
     /// Needs an access token (not an API key), so a leaked key cannot mint more.
-    #[oai(path = "/api-keys", method = "post")]
+    #[oai(path = "/api-keys", method = "post", operation_id = "create_key")]
     async fn create_key(&self, auth: BearerAuth, body: JsonBody<NewApiKey>) -> Result<CreateKeyResponse, ApiError> {
         // A leaked key must not be able to mint its own replacements.
         if auth.0.credential != Credential::AccessToken {
@@ -95,7 +95,7 @@ impl ApiKeysApi {
     /// List API keys
     ///
     /// The caller's live keys: never the key itself or its hash.
-    #[oai(path = "/api-keys", method = "get")]
+    #[oai(path = "/api-keys", method = "get", operation_id = "list_keys")]
     async fn list_keys(&self, auth: BearerAuth) -> Result<Json<ApiKeyList>, ApiError> {
         let keys = db::api_keys::list_live(&self.state.pool, auth.0.user_id).await?;
         let api_keys = keys
@@ -114,7 +114,7 @@ impl ApiKeysApi {
     /// Revoke an API key
     ///
     /// Takes effect at once. Another user's key id answers 404.
-    #[oai(path = "/api-keys/:id", method = "delete")]
+    #[oai(path = "/api-keys/:id", method = "delete", operation_id = "revoke_key")]
     async fn revoke_key(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<NoContent, ApiError> {
         if db::api_keys::revoke_owned(&self.state.pool, id.0, auth.0.user_id).await? {
             Ok(NoContent::Done)

@@ -25,9 +25,10 @@ use crate::{
 #[derive(Debug, Deserialize, Object)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
+    #[oai(validator(max_length = 254))]
     pub email: String,
     /// At least 12 characters, not the email address.
-    #[oai(write_only)]
+    #[oai(write_only, validator(min_length = 12, max_length = 256))]
     pub password: String,
 }
 
@@ -121,7 +122,7 @@ impl AuthApi {
     /// Register
     ///
     /// Creates an account in the default tier with the `user` role.
-    #[oai(path = "/auth/register", method = "post")]
+    #[oai(path = "/auth/register", method = "post", operation_id = "register")]
     async fn register(&self, body: JsonBody<Credentials>) -> Result<RegisterResponse, ApiError> {
         let Credentials { email, password } = body.0;
         let email = db::users::normalize_email(&email);
@@ -156,7 +157,7 @@ impl AuthApi {
     /// Log in
     ///
     /// A wrong email and a wrong password get the same answer, in about the same time.
-    #[oai(path = "/auth/login", method = "post")]
+    #[oai(path = "/auth/login", method = "post", operation_id = "login")]
     async fn login(&self, body: JsonBody<Credentials>) -> Result<Json<Tokens>, ApiError> {
         let Credentials { email, password } = body.0;
         let email = db::users::normalize_email(&email);
@@ -189,7 +190,7 @@ impl AuthApi {
     /// Exchanges a refresh token for a new access token and a new refresh token. Each
     /// refresh token works once: presenting one that was already exchanged revokes
     /// every token of its login (someone else has it).
-    #[oai(path = "/auth/refresh", method = "post")]
+    #[oai(path = "/auth/refresh", method = "post", operation_id = "refresh")]
     async fn refresh(&self, body: JsonBody<RefreshRequest>) -> Result<Json<Tokens>, ApiError> {
         let mut tx = self.state.pool.begin().await?;
         let token = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?;
@@ -218,7 +219,7 @@ impl AuthApi {
     ///
     /// Revokes the refresh token and every token of its login. Access tokens expire
     /// on their own (they are short-lived).
-    #[oai(path = "/auth/logout", method = "post")]
+    #[oai(path = "/auth/logout", method = "post", operation_id = "logout")]
     async fn logout(&self, body: JsonBody<RefreshRequest>) -> Result<NoContent, ApiError> {
         let mut tx = self.state.pool.begin().await?;
         if let Some(token) = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?
@@ -232,7 +233,7 @@ impl AuthApi {
     /// Who am I
     ///
     /// The caller's account, tier limits and today's usage.
-    #[oai(path = "/me", method = "get")]
+    #[oai(path = "/me", method = "get", operation_id = "me")]
     async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
         let pool = &self.state.pool;
         let user = db::users::get(pool, auth.0.user_id).await?.ok_or(ApiError::Unauthorized)?;

@@ -45,7 +45,7 @@ impl HealthApi {
     /// Liveness
     ///
     /// The process is up; checks nothing else.
-    #[oai(path = "/live", method = "get")]
+    #[oai(path = "/live", method = "get", operation_id = "live")]
     async fn live(&self) -> Json<Liveness> {
         Json(Liveness { status: "ok".to_owned() })
     }
@@ -53,7 +53,7 @@ impl HealthApi {
     /// Readiness
     ///
     /// Probes PostgreSQL, RabbitMQ and Redis, each with a short timeout.
-    #[oai(path = "/ready", method = "get")]
+    #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self) -> ReadinessResponse {
         let state = &self.state;
         let (postgres, rabbitmq, redis) = tokio::join!(

@@ -239,7 +239,7 @@ impl JobsApi {
     /// Get a job
     ///
     /// The job's status, its steps so far and, once finished, its result or error.
-    #[oai(path = "/jobs/:id", method = "get")]
+    #[oai(path = "/jobs/:id", method = "get", operation_id = "get_job")]
     async fn get_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
         let mut job = self.owned_job(&auth, id.0).await?;
         let steps = db::steps::list(&self.state.pool, job.id).await?;
@@ -262,31 +262,21 @@ impl JobsApi {
     /// List jobs
     ///
     /// The caller's jobs, newest first, optionally filtered by status.
-    #[oai(path = "/jobs", method = "get")]
+    #[oai(path = "/jobs", method = "get", operation_id = "list_jobs")]
     async fn list_jobs(
         &self,
         auth: BearerAuth,
-        /// Only jobs with this status: queued, running, succeeded, failed or cancelled.
-        status: Query<Option<String>>,
-        /// Page size, 1 to 100 (default 20).
+        /// Only jobs with this status.
+        status: Query<Option<JobStatus>>,
+        /// Page size (default 20).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
         limit: Query<Option<u32>>,
         /// `next_cursor` of the previous page.
-        cursor: Query<Option<String>>,
+        cursor: Query<Option<Uuid>>,
     ) -> Result<Json<JobPage>, ApiError> {
-        let status = match status.0.as_deref() {
-            None => None,
-            Some(s) => Some(
-                s.parse::<JobStatus>().map_err(|e| ApiError::BadRequest(format!("invalid parameter `status`: {e}")))?,
-            ),
-        };
-        let limit = limit.0.unwrap_or(20);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::BadRequest(format!("invalid parameter `limit`: must be between 1 and {MAX_PAGE}")));
-        }
-        let before = match cursor.0.as_deref() {
-            None => None,
-            Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("invalid parameter `cursor`".into()))?),
-        };
+        let status = status.0;
+        let limit = limit.0.unwrap_or(20).min(MAX_PAGE);
+        let before = cursor.0;
         // One row more than asked tells whether another page exists.
         let mut jobs =
             db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
@@ -303,7 +293,7 @@ impl JobsApi {
     /// worker is asked to stop: its in-flight provider calls are aborted within about a
     /// second and the job ends `cancelled`, keeping the steps already done (202;
     /// follow its events). A job that has already ended answers 409. Owner or admin.
-    #[oai(path = "/jobs/:id/cancel", method = "post")]
+    #[oai(path = "/jobs/:id/cancel", method = "post", operation_id = "cancel_job")]
     async fn cancel_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<CancelResponse, ApiError> {
         let state = &self.state;
         let job = match auth.0.is_admin() {
@@ -351,7 +341,7 @@ impl JobsApi {
     /// long-lived token must never go in a URL. The ticket must be used within 60 s
     /// and is good for this job's event stream only; once used it stays good for
     /// reconnections until the job's deadline plus 60 s, so an `EventSource` resumes.
-    #[oai(path = "/jobs/:id/stream-ticket", method = "post")]
+    #[oai(path = "/jobs/:id/stream-ticket", method = "post", operation_id = "stream_ticket")]
     async fn stream_ticket(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<StreamTicket>, ApiError> {
         let job = self.owned_job(&auth, id.0).await?;
         let state = &self.state;
@@ -371,7 +361,7 @@ impl JobsApi {
     /// it streams; a client joining mid-step first gets a `snapshot` of each running
     /// step. A comment line is sent as a heartbeat; the stream ends after the terminal
     /// event, or after `ULTRA_SSE_IDLE_SECS` with nothing to send.
-    #[oai(path = "/jobs/:id/events", method = "get")]
+    #[oai(path = "/jobs/:id/events", method = "get", operation_id = "job_events")]
     async fn job_events(
         &self,
         auth: BearerAuth,

@@ -56,7 +56,7 @@ pub struct ModelsApi {
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Models")]
 impl ModelsApi {
     /// List models
-    #[oai(path = "/models", method = "get")]
+    #[oai(path = "/models", method = "get", operation_id = "list_models")]
     async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
         let state = &self.state;
         let models: Vec<&ModelSpec> = state.catalog.models().collect();

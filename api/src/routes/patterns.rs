@@ -27,7 +27,7 @@ pub struct PatternsApi {
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Models")]
 impl PatternsApi {
     /// List analysis patterns
-    #[oai(path = "/patterns", method = "get")]
+    #[oai(path = "/patterns", method = "get", operation_id = "list_patterns")]
     async fn list_patterns(&self, _auth: BearerAuth) -> Result<Json<PatternList>, ApiError> {
         let patterns = self
             .state

@@ -50,18 +50,7 @@ pub struct NewJob<'a> {
     pub timeout_secs: u32,
 }
 
-/// The job alone, with no event, reservation or outbox row (tests build odd states
-/// with it; the api uses `submit`).
-pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day, deadline_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9)) RETURNING {COLUMNS}"
-    );
-    let row = bind_new_job(sqlx::query(&sql), job).fetch_one(conn).await?;
-    sqlx::FromRow::from_row(&row)
-}
-
-/// Binds a new job's fields as `$1` to `$9`, in the order `insert` and `submit` use.
+/// Binds a new job's fields as `$1` to `$9`, in the order `submit` uses.
 fn bind_new_job<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     job: &NewJob<'q>,

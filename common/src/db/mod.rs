@@ -2,7 +2,6 @@
 //! (or a transaction) so the caller decides what commits together.
 
 pub mod api_keys;
-pub mod audit;
 pub mod events;
 pub mod idempotency;
 pub mod jobs;
@@ -20,6 +19,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     PgPool, Postgres,
 };
+
+use crate::backoff::Backoff;
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -61,19 +62,19 @@ pub async fn connect_and_prepare(
     const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
     let pool = connect_lazy(database_url)?;
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match prepare(database_url, &pool).await {
-            Ok(()) => return Ok(pool),
-            Err(err) if tokio::time::Instant::now() + backoff < deadline && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %err, "database not ready; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Err(err),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => return Err(err),
+        let Err(err) = prepare(database_url, &pool).await else {
+            return Ok(pool);
+        };
+        let delay = backoff.next_delay();
+        if tokio::time::Instant::now() + delay >= deadline || shutdown.is_cancelled() {
+            return Err(err);
+        }
+        tracing::warn!(error = %err, "database not ready; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(err),
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::{
+    backoff::Backoff,
     db::{jobs::Job, steps::Step},
     domain::Stage,
     patterns::{render, PatternSpec, PromptTooLong},
@@ -42,7 +43,8 @@ impl Stages<'_> {
     pub async fn run(&self) -> Result<StagesOutcome, PipelineError> {
         let job = self.job;
         let min_models = match job.options.get("min_models").and_then(Value::as_u64) {
-            Some(asked) => asked as usize,
+            // More than the job's models asks for every one of them.
+            Some(asked) => (asked as usize).min(job.models.len()),
             None => (self.default_min_models as usize).min(job.models.len()),
         }
         .max(1);
@@ -87,11 +89,15 @@ impl Stages<'_> {
         if let Some(template) = &self.pattern.synthesis_template {
             let responses = listing(current.iter());
             let values = [("original_prompt", job.prompt.as_str()), ("responses", responses.as_str())];
-            // The requested model first, then the others in the job's order.
-            let wanted = job.options.get("synthesis_model").and_then(Value::as_str);
-            let mut candidates: Vec<&String> = current.iter().map(|(m, _)| m).collect();
-            candidates.sort_by_key(|m| Some(m.as_str()) != wanted);
-            for model in candidates {
+            // The requested model first (one from outside the job's models writes the
+            // synthesis only), then the others in the job's order.
+            let wanted = job.options.get("synthesis_model").and_then(Value::as_str).map(str::to_owned);
+            let mut candidates: Vec<String> = current.iter().map(|(m, _)| m.clone()).collect();
+            candidates.sort_by_key(|m| Some(m) != wanted.as_ref());
+            if let Some(outsider) = wanted.filter(|w| !candidates.contains(w)) {
+                candidates.insert(0, outsider);
+            }
+            for model in &candidates {
                 let prompt = render(template, &values, self.prompt_limit(model));
                 let outcome = self.stage(Stage::Synthesis, vec![(model.clone(), prompt)], &mut failures).await?;
                 if let Some((model, output)) = outcome.into_iter().next() {
@@ -139,9 +145,7 @@ impl Stages<'_> {
         }
         let asked =
             transient.iter().filter_map(|f| f["error"]["retry_after_ms"].as_u64()).max().map(Duration::from_millis);
-        let exponent = (self.job.attempts.max(1) - 1).min(7) as u32;
-        let base = Duration::from_secs(1).saturating_mul(1 << exponent).min(Duration::from_secs(120));
-        let jittered = base.mul_f64(rand::random_range(0.5..1.5));
+        let jittered = RETRY_BACKOFF.delay((self.job.attempts.max(1) - 1) as u32);
         Some(queued_delay(asked.map_or(jittered, |asked| asked.max(jittered))))
     }
 
@@ -179,6 +183,10 @@ impl Stages<'_> {
 
 /// The longest delay queue: a longer delay waits this long.
 const LONGEST_DELAY: Duration = DELAY_TIERS[DELAY_TIERS.len() - 1];
+
+/// A job's next run after a transient failure waits from one second, doubling with
+/// each run it has had, up to two minutes.
+const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
 
 /// How long a retry published for `delay` really waits: the TTL of the delay queue
 /// that carries it, the shortest tier that covers `delay` or else the longest (as

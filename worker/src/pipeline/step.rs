@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use common::{
+    backoff::Backoff,
     db::{
         self,
         jobs::Job,
@@ -106,15 +107,15 @@ pub async fn run(
         ),
     };
     // The call is paid for: a brief database hiccup must not throw its answer away.
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let first_try = tokio::time::Instant::now();
     let recorded = loop {
         // `None` if another delivery recorded the step first: no second event is written.
         match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome, kind, &data).await {
             Ok(recorded) => break recorded,
-            Err(err) if backoff < RECORD_PATIENCE => {
+            Err(err) if first_try.elapsed() < RECORD_PATIENCE => {
                 tracing::warn!(job_id = %job.id, model, error = %err, "cannot record step yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(err) => return Err(err.into()),
         }
@@ -150,8 +151,8 @@ fn with_attempts(mut error: Value, attempt: i32, earlier: Option<&Value>) -> Val
     error
 }
 
-/// How long a finished step's result is retried against the database (doubling
-/// back-off from 100 ms) before the job is handed back for redelivery.
+/// How long a finished step's result is retried against the database (back-off
+/// doubling from 100 ms to 5 s) before the job is handed back for redelivery.
 const RECORD_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A provider's answer, what it cost, and whether it came from the cache.

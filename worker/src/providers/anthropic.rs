@@ -5,12 +5,12 @@
 //! cumulative usage), `message_stop` (the terminator), `ping`, and `error`.
 
 use async_trait::async_trait;
-use common::catalog::ProviderSpec;
+use common::{catalog::ProviderSpec, sse::SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    http::{self, Endpoint, SseMessage},
+    http::{self, Endpoint},
     CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
 };
 

@@ -1,9 +1,10 @@
 //! What the HTTP providers share: a client that never follows redirects (base URLs
 //! come only from operator configuration), error classification by status, and a
-//! Server-Sent Events reader with an idle timeout.
+//! Server-Sent Events reader with an idle timeout (the parser is `common::sse`).
 
 use std::time::Duration;
 
+use common::sse::{Decoder, SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use reqwest::{header::HeaderMap, RequestBuilder, Response, StatusCode};
 
@@ -327,30 +328,19 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-/// One Server-Sent Event of a provider's stream.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SseMessage {
-    pub event: Option<String>,
-    pub data: String,
-}
-
 /// The events of a streamed response, failing with `Timeout` if no byte arrives for
 /// `idle`. The stream ends when the response does; deciding whether that was a proper
 /// end is the provider's job.
 pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseMessage, ProviderError>> {
     struct State {
         body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-        /// Raw bytes: a multi-byte character may be split across chunks, so text is
-        /// decoded only once a whole event (ending in ASCII newlines) has arrived.
-        buffer: Vec<u8>,
-        /// The last byte seen was `\r`: a `\n` opening the next chunk belongs to it.
-        after_cr: bool,
+        events: Decoder,
         done: bool,
     }
-    let state = State { body: response.bytes_stream().boxed(), buffer: Vec::new(), after_cr: false, done: false };
+    let state = State { body: response.bytes_stream().boxed(), events: Decoder::new(), done: false };
     futures::stream::unfold(state, move |mut state| async move {
         loop {
-            if let Some(message) = take_event(&mut state.buffer) {
+            if let Some(message) = state.events.next_event() {
                 return Some((Ok(message), state));
             }
             if state.done {
@@ -363,95 +353,22 @@ pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseM
                 }
                 Ok(None) => {
                     state.done = true;
-                    // A last event without its blank line still counts.
-                    state.buffer.extend_from_slice(b"\n\n");
+                    state.events.finish();
                 }
                 Ok(Some(Err(err))) => {
                     state.done = true;
                     return Some((Err(ProviderError::Truncated(err.without_url().to_string())), state));
                 }
-                Ok(Some(Ok(chunk))) => normalize_newlines(&chunk, &mut state.buffer, &mut state.after_cr),
+                Ok(Some(Ok(chunk))) => state.events.push(&chunk),
             }
         }
     })
     .boxed()
 }
 
-/// Appends `chunk` with `\r\n` and lone `\r` turned into `\n` — also when a `\r\n`
-/// pair is split across chunks. (`\r` never occurs inside a UTF-8 sequence.)
-fn normalize_newlines(chunk: &[u8], buffer: &mut Vec<u8>, after_cr: &mut bool) {
-    for &byte in chunk {
-        match byte {
-            b'\r' => {
-                buffer.push(b'\n');
-                *after_cr = true;
-            }
-            b'\n' if *after_cr => *after_cr = false,
-            _ => {
-                buffer.push(byte);
-                *after_cr = false;
-            }
-        }
-    }
-}
-
-/// Removes and parses the first complete event in `buffer` (`\n` line ends); comments
-/// and empty blocks are skipped.
-pub fn take_event(buffer: &mut Vec<u8>) -> Option<SseMessage> {
-    while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-        let bytes: Vec<u8> = buffer.drain(..end + 2).collect();
-        let block = String::from_utf8_lossy(&bytes);
-        let mut message = SseMessage::default();
-        let mut has_data = false;
-        for line in block.lines() {
-            let (field, value) =
-                line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
-            match field {
-                "event" => message.event = Some(value.to_owned()),
-                "data" => {
-                    if has_data {
-                        message.data.push('\n');
-                    }
-                    message.data.push_str(value);
-                    has_data = true;
-                }
-                _ => {} // comments (`: ping`), ids, retry hints
-            }
-        }
-        if has_data || message.event.is_some() {
-            return Some(message);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_are_parsed_across_lines() {
-        let mut buffer = ": comment\n\nevent: message_start\ndata: {\"a\":1}\n\ndata: one\ndata: two\n\ndata: [DONE]\n"
-            .as_bytes()
-            .to_vec();
-        assert_eq!(
-            take_event(&mut buffer),
-            Some(SseMessage { event: Some("message_start".into()), data: "{\"a\":1}".into() })
-        );
-        assert_eq!(take_event(&mut buffer), Some(SseMessage { event: None, data: "one\ntwo".into() }));
-        assert_eq!(take_event(&mut buffer), None, "incomplete until its blank line");
-        buffer.push(b'\n');
-        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("[DONE]".into()));
-    }
-
-    #[test]
-    fn crlf_split_across_chunks_still_separates_events() {
-        let (mut buffer, mut after_cr) = (Vec::new(), false);
-        normalize_newlines(b"data: A\r\n\r", &mut buffer, &mut after_cr);
-        normalize_newlines(b"\ndata: B\r\n\r\n", &mut buffer, &mut after_cr);
-        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("A".into()));
-        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("B".into()));
-    }
 
     #[test]
     fn absurd_retry_after_values_do_not_panic() {
@@ -460,15 +377,6 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
         headers.insert("retry-after", "-3".parse().expect("header"));
         assert_eq!(retry_after(&headers), None);
-    }
-
-    #[test]
-    fn a_character_split_across_chunks_survives() {
-        let event = "data: caf\u{e9} \u{1f600}\n\n".as_bytes();
-        let mut buffer = event[..9].to_vec(); // ends inside the two bytes of `é`
-        assert_eq!(take_event(&mut buffer), None);
-        buffer.extend_from_slice(&event[9..]);
-        assert_eq!(take_event(&mut buffer).map(|m| m.data), Some("caf\u{e9} \u{1f600}".into()));
     }
 
     #[test]

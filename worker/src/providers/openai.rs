@@ -6,12 +6,12 @@
 //! `stream_options.include_usage`), then `data: [DONE]`.
 
 use async_trait::async_trait;
-use common::catalog::ProviderSpec;
+use common::{catalog::ProviderSpec, sse::SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    http::{self, Endpoint, SseMessage},
+    http::{self, Endpoint},
     CompletionRequest, EventStream, Provider, ProviderError, StreamEvent, Usage,
 };
 

@@ -1,4 +1,4 @@
-//! `ultra bench inflight`: how many provider calls one worker process holds in flight
+//! `ultra-bench inflight`: how many provider calls one worker process holds in flight
 //! at once, and its memory meanwhile. The jobs are queued first, with no worker
 //! running; then one `ultra worker` starts with room for all of them and takes them
 //! at once. Its `ultra_steps_in_flight` gauge is read from its `/metrics` every 50 ms.
@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use common::Config;
 
-use super::{figure, free_address, models, progress, report, Harness};
+use crate::{
+    analyze_body, figure,
+    harness::{free_address, Harness, Processes, Services},
+    models, progress, report,
+};
 
 #[derive(Debug, Args)]
 pub struct InflightBench {
@@ -27,18 +30,20 @@ pub struct InflightBench {
     json: bool,
 }
 
-pub async fn run(config: &Config, args: InflightBench) -> anyhow::Result<()> {
+pub async fn run(services: &Services, processes: &Processes, args: InflightBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
     let concurrency = u16::try_from(args.jobs).context("--jobs is at most 65535 (the worker's concurrency)")?;
-    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models, concurrency).await)
-        .await
+    Harness::run(services, Some(processes), args.mock_latency_ms, async |harness| {
+        measure(harness, &args, &models, concurrency).await
+    })
+    .await
 }
 
 async fn measure(harness: &Harness, args: &InflightBench, models: &[&str], concurrency: u16) -> anyhow::Result<()> {
     let api = harness.spawn(&["api"], free_address().await?, &[]).await?;
     let key = harness.api_key().await?;
     let http = reqwest::Client::new();
-    let body = super::analyze_body(models);
+    let body = analyze_body(models);
     let bar = progress(args.jobs as u64, "queue");
     let mut submits = tokio::task::JoinSet::new();
     for _ in 0..32 {
@@ -104,7 +109,7 @@ async fn measure(harness: &Harness, args: &InflightBench, models: &[&str], concu
         ),
         ("all done after", format!("{:.1} s", drained.as_secs_f64())),
     ];
-    report(args.json, "ultra bench inflight", &rows, &record);
+    report(args.json, "ultra-bench inflight", &rows, &record);
     Ok(())
 }
 

@@ -1,12 +1,15 @@
-//! `ultra bench idle`: the memory of an `ultra all` process that is up, connected to
+//! `ultra-bench idle`: the memory of an `ultra all` process that is up, connected to
 //! PostgreSQL, RabbitMQ and Redis, and doing nothing.
 
 use std::time::Duration;
 
 use clap::Args;
-use common::Config;
 
-use super::{figure, free_address, report, Harness};
+use crate::{
+    figure,
+    harness::{free_address, wait_for, Harness, Processes, Services},
+    report,
+};
 
 #[derive(Debug, Args)]
 pub struct IdleBench {
@@ -18,20 +21,20 @@ pub struct IdleBench {
     json: bool,
 }
 
-pub async fn run(config: &Config, args: IdleBench) -> anyhow::Result<()> {
-    Harness::run(config, 0, async |harness| measure(harness, &args).await).await
+pub async fn run(services: &Services, processes: &Processes, args: IdleBench) -> anyhow::Result<()> {
+    Harness::run(services, Some(processes), 0, async |harness| measure(harness, &args).await).await
 }
 
 async fn measure(harness: &Harness, args: &IdleBench) -> anyhow::Result<()> {
     let all = harness.spawn(&["all"], free_address().await?, &[]).await?;
     // Ready means every dependency answered: the pools and the consumer are up.
-    super::wait_for(&format!("{}/health/ready", all.base)).await?;
+    wait_for(&format!("{}/health/ready", all.base)).await?;
     tokio::time::sleep(Duration::from_secs(args.settle_s)).await;
     let rss = all.rss();
     all.stop().await;
     let record = serde_json::json!({ "bench": "idle", "settle_s": args.settle_s, "rss_mb": rss });
     let rows =
         [("ultra all, idle", format!("{} (peak {})", figure(rss.now_mb, 1, " MB"), figure(rss.peak_mb, 1, " MB")))];
-    report(args.json, "ultra bench idle", &rows, &record);
+    report(args.json, "ultra-bench idle", &rows, &record);
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `ultra bench chaos`: the delivery guarantees under fire. An `ultra api` and
+//! `ultra-bench chaos`: the delivery guarantees under fire. An `ultra api` and
 //! `--workers` worker processes share the jobs. While the jobs are being submitted,
 //! every `--kill-every-s` one worker is SIGKILLed and a fresh one started, and every
 //! fourth time all of the run's broker connections are closed as well (`rabbitmqctl
@@ -22,15 +22,19 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use common::{db::audit, Config};
 use futures::{future::LocalBoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use outages::{restart_services, schedule, Outage, Restarts, Service};
 use sqlx::PgPool;
 use submit::{submit_all, SubmitTally, SUBMIT_PATIENCE};
+use testkit::audit;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{figure, free_address, models, progress, report, Harness, Process};
+use crate::{
+    figure,
+    harness::{free_address, Harness, Process, Processes, Services},
+    models, progress, report,
+};
 
 /// How often progress is read and the kill schedule looked at.
 const TICK: Duration = Duration::from_millis(200);
@@ -83,7 +87,7 @@ pub struct ChaosBench {
     json: bool,
 }
 
-pub async fn run(config: &Config, args: ChaosBench) -> anyhow::Result<()> {
+pub async fn run(services: &Services, processes: &Processes, args: ChaosBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
     if args.workers == 0 || !(args.kill_every_s.is_finite() && args.kill_every_s > 0.0 && args.kill_every_s < 86_400.0)
     {
@@ -94,7 +98,10 @@ pub async fn run(config: &Config, args: ChaosBench) -> anyhow::Result<()> {
     }
     // Found before anything starts: a missing cluster should not cost a run.
     let restarts = Restarts::new(&args)?;
-    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models, &restarts).await).await
+    Harness::run(services, Some(processes), args.mock_latency_ms, async |harness| {
+        measure(harness, &args, &models, &restarts).await
+    })
+    .await
 }
 
 async fn measure(harness: &Harness, args: &ChaosBench, models: &[&str], restarts: &Restarts) -> anyhow::Result<()> {
@@ -243,7 +250,7 @@ impl Chaos<'_> {
                     starting.push(spawn_worker(self.harness, self.concurrency).boxed_local());
                     if injected.kills % CLOSE_EVERY == 0 && closing.is_none() {
                         let prefix = self.harness.queue_prefix();
-                        closing = Some(tokio::task::spawn_blocking(move || common::queue::close_connections(&prefix)));
+                        closing = Some(tokio::task::spawn_blocking(move || testkit::queue::close_connections(&prefix)));
                     }
                 }
             }
@@ -432,7 +439,7 @@ fn print_report(
         ("repeated steps", audit.repeated_steps.to_string()),
         ("jobs created twice", verdict.duplicate_jobs.to_string()),
     ]);
-    report(args.json, "ultra bench chaos", &rows, &record);
+    report(args.json, "ultra-bench chaos", &rows, &record);
 }
 
 /// "1 broker restart", "2 broker restarts".

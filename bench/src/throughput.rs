@@ -1,4 +1,4 @@
-//! `ultra bench throughput`: jobs through the whole system. Each job is submitted with
+//! `ultra-bench throughput`: jobs through the whole system. Each job is submitted with
 //! `Accept: text/event-stream` (submit and stream in one request), so its latency is
 //! what a client sees: from sending the submit to receiving the terminal event.
 //!
@@ -18,10 +18,13 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use common::Config;
 use futures::StreamExt;
 
-use super::{figure, free_address, models, progress, quantile, raw, report, sse_events, Harness, Process, Rss};
+use crate::{
+    analyze_body, figure,
+    harness::{free_address, Harness, Process, Processes, Rss, Services},
+    models, progress, quantile, raw, report, sse_events,
+};
 
 #[derive(Debug, Args)]
 pub struct ThroughputBench {
@@ -71,12 +74,15 @@ struct Phase {
     latency_ms_p99: Option<f64>,
 }
 
-pub async fn run(config: &Config, args: ThroughputBench) -> anyhow::Result<()> {
+pub async fn run(services: &Services, processes: &Processes, args: ThroughputBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
     if !(0.0..=1.0).contains(&args.paced_load) {
         bail!("--paced-load is a fraction, 0 to 1");
     }
-    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await).await
+    // Against a running system (`--url`) nothing is started: no `ultra` binary is needed.
+    let processes = args.url.is_none().then_some(processes);
+    Harness::run(services, processes, args.mock_latency_ms, async |harness| measure(harness, &args, &models).await)
+        .await
 }
 
 async fn measure(harness: &Harness, args: &ThroughputBench, models: &[&str]) -> anyhow::Result<()> {
@@ -172,7 +178,7 @@ async fn measure(harness: &Harness, args: &ThroughputBench, models: &[&str]) -> 
     for (name, rss) in &rss {
         rows.push((name, rss.to_string()));
     }
-    report(args.json, "ultra bench throughput", &rows, &record);
+    report(args.json, "ultra-bench throughput", &rows, &record);
     if failed > 0 {
         bail!("{failed} jobs did not succeed");
     }
@@ -192,7 +198,7 @@ struct Client {
 impl Client {
     fn new(base: &str, keys: Vec<String>, models: &[&str]) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-        let body = super::analyze_body(models);
+        let body = analyze_body(models);
         Ok(Self { http, url: format!("{base}/v1/analyze"), keys, body })
     }
 

@@ -1,4 +1,4 @@
-//! `ultra bench raw`: what this machine's services do without Ultra's logic. The same
+//! `ultra-bench raw`: what this machine's services do without Ultra's logic. The same
 //! claim-check message and quorum queue as Ultra, published with a confirm per message
 //! (as the api does per submit) by `concurrency` publishers; one consumer with
 //! prefetch `concurrency` inserts one row per message into PostgreSQL and acks after
@@ -9,14 +9,15 @@ use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
 use clap::Args;
-use common::{
-    queue::{self, JobMessage, Publisher, Topology},
-    Config,
-};
+use common::queue::{self, JobMessage, Publisher, Topology};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions};
 
-use super::{figure, progress, report, Harness};
+use crate::{
+    figure,
+    harness::{Harness, Services},
+    progress, report,
+};
 
 #[derive(Debug, Args)]
 pub struct RawBench {
@@ -31,9 +32,9 @@ pub struct RawBench {
     json: bool,
 }
 
-pub async fn run(config: &Config, args: RawBench) -> anyhow::Result<()> {
+pub async fn run(services: &Services, args: RawBench) -> anyhow::Result<()> {
     let jobs_per_s =
-        Harness::run(config, 0, async |harness| measure(harness, args.jobs, args.concurrency).await).await?;
+        Harness::run(services, None, 0, async |harness| measure(harness, args.jobs, args.concurrency).await).await?;
     let record = serde_json::json!({
         "bench": "raw", "jobs": args.jobs, "concurrency": args.concurrency, "jobs_per_s": jobs_per_s,
     });
@@ -42,7 +43,7 @@ pub async fn run(config: &Config, args: RawBench) -> anyhow::Result<()> {
         ("concurrency", args.concurrency.to_string()),
         ("raw jobs/s", figure(Some(jobs_per_s), 0, "")),
     ];
-    report(args.json, "ultra bench raw", &rows, &record);
+    report(args.json, "ultra-bench raw", &rows, &record);
     Ok(())
 }
 
@@ -114,6 +115,6 @@ pub async fn measure(harness: &Harness, jobs: usize, concurrency: u16) -> anyhow
     bar.finish_and_clear();
     publisher.close().await;
     let _ = connection.close(200, "done".into()).await;
-    Topology::delete(&topology, &harness.amqp_url).await?;
+    testkit::queue::delete_topology(&topology, &harness.amqp_url).await?;
     Ok(jobs as f64 / elapsed.as_secs_f64())
 }

@@ -1,16 +1,6 @@
-//! `ultra bench …`: benchmarks that prove the numbers in docs/BENCHMARKS.md. Each run
-//! is isolated — its own database (dropped afterwards), queue prefix and Redis prefix —
-//! and starts the `ultra` processes it measures as children of this one, so their
-//! memory is measured alone. A `bench` tier without practical limits and a mock
-//! catalog without concurrency caps keep the product's limits out of the measurement.
-
-mod chaos;
-mod idle;
-mod inflight;
-mod raw;
-mod sse;
-mod sse_client;
-mod throughput;
+//! One isolated benchmark run — its own database, queue prefix and Redis prefix — and
+//! the `ultra` processes it starts; with the command-line arguments that say where
+//! the services and the `ultra` binary are.
 
 use std::{
     path::PathBuf,
@@ -19,86 +9,110 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use clap::Subcommand;
-use common::{apikey, db, queue::Topology, Config};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::Args;
+use common::{apikey, db, queue::Topology};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// The machine's ceiling without Ultra's logic: confirmed publish → consume →
-    /// insert a row → ack, in jobs/s.
-    Raw(raw::RawBench),
-    /// Jobs through a whole system (started here, or `--url`): accepted/s, completed/s,
-    /// submit → terminal latency over SSE, RSS, and the ratio to `raw`.
-    Throughput(throughput::ThroughputBench),
-    /// How many provider calls one worker process keeps in flight, and its RSS.
-    Inflight(inflight::InflightBench),
-    /// Workers SIGKILLed and restarted, broker connections closed, the broker and
-    /// PostgreSQL restarted: lost and duplicated jobs (exits non-zero on any).
-    Chaos(chaos::ChaosBench),
-    /// Many SSE subscribers on one api process: RSS, delivery latency, events/s.
-    Sse(sse::SseBench),
-    /// The memory of an idle `ultra all`.
-    Idle(idle::IdleBench),
+use crate::figure;
+
+/// The services every benchmark uses. Deliberately not `Debug`: the URLs carry
+/// passwords.
+#[derive(Args)]
+#[command(next_help_heading = "Services")]
+pub struct Services {
+    /// PostgreSQL: each run creates a database of its own on this server and drops it
+    /// at the end (the URL's own database is not touched).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/ultra"
+    )]
+    database_url: String,
+    /// RabbitMQ: one URL, or a cluster's nodes separated by commas.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
 }
 
-pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Raw(args) => raw::run(config, args).await,
-        BenchCommand::Throughput(args) => throughput::run(config, args).await,
-        BenchCommand::Inflight(args) => inflight::run(config, args).await,
-        BenchCommand::Chaos(args) => chaos::run(config, args).await,
-        BenchCommand::Sse(args) => sse::run(config, args).await,
-        BenchCommand::Idle(args) => idle::run(config, args).await,
+/// What a benchmark that starts `ultra` processes needs besides. Deliberately not
+/// `Debug`: the URL may carry a password.
+#[derive(Args)]
+#[command(next_help_heading = "Services")]
+pub struct Processes {
+    /// Redis, for the processes started.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// The `ultra` binary to start [default: `ultra` beside this binary, where
+    /// `cargo build` puts it].
+    #[arg(long, env = "ULTRA_BIN")]
+    ultra_bin: Option<PathBuf>,
+}
+
+/// How this run starts `ultra`.
+struct Ultra {
+    exe: PathBuf,
+    redis_url: String,
+}
+
+impl Ultra {
+    /// Finds the binary now, so a missing one does not cost a run.
+    fn new(processes: &Processes) -> anyhow::Result<Self> {
+        let exe = match &processes.ultra_bin {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().context("locate ultra-bench")?.with_file_name("ultra"),
+        };
+        if !exe.is_file() {
+            bail!(
+                "no ultra binary at {}: build it (`cargo build --release` builds both) or pass --ultra-bin",
+                exe.display()
+            );
+        }
+        Ok(Self { exe, redis_url: processes.redis_url.clone() })
     }
 }
 
 /// One isolated benchmark run and the processes it starts.
 pub struct Harness {
+    /// The run's name (`bench` and eight hex digits): its Redis prefix, and the
+    /// stem of its database's name and queue prefix.
     pub run: String,
+    /// The run's own database.
     pub pool: PgPool,
+    pub amqp_url: String,
     database_url: String,
-    amqp_url: String,
-    redis_url: String,
     config_file: PathBuf,
     mock_latency_ms: u64,
-    exe: PathBuf,
+    /// `None` for a benchmark that starts no process (`raw`).
+    ultra: Option<Ultra>,
 }
 
 impl Harness {
     /// Runs `bench` on a new isolated run, and cleans up after it whatever it returns.
+    /// `processes` is what starting `ultra` needs, for a benchmark that does.
     pub async fn run<T>(
-        config: &Config,
+        services: &Services,
+        processes: Option<&Processes>,
         mock_latency_ms: u64,
         bench: impl AsyncFnOnce(&Harness) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let harness = Self::new(config, mock_latency_ms).await?;
+        let harness = Self::new(services, processes, mock_latency_ms).await?;
         let result = bench(&harness).await;
         harness.finish().await;
         result
     }
 
-    async fn new(config: &Config, mock_latency_ms: u64) -> anyhow::Result<Self> {
+    async fn new(services: &Services, processes: Option<&Processes>, mock_latency_ms: u64) -> anyhow::Result<Self> {
+        let ultra = processes.map(Ultra::new).transpose()?;
         let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let database_url = with_database(&config.database_url, &format!("ultra_{run}"))?;
+        let database_url = with_database(&services.database_url, &format!("ultra_{run}"))?;
         let pool = db::connect_and_prepare(&database_url, &CancellationToken::new())
             .await
             .context("cannot prepare the benchmark database")?;
         let config_file = std::env::temp_dir().join(format!("ultra-{run}.toml"));
         std::fs::write(&config_file, BENCH_CONFIG).context("write the benchmark's configuration file")?;
-        Ok(Self {
-            run,
-            pool,
-            database_url,
-            amqp_url: config.amqp_url.clone(),
-            redis_url: config.redis_url.clone(),
-            config_file,
-            mock_latency_ms,
-            exe: std::env::current_exe().context("locate the ultra binary")?,
-        })
+        Ok(Self { run, pool, database_url, amqp_url: services.amqp_url.clone(), config_file, mock_latency_ms, ultra })
     }
 
     /// The queue prefix the run's processes share.
@@ -107,13 +121,14 @@ impl Harness {
     }
 
     /// `ultra <args>` configured for this run; killed when dropped.
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.exe);
+    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let ultra = self.ultra.as_ref().context("this benchmark was set up to start no ultra process")?;
+        let mut command = Command::new(&ultra.exe);
         command
             .args(args)
             .env("DATABASE_URL", &self.database_url)
             .env("AMQP_URL", &self.amqp_url)
-            .env("REDIS_URL", &self.redis_url)
+            .env("REDIS_URL", &ultra.redis_url)
             .env("ULTRA_QUEUE_PREFIX", self.queue_prefix())
             .env("ULTRA_REDIS_PREFIX", &self.run)
             .env("ULTRA_CONFIG_FILE", &self.config_file)
@@ -125,7 +140,7 @@ impl Harness {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
-        command
+        Ok(command)
     }
 
     /// Starts `ultra <args>` with `ULTRA_LISTEN` or `ULTRA_WORKER_LISTEN` on `listen`
@@ -136,7 +151,7 @@ impl Harness {
         listen: std::net::SocketAddr,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Process> {
-        let mut command = self.command(args);
+        let mut command = self.command(args)?;
         command.envs(env.iter().copied());
         let variable = if args.first() == Some(&"worker") { "ULTRA_WORKER_LISTEN" } else { "ULTRA_LISTEN" };
         command.env(variable, listen.to_string());
@@ -157,7 +172,8 @@ impl Harness {
 
     /// Deletes what the run created: its queues, its configuration file, its database.
     async fn finish(self) {
-        if let Err(err) = Topology::new(&self.queue_prefix()).delete(&self.amqp_url).await {
+        let topology = Topology::new(&self.queue_prefix());
+        if let Err(err) = testkit::queue::delete_topology(&topology, &self.amqp_url).await {
             eprintln!("warning: could not delete the benchmark's queues: {err}");
         }
         let _ = std::fs::remove_file(&self.config_file);
@@ -173,15 +189,6 @@ impl Harness {
 /// whose concurrency caps do not bind.
 const BENCH_CONFIG: &str = include_str!("limitless.toml");
 
-/// The mock models a job of `count` models names.
-pub fn models(count: usize) -> anyhow::Result<Vec<&'static str>> {
-    const MODELS: [&str; 3] = ["mock/alpha", "mock/beta", "mock/gamma"];
-    if !(1..=MODELS.len()).contains(&count) {
-        bail!("--models must be 1 to {}", MODELS.len());
-    }
-    Ok(MODELS[..count].to_vec())
-}
-
 /// A process's resident memory in MB: now, and its peak so far.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Rss {
@@ -193,11 +200,6 @@ impl std::fmt::Display for Rss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RSS {} (peak {})", figure(self.now_mb, 1, " MB"), figure(self.peak_mb, 1, " MB"))
     }
-}
-
-/// The body every benchmark submits: one prompt to `models`.
-pub fn analyze_body(models: &[impl serde::Serialize]) -> serde_json::Value {
-    serde_json::json!({ "prompt": "Benchmark: why is the sky blue?", "models": models })
 }
 
 /// An `ultra` child process.
@@ -258,53 +260,6 @@ fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
     })
 }
 
-/// The `q` quantile (0–1) of sorted samples, nearest rank.
-pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-    Some(sorted[rank - 1])
-}
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(len: u64, label: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {per_sec} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(label.to_owned());
-    bar
-}
-
-/// Prints a summary: a two-column table, or with `json` the record as one line.
-pub fn report(json: bool, title: &str, rows: &[(&str, String)], record: &serde_json::Value) {
-    if json {
-        println!("{record}");
-        return;
-    }
-    println!("{title}");
-    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
-    for (name, value) in rows {
-        println!("  {name:<width$}  {value}");
-    }
-}
-
-/// A response's server-sent events, read with the parser the worker uses for
-/// providers' streams. Heartbeats arrive every 10 s, so a minute of silence is an error.
-pub fn sse_events(
-    response: reqwest::Response,
-) -> futures::stream::BoxStream<'static, Result<worker::providers::http::SseMessage, worker::providers::ProviderError>>
-{
-    worker::providers::http::sse(response, Duration::from_secs(60))
-}
-
-/// A figure for the table: fixed decimals, or `-` when there is none.
-pub fn figure(value: Option<f64>, decimals: usize, unit: &str) -> String {
-    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}{unit}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,10 +273,20 @@ mod tests {
     }
 
     #[test]
-    fn quantiles_take_the_nearest_rank() {
-        let samples = [1.0, 2.0, 3.0, 4.0];
-        assert_eq!(quantile(&samples, 0.5), Some(2.0));
-        assert_eq!(quantile(&samples, 0.99), Some(4.0));
-        assert_eq!(quantile(&[], 0.5), None);
+    fn the_services_and_the_binary_come_from_the_command_line() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            services: Services,
+            #[command(flatten)]
+            processes: Processes,
+        }
+        let cli = Cli::try_parse_from(["b", "--database-url", "postgres://h/x", "--ultra-bin", "/opt/ultra"])
+            .expect("parses");
+        assert_eq!(cli.services.database_url, "postgres://h/x");
+        assert_eq!(cli.processes.ultra_bin, Some(PathBuf::from("/opt/ultra")));
+        let Err(missing) = Ultra::new(&cli.processes) else { panic!("there is no binary at /opt/ultra") };
+        assert!(missing.to_string().contains("/opt/ultra"), "{missing}");
     }
 }

@@ -1,4 +1,4 @@
-//! `ultra bench sse`: how many event-stream subscribers one api process holds, with
+//! `ultra-bench sse`: how many event-stream subscribers one api process holds, with
 //! what memory and delivery latency. It starts an `ultra api`; submits jobs (still
 //! queued, no worker yet); opens the subscribers, spread over the jobs; only then
 //! starts an `ultra worker`, so every event after `queued` is delivered live. Delivery
@@ -15,9 +15,13 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
-use common::Config;
 
-use super::{figure, free_address, models, progress, quantile, report, sse_client::EventStreamReader, Harness};
+use crate::{
+    analyze_body, figure,
+    harness::{free_address, Harness, Processes, Services},
+    models, progress, quantile, report,
+    sse_client::EventStreamReader,
+};
 
 #[derive(Debug, Args)]
 pub struct SseBench {
@@ -46,13 +50,16 @@ pub struct SseBench {
 /// clients (its owner's tabs, a team's dashboard), not by a crowd.
 const SUBSCRIBERS_PER_JOB: usize = 25;
 
-pub async fn run(config: &Config, args: SseBench) -> anyhow::Result<()> {
+pub async fn run(services: &Services, processes: &Processes, args: SseBench) -> anyhow::Result<()> {
     let models = models(args.models)?;
     let jobs = args.jobs.unwrap_or(args.subscribers.div_ceil(SUBSCRIBERS_PER_JOB));
     if args.subscribers == 0 || jobs == 0 || args.jobs_at_once == 0 {
         bail!("--subscribers, --jobs and --jobs-at-once must be at least 1");
     }
-    Harness::run(config, args.mock_latency_ms, async |harness| measure(harness, &args, jobs, &models).await).await
+    Harness::run(services, Some(processes), args.mock_latency_ms, async |harness| {
+        measure(harness, &args, jobs, &models).await
+    })
+    .await
 }
 
 async fn measure(harness: &Harness, args: &SseBench, job_count: usize, models: &[&str]) -> anyhow::Result<()> {
@@ -61,7 +68,7 @@ async fn measure(harness: &Harness, args: &SseBench, job_count: usize, models: &
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     let mut jobs = Vec::with_capacity(job_count);
     for _ in 0..job_count {
-        let body = super::analyze_body(models);
+        let body = analyze_body(models);
         let response = http.post(format!("{}/v1/analyze", api.base)).bearer_auth(&key).json(&body).send().await?;
         let accepted: serde_json::Value = response.error_for_status()?.json().await?;
         jobs.push(accepted["id"].as_str().context("job id")?.to_owned());
@@ -144,7 +151,7 @@ async fn measure(harness: &Harness, args: &SseBench, job_count: usize, models: &
         ),
         ("events delivered", format!("{total} ({events_per_s:.0}/s)")),
     ];
-    report(args.json, "ultra bench sse", &rows, &record);
+    report(args.json, "ultra-bench sse", &rows, &record);
     if failures > 0 {
         bail!("{failures} streams failed");
     }

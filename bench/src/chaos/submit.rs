@@ -89,7 +89,7 @@ pub(super) async fn submit_all(
     tally: Arc<SubmitTally>,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-    let body = crate::bench::analyze_body(&models);
+    let body = crate::analyze_body(&models);
     let submit = SubmitClient { http, url: format!("{base}/v1/analyze"), key, body, tally };
     let mut clients = tokio::task::JoinSet::new();
     for client in 0..CLIENTS {

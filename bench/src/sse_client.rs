@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use common::sse::Decoder;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -19,8 +20,8 @@ pub struct EventStreamReader {
     socket: TcpStream,
     /// Bytes read and not yet decoded.
     raw: Vec<u8>,
-    /// Decoded body not yet split into events.
-    body: Vec<u8>,
+    /// The decoded body, split into events by the parser the worker uses.
+    events: Decoder,
     chunked: bool,
     /// The body has ended (last chunk, or the connection closed).
     ended: bool,
@@ -35,7 +36,8 @@ impl EventStreamReader {
             "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n"
         );
         socket.write_all(request.as_bytes()).await?;
-        let mut reader = Self { socket, raw: Vec::with_capacity(4096), body: Vec::new(), chunked: false, ended: false };
+        let mut reader =
+            Self { socket, raw: Vec::with_capacity(4096), events: Decoder::new(), chunked: false, ended: false };
         let head_end = loop {
             if let Some(at) = find(&reader.raw, b"\r\n\r\n") {
                 break at;
@@ -63,9 +65,7 @@ impl EventStreamReader {
             if self.ended {
                 return Ok(None);
             }
-            let decoded = self.body.len();
-            self.decode()?;
-            if self.body.len() > decoded || self.ended {
+            if self.decode()? || self.ended {
                 continue;
             }
             if !self.read().await? {
@@ -77,20 +77,22 @@ impl EventStreamReader {
         }
     }
 
-    /// The data of the first whole event in `body` that has any (comments and
-    /// `retry:` hints are passed over). The api ends its lines with `\n` alone.
+    /// The data of the first whole event decoded so far that has any (comments and
+    /// `retry:` hints are passed over).
     fn take_event(&mut self) -> Option<String> {
-        std::iter::from_fn(|| worker::providers::http::take_event(&mut self.body))
-            .find(|event| !event.data.is_empty())
-            .map(|event| event.data)
+        std::iter::from_fn(|| self.events.next_event()).find(|event| !event.data.is_empty()).map(|event| event.data)
     }
 
-    /// Moves whole chunks (or, without chunking, everything) from `raw` to `body`.
-    fn decode(&mut self) -> anyhow::Result<()> {
+    /// Moves whole chunks (or, without chunking, everything) from `raw` to the
+    /// parser; whether it moved any bytes.
+    fn decode(&mut self) -> anyhow::Result<bool> {
         if !self.chunked {
-            self.body.append(&mut self.raw);
-            return Ok(());
+            let moved = !self.raw.is_empty();
+            self.events.push(&self.raw);
+            self.raw.clear();
+            return Ok(moved);
         }
+        let mut moved = false;
         while let Some(line_end) = find(&self.raw, b"\r\n") {
             let line = std::str::from_utf8(&self.raw[..line_end]).context("chunk size")?;
             let size = usize::from_str_radix(line.split(';').next().unwrap_or_default().trim(), 16)
@@ -98,16 +100,17 @@ impl EventStreamReader {
             if size == 0 {
                 self.ended = true;
                 self.raw.clear();
-                return Ok(());
+                return Ok(moved);
             }
             let start = line_end + 2;
             if self.raw.len() < start + size + 2 {
-                return Ok(()); // the rest of this chunk is still on its way
+                return Ok(moved); // the rest of this chunk is still on its way
             }
-            self.body.extend_from_slice(&self.raw[start..start + size]);
+            self.events.push(&self.raw[start..start + size]);
             self.raw.drain(..start + size + 2);
+            moved = true;
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Reads more; false when the connection has closed.

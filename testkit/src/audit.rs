@@ -1,9 +1,10 @@
 //! The delivery guarantees, checked from the database after the fact: every job ended,
-//! once, and no finished step was recorded twice. The chaos benchmark and the chaos
-//! test read the same audit.
+//! once, and no finished step was recorded twice. The chaos benchmark (`ultra-bench
+//! chaos`) and the chaos test read the same audit.
 
 use sqlx::PgExecutor;
 
+/// What the audit counts; all zero but `jobs` when every guarantee held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct DeliveryAudit {
     pub jobs: i64,
@@ -19,6 +20,7 @@ pub struct DeliveryAudit {
     pub outbox_left: i64,
 }
 
+/// Audits every job in the database `ex` reaches (a test's or a benchmark run's own).
 pub async fn delivery(ex: impl PgExecutor<'_>) -> Result<DeliveryAudit, sqlx::Error> {
     sqlx::query_as(
         "SELECT

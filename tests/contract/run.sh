@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The contract suite: clients nobody here wrote, against a running `ultra all`.
+#
+# Creates (or reuses) a virtualenv with the pinned packages of requirements.txt, then
+# runs contract.py with it. ULTRA_BIN names the binary (default: the debug build).
+#
+#   ULTRA_BIN=target/debug/ultra bash tests/contract/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv="${ULTRA_CONTRACT_VENV:-${CARGO_TARGET_DIR:-target}/contract-venv}"
+requirements=tests/contract/requirements.txt
+# A venv is rebuilt when the pins change, and reused otherwise (CI stays fast).
+stamp="$venv/.requirements"
+if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$stamp"
+fi
+export ULTRA_BIN="${ULTRA_BIN:-${CARGO_TARGET_DIR:-target}/debug/ultra}"
+exec "$venv/bin/python" tests/contract/contract.py

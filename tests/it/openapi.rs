@@ -1,0 +1,39 @@
+//! The OpenAPI document as served says what the server does.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::{Options, TestApp};
+
+#[tokio::test]
+async fn the_document_says_what_the_server_sends_and_takes() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let doc: Value = app.http.get(app.url("/openapi.json")).send().await.expect("GET").json().await.expect("JSON");
+    let schemas = &doc["components"]["schemas"];
+    // `null` where the server sends it, e.g. on the last page and before a job ends.
+    assert_eq!(schemas["JobPage"]["properties"]["next_cursor"]["nullable"], true);
+    assert_eq!(schemas["JobView"]["properties"]["finished_at"]["nullable"], true);
+    // An enum is a plain reference, not an `allOf` wrapper generators cannot take.
+    assert_eq!(schemas["CancelView"]["properties"]["status"]["$ref"], "#/components/schemas/JobStatus");
+    // What the server refuses is declared: unknown fields, the configured choices.
+    assert_eq!(schemas["AnalyzeRequest"]["additionalProperties"], false);
+    let models = &schemas["AnalyzeRequest"]["properties"]["models"];
+    assert_eq!(models["items"]["enum"], serde_json::json!(["mock/alpha", "mock/beta", "mock/gamma"]));
+    assert_eq!((models["minItems"].as_u64(), models["uniqueItems"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(schemas["AnalyzeRequest"]["properties"]["prompt"]["maxLength"], app.config.max_prompt_chars);
+    // An event stream is text.
+    let stream = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"];
+    assert_eq!(stream["schema"]["type"], "string");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_method_a_path_does_not_take_is_405_with_allow() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let response = app.http.delete(app.url("/v1/models")).send().await.expect("DELETE");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers().get("allow").and_then(|v| v.to_str().ok()), Some("GET"));
+    let response = app.http.put(app.url(&format!("/v1/jobs/{}", uuid::Uuid::now_v7()))).send().await.expect("PUT");
+    assert_eq!(response.headers().get("allow").and_then(|v| v.to_str().ok()), Some("GET"));
+    app.stop().await;
+}
