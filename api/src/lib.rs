@@ -12,6 +12,7 @@ pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod openapi;
+pub mod problems;
 pub mod queues;
 pub mod relay;
 pub mod routes;

@@ -21,6 +21,18 @@ async fn the_document_says_what_the_server_sends_and_takes() {
     assert_eq!(models["items"]["enum"], serde_json::json!(["mock/alpha", "mock/beta", "mock/gamma"]));
     assert_eq!((models["minItems"].as_u64(), models["uniqueItems"].as_bool()), (Some(1), Some(true)));
     assert_eq!(schemas["AnalyzeRequest"]["properties"]["prompt"]["maxLength"], app.config.max_prompt_chars);
+    // Each operation lists the problems it can answer, and only those.
+    let responses = |path: &str, method: &str| -> Vec<String> {
+        let mut codes: Vec<String> = doc["paths"][path][method]["responses"]
+            .as_object()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        codes.sort();
+        codes
+    };
+    assert_eq!(responses("/v1/jobs/{id}", "get"), ["200", "401", "404", "429", "500", "503"]);
+    assert!(responses("/v1/auth/register", "post").contains(&"409".to_owned()));
+    assert!(!responses("/v1/auth/register", "post").contains(&"404".to_owned()));
     // An event stream is text.
     let stream = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"];
     assert_eq!(stream["schema"]["type"], "string");

@@ -11,6 +11,7 @@ use crate::{
     auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
+    problems::{Problems, ALWAYS, BODY, FORBIDDEN, NOT_FOUND, UNAUTHORIZED},
     queues::QueuesSnapshot,
     routes::{auth::Account, ApiTags},
     state::AppState,
@@ -68,14 +69,20 @@ impl AdminApi {
     /// backlog means the broker is not taking messages. If RabbitMQ is down, `queues`
     /// is empty and `broker_error` says why.
     #[oai(path = "/queues", method = "get", operation_id = "queues")]
-    async fn queues(&self, auth: BearerAuth) -> Result<Json<QueuesSnapshot>, ApiError> {
+    async fn queues(
+        &self,
+        auth: BearerAuth,
+    ) -> Result<Json<QueuesSnapshot>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN }>> {
         require_admin(&auth)?;
         Ok(Json(QueuesSnapshot::take(&self.state).await?))
     }
 
     /// List dead-lettered jobs
     #[oai(path = "/dead-letters", method = "get", operation_id = "dead_letters")]
-    async fn dead_letters(&self, auth: BearerAuth) -> Result<Json<DeadLetterList>, ApiError> {
+    async fn dead_letters(
+        &self,
+        auth: BearerAuth,
+    ) -> Result<Json<DeadLetterList>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN }>> {
         require_admin(&auth)?;
         let letters = db::jobs::dead_letters(&self.state.pool, 100).await?;
         let dead_letters = letters
@@ -100,7 +107,7 @@ impl AdminApi {
         auth: BearerAuth,
         job_id: Path<Uuid>,
         trace: poem::web::Data<&common::trace::TraceContext>,
-    ) -> Result<Json<Replayed>, ApiError> {
+    ) -> Result<Json<Replayed>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN | NOT_FOUND }>> {
         let traceparent = trace.0.to_string();
         require_admin(&auth)?;
         let state = &self.state;
@@ -127,7 +134,7 @@ impl AdminApi {
         auth: BearerAuth,
         id: Path<Uuid>,
         body: JsonBody<UserUpdate>,
-    ) -> Result<Json<AdminUserView>, ApiError> {
+    ) -> Result<Json<AdminUserView>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN | NOT_FOUND | BODY }>> {
         require_admin(&auth)?;
         let update = body.0;
         if let Some(tier) = &update.tier {
@@ -136,7 +143,8 @@ impl AdminApi {
                 return Err(ApiError::validation(vec![FieldError::new(
                     "tier",
                     format!("unknown tier `{tier}`; known: {}", known.join(", ")),
-                )]));
+                )])
+                .into());
             }
         }
         let user = db::users::update_admin(&self.state.pool, id.0, update.tier.as_deref(), update.disabled)

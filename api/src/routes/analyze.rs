@@ -20,6 +20,7 @@ use crate::{
     auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
+    problems::{Problems, ALWAYS, BODY, CONFLICT, UNAUTHORIZED},
     relay,
     routes::{
         jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
@@ -142,7 +143,7 @@ impl AnalyzeApi {
         #[oai(name = "Idempotency-Key", validator(max_length = 255, pattern = "^[ \t]*[!-~]+[ \t]*$"))]
         idempotency_key: Header<Option<String>>,
         trace: poem::web::Data<&TraceContext>,
-    ) -> Result<AnalyzeResponse, ApiError> {
+    ) -> Result<AnalyzeResponse, Problems<{ ALWAYS | UNAUTHORIZED | BODY | CONFLICT }>> {
         let traceparent = trace.0.to_string();
         let state = &self.state;
         let request = body.0;
@@ -175,7 +176,7 @@ impl AnalyzeApi {
         let retention = state.config.idempotency_retention();
         if let Some(key) = &idempotency_key {
             if let Some(recorded) = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await? {
-                return replay(state, &auth, recorded, &request_hash, stream_slot).await;
+                return Ok(replay(state, &auth, recorded, &request_hash, stream_slot).await?);
             }
         }
         let mut tx = state.pool.begin().await?;
@@ -188,10 +189,10 @@ impl AnalyzeApi {
                     tx.rollback().await?;
                     let recorded = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await?;
                     let recorded = recorded.ok_or_else(|| ApiError::Conflict(IN_PROGRESS.into()))?;
-                    return replay(state, &auth, recorded, &request_hash, stream_slot).await;
+                    return Ok(replay(state, &auth, recorded, &request_hash, stream_slot).await?);
                 }
                 Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
-                    return Err(ApiError::Conflict(IN_PROGRESS.into()));
+                    return Err(ApiError::Conflict(IN_PROGRESS.into()).into());
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -206,14 +207,16 @@ impl AnalyzeApi {
             return Err(ApiError::TooManyJobs(format!(
                 "{active} jobs in progress; your tier allows {} at once",
                 tier.concurrent_jobs
-            )));
+            ))
+            .into());
         }
         let budget = i64::try_from(tier.daily_tokens).unwrap_or(i64::MAX);
         if usage.used + usage.reserved + reserve > budget {
             return Err(ApiError::BudgetExceeded(format!(
                 "this job may use up to {reserve} tokens; {} of today's {budget} remain",
                 (budget - usage.used - usage.reserved).max(0)
-            )));
+            ))
+            .into());
         }
         let queued = json!({ "status": "queued", "pattern": accepted.name, "models": request.models });
         let db::jobs::Submitted { job, queued, outbox_id } = db::jobs::submit(

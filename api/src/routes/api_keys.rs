@@ -12,6 +12,7 @@ use crate::{
     auth::{BearerAuth, Credential},
     body::JsonBody,
     error::{ApiError, FieldError},
+    problems::{Problems, ALWAYS, BODY, CONFLICT, FORBIDDEN, NOT_FOUND, UNAUTHORIZED},
     routes::{auth::NoContent, ApiTags},
     state::AppState,
 };
@@ -68,18 +69,24 @@ impl ApiKeysApi {
     ///
     /// Needs an access token (not an API key), so a leaked key cannot mint more.
     #[oai(path = "/api-keys", method = "post", operation_id = "create_key")]
-    async fn create_key(&self, auth: BearerAuth, body: JsonBody<NewApiKey>) -> Result<CreateKeyResponse, ApiError> {
+    async fn create_key(
+        &self,
+        auth: BearerAuth,
+        body: JsonBody<NewApiKey>,
+    ) -> Result<CreateKeyResponse, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN | CONFLICT | BODY }>> {
         // A leaked key must not be able to mint its own replacements.
         if auth.0.credential != Credential::AccessToken {
-            return Err(ApiError::Forbidden("creating API keys needs an access token from /v1/auth/login"));
+            return Err(ApiError::Forbidden("creating API keys needs an access token from /v1/auth/login").into());
         }
         let name = body.0.name.trim().to_owned();
         if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.contains('\0') {
-            return Err(ApiError::validation(vec![FieldError::new("name", "must be 1 to 100 characters")]));
+            return Err(ApiError::validation(vec![FieldError::new("name", "must be 1 to 100 characters")]).into());
         }
         let pool = &self.state.pool;
         if db::api_keys::count_live(pool, auth.0.user_id).await? >= MAX_KEYS_PER_USER {
-            return Err(ApiError::Conflict(format!("at most {MAX_KEYS_PER_USER} live API keys; revoke one first")));
+            return Err(
+                ApiError::Conflict(format!("at most {MAX_KEYS_PER_USER} live API keys; revoke one first")).into()
+            );
         }
         let key = apikey::generate();
         let id = db::api_keys::insert(pool, auth.0.user_id, &name, &key.prefix, &key.hash).await?;
@@ -96,7 +103,7 @@ impl ApiKeysApi {
     ///
     /// The caller's live keys: never the key itself or its hash.
     #[oai(path = "/api-keys", method = "get", operation_id = "list_keys")]
-    async fn list_keys(&self, auth: BearerAuth) -> Result<Json<ApiKeyList>, ApiError> {
+    async fn list_keys(&self, auth: BearerAuth) -> Result<Json<ApiKeyList>, Problems<{ ALWAYS | UNAUTHORIZED }>> {
         let keys = db::api_keys::list_live(&self.state.pool, auth.0.user_id).await?;
         let api_keys = keys
             .into_iter()
@@ -115,11 +122,15 @@ impl ApiKeysApi {
     ///
     /// Takes effect at once. Another user's key id answers 404.
     #[oai(path = "/api-keys/:id", method = "delete", operation_id = "revoke_key")]
-    async fn revoke_key(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<NoContent, ApiError> {
+    async fn revoke_key(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<NoContent, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
         if db::api_keys::revoke_owned(&self.state.pool, id.0, auth.0.user_id).await? {
             Ok(NoContent::Done)
         } else {
-            Err(ApiError::NotFound("API key not found"))
+            Err(ApiError::NotFound("API key not found").into())
         }
     }
 }

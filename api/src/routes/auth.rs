@@ -16,6 +16,7 @@ use crate::{
     body::JsonBody,
     error::{ApiError, FieldError},
     limits::Policy,
+    problems::{Problems, ALWAYS, BODY, CONFLICT, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
 };
@@ -123,7 +124,10 @@ impl AuthApi {
     ///
     /// Creates an account in the default tier with the `user` role.
     #[oai(path = "/auth/register", method = "post", operation_id = "register")]
-    async fn register(&self, body: JsonBody<Credentials>) -> Result<RegisterResponse, ApiError> {
+    async fn register(
+        &self,
+        body: JsonBody<Credentials>,
+    ) -> Result<RegisterResponse, Problems<{ ALWAYS | BODY | CONFLICT }>> {
         let Credentials { email, password } = body.0;
         let email = db::users::normalize_email(&email);
         let mut errors = Vec::new();
@@ -134,13 +138,13 @@ impl AuthApi {
             errors.push(FieldError::new("password", problem));
         }
         if !errors.is_empty() {
-            return Err(ApiError::validation(errors));
+            return Err(ApiError::validation(errors).into());
         }
         let hash = self.state.passwords.hash(&password).await?;
         let user = match db::users::create_with_password(&self.state.pool, &email, "user", Some(&hash)).await {
             Ok(user) => user,
             Err(err) if db::is_unique_violation(&err) => {
-                return Err(ApiError::Conflict("an account with this email already exists".into()))
+                return Err(ApiError::Conflict("an account with this email already exists".into()).into())
             }
             Err(err) => return Err(err.into()),
         };
@@ -158,7 +162,10 @@ impl AuthApi {
     ///
     /// A wrong email and a wrong password get the same answer, in about the same time.
     #[oai(path = "/auth/login", method = "post", operation_id = "login")]
-    async fn login(&self, body: JsonBody<Credentials>) -> Result<Json<Tokens>, ApiError> {
+    async fn login(
+        &self,
+        body: JsonBody<Credentials>,
+    ) -> Result<Json<Tokens>, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
         let Credentials { email, password } = body.0;
         let email = db::users::normalize_email(&email);
         // Guessing one account's password from many addresses meets this limit.
@@ -166,7 +173,9 @@ impl AuthApi {
         let decision = self.state.limiter.check(&account_bucket(&email), account_limit).await;
         if !decision.allowed {
             metrics::counter!(common::metrics::RATE_LIMITED, "policy" => "login-account").increment(1);
-            return Err(ApiError::RateLimited { policy: "login-account", retry_after: decision.retry_after_secs });
+            return Err(
+                ApiError::RateLimited { policy: "login-account", retry_after: decision.retry_after_secs }.into()
+            );
         }
         let found = if db::users::is_plausible_email(&email) {
             db::users::find_credentials(&self.state.pool, &email).await?
@@ -191,21 +200,24 @@ impl AuthApi {
     /// refresh token works once: presenting one that was already exchanged revokes
     /// every token of its login (someone else has it).
     #[oai(path = "/auth/refresh", method = "post", operation_id = "refresh")]
-    async fn refresh(&self, body: JsonBody<RefreshRequest>) -> Result<Json<Tokens>, ApiError> {
+    async fn refresh(
+        &self,
+        body: JsonBody<RefreshRequest>,
+    ) -> Result<Json<Tokens>, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
         let mut tx = self.state.pool.begin().await?;
         let token = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?;
-        let Some(token) = token else { return Err(ApiError::Unauthorized) };
+        let Some(token) = token else { return Err(ApiError::Unauthorized.into()) };
         if token.replaced_at.is_some() {
             let revoked = db::refresh_tokens::revoke_family(&mut *tx, token.family_id).await?;
             tx.commit().await?;
             tracing::warn!(user_id = %token.user_id, family = %token.family_id, revoked, "rotated refresh token reused; family revoked");
-            return Err(ApiError::Unauthorized);
+            return Err(ApiError::Unauthorized.into());
         }
         if !usable(&token) {
-            return Err(ApiError::Unauthorized);
+            return Err(ApiError::Unauthorized.into());
         }
         let user = db::users::get(&mut *tx, token.user_id).await?.filter(|u| u.disabled_at.is_none());
-        let Some(user) = user else { return Err(ApiError::Unauthorized) };
+        let Some(user) = user else { return Err(ApiError::Unauthorized.into()) };
         // Replaced and replacement commit together, under the old token's row lock: a
         // concurrent reuse either revokes the family after this commit (new token
         // included) or has already revoked it (and this one sees `replaced_at`).
@@ -220,7 +232,10 @@ impl AuthApi {
     /// Revokes the refresh token and every token of its login. Access tokens expire
     /// on their own (they are short-lived).
     #[oai(path = "/auth/logout", method = "post", operation_id = "logout")]
-    async fn logout(&self, body: JsonBody<RefreshRequest>) -> Result<NoContent, ApiError> {
+    async fn logout(
+        &self,
+        body: JsonBody<RefreshRequest>,
+    ) -> Result<NoContent, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
         let mut tx = self.state.pool.begin().await?;
         if let Some(token) = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?
         {
@@ -234,7 +249,7 @@ impl AuthApi {
     ///
     /// The caller's account, tier limits and today's usage.
     #[oai(path = "/me", method = "get", operation_id = "me")]
-    async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
+    async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, Problems<{ ALWAYS | UNAUTHORIZED }>> {
         let pool = &self.state.pool;
         let user = db::users::get(pool, auth.0.user_id).await?.ok_or(ApiError::Unauthorized)?;
         let limits = self.state.tiers.for_user(&user.tier).clone();

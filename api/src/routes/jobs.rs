@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::{
     auth::{ticket, BearerAuth, Credential, Principal},
     error::ApiError,
+    problems::{Problems, ALWAYS, CONFLICT, MALFORMED, NOT_FOUND, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
     stream::{
@@ -240,7 +241,11 @@ impl JobsApi {
     ///
     /// The job's status, its steps so far and, once finished, its result or error.
     #[oai(path = "/jobs/:id", method = "get", operation_id = "get_job")]
-    async fn get_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<JobView>, ApiError> {
+    async fn get_job(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<Json<JobView>, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
         let mut job = self.owned_job(&auth, id.0).await?;
         let steps = db::steps::list(&self.state.pool, job.id).await?;
         let paid = steps.iter().filter(|s| !s.cached);
@@ -273,7 +278,7 @@ impl JobsApi {
         limit: Query<Option<u32>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<Uuid>>,
-    ) -> Result<Json<JobPage>, ApiError> {
+    ) -> Result<Json<JobPage>, Problems<{ ALWAYS | UNAUTHORIZED | MALFORMED }>> {
         let status = status.0;
         let limit = limit.0.unwrap_or(20).min(MAX_PAGE);
         let before = cursor.0;
@@ -294,7 +299,11 @@ impl JobsApi {
     /// second and the job ends `cancelled`, keeping the steps already done (202;
     /// follow its events). A job that has already ended answers 409. Owner or admin.
     #[oai(path = "/jobs/:id/cancel", method = "post", operation_id = "cancel_job")]
-    async fn cancel_job(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<CancelResponse, ApiError> {
+    async fn cancel_job(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<CancelResponse, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND | CONFLICT }>> {
         let state = &self.state;
         let job = match auth.0.is_admin() {
             true => db::jobs::get(&state.pool, id.0).await?.ok_or(ApiError::NotFound("job not found"))?,
@@ -304,7 +313,9 @@ impl JobsApi {
         let status = db::jobs::lock_status(&mut tx, job.id).await?.ok_or(ApiError::NotFound("job not found"))?;
         let view = |status: JobStatus| CancelView { id: job.id, status, links: JobLinks::for_job(job.id) };
         match status {
-            status if status.is_terminal() => Err(ApiError::Conflict(format!("the job has already ended ({status})"))),
+            status if status.is_terminal() => {
+                Err(ApiError::Conflict(format!("the job has already ended ({status})")).into())
+            }
             JobStatus::Queued => {
                 let error = json!({ "code": "cancelled", "message": "cancelled before it started" });
                 let data = json!({ "status": "cancelled", "error": error });
@@ -342,7 +353,11 @@ impl JobsApi {
     /// and is good for this job's event stream only; once used it stays good for
     /// reconnections until the job's deadline plus 60 s, so an `EventSource` resumes.
     #[oai(path = "/jobs/:id/stream-ticket", method = "post", operation_id = "stream_ticket")]
-    async fn stream_ticket(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<Json<StreamTicket>, ApiError> {
+    async fn stream_ticket(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<Json<StreamTicket>, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
         let job = self.owned_job(&auth, id.0).await?;
         let state = &self.state;
         let ticket = ticket::issue(&state.redis, &state.config.redis_prefix, auth.0.user_id, job.id)
@@ -372,9 +387,9 @@ impl JobsApi {
         /// A stream ticket from `POST /v1/jobs/{id}/stream-ticket`, for browsers'
         /// `EventSource` (which cannot send `Authorization`).
         ticket: Query<Option<String>>,
-    ) -> Result<EventsResponse, ApiError> {
+    ) -> Result<EventsResponse, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND | MALFORMED }>> {
         if matches!(auth.0.credential, Credential::StreamTicket(job) if job != id.0) {
-            return Err(ApiError::NotFound("job not found"));
+            return Err(ApiError::NotFound("job not found").into());
         }
         let after = match last_event_id.0.as_deref().map(str::trim) {
             None | Some("") => 0,

@@ -5,7 +5,12 @@ use std::{sync::Arc, time::Duration};
 use common::catalog::{circuit_key, ModelSpec};
 use poem_openapi::{payload::Json, Object, OpenApi};
 
-use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState};
+use crate::{
+    auth::BearerAuth,
+    problems::{Problems, ALWAYS, UNAUTHORIZED},
+    routes::ApiTags,
+    state::AppState,
+};
 
 #[derive(Debug, Object)]
 pub struct ModelView {
@@ -57,7 +62,7 @@ pub struct ModelsApi {
 impl ModelsApi {
     /// List models
     #[oai(path = "/models", method = "get", operation_id = "list_models")]
-    async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, ApiError> {
+    async fn list_models(&self, _auth: BearerAuth) -> Result<Json<ModelList>, Problems<{ ALWAYS | UNAUTHORIZED }>> {
         let state = &self.state;
         let models: Vec<&ModelSpec> = state.catalog.models().collect();
         let availability = availability(state, &models).await;

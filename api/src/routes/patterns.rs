@@ -5,7 +5,12 @@ use std::sync::Arc;
 use common::domain::Stage;
 use poem_openapi::{payload::Json, Object, OpenApi};
 
-use crate::{auth::BearerAuth, error::ApiError, routes::ApiTags, state::AppState};
+use crate::{
+    auth::BearerAuth,
+    problems::{Problems, ALWAYS, UNAUTHORIZED},
+    routes::ApiTags,
+    state::AppState,
+};
 
 #[derive(Debug, Object)]
 pub struct PatternView {
@@ -28,7 +33,7 @@ pub struct PatternsApi {
 impl PatternsApi {
     /// List analysis patterns
     #[oai(path = "/patterns", method = "get", operation_id = "list_patterns")]
-    async fn list_patterns(&self, _auth: BearerAuth) -> Result<Json<PatternList>, ApiError> {
+    async fn list_patterns(&self, _auth: BearerAuth) -> Result<Json<PatternList>, Problems<{ ALWAYS | UNAUTHORIZED }>> {
         let patterns = self
             .state
             .patterns
