@@ -97,19 +97,20 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         max_models: config.max_models_per_job,
     };
     let document = openapi::finish(&service.spec(), &choices).context("the OpenAPI document")?;
+    // Swagger UI shows the served document, not poem-openapi's unfinished one.
+    let swagger_html = service.swagger_ui_html().replace(&service.spec(), &document);
+    let swagger = || {
+        let html = swagger_html.clone();
+        poem::endpoint::make_sync(move |_| poem::web::Html(html.clone()))
+    };
     // Blank entries must not turn into "no list", which CORS would read as "any origin".
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
     common::metrics::install();
     let routes = Arc::new(metrics::RouteTemplates::from_spec(&service.spec(), &["/docs", "/openapi.json", "/metrics"]));
     let app = Route::new()
-        .at(
-            "/docs",
-            poem::get(poem::endpoint::make_sync({
-                let html = service.swagger_ui_html().replace(&service.spec(), &document);
-                move |_| poem::web::Html(html.clone())
-            })),
-        )
+        .at("/docs", poem::get(swagger()))
+        .at("/docs/", poem::get(swagger()))
         .at(
             "/openapi.json",
             poem::get(poem::endpoint::make_sync({
@@ -123,7 +124,12 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with(Gate::new(client_ips))
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
-        .with(middleware::AllowHeader(Arc::new(openapi::Methods::of(&document))))
+        .with(middleware::AllowHeader(Arc::new(openapi::Methods::of(&document).and_get(&[
+            "/docs",
+            "/docs/",
+            "/openapi.json",
+            "/metrics",
+        ]))))
         .with(metrics::HttpMetrics(routes))
         .with(middleware::RequestContext)
         .data(state.clone())

@@ -30,9 +30,10 @@ pub struct Choices<'a> {
     pub max_models: usize,
 }
 
-/// A prompt has a character that is not white space (as JSON Schema's `\s` means it,
-/// which `validate` in `routes/analyze.rs` follows) and no NUL.
-pub const PROMPT_PATTERN: &str = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$";
+/// A prompt has a character that is not white space and no NUL. The white space is
+/// ECMAScript's `\s` spelled out, since Python's `\s` (schemathesis, many validators)
+/// means more; `is_blank` in `routes/analyze.rs` is the same list.
+pub const PROMPT_PATTERN: &str = "^[^\\u0000]*[^\\t\\n\\u000b\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\u0000][^\\u0000]*$";
 
 /// The served document, from poem-openapi's JSON.
 pub fn finish(spec: &str, choices: &Choices<'_>) -> Result<String, serde_json::Error> {
@@ -196,6 +197,12 @@ impl Methods {
             routes.push((segments, methods.join(", ")));
         }
         Self(routes)
+    }
+
+    /// Adds paths outside the document that answer `GET` only.
+    pub fn and_get(mut self, paths: &[&str]) -> Self {
+        self.0.extend(paths.iter().map(|path| (path.split('/').map(str::to_owned).collect(), "GET".to_owned())));
+        self
     }
 
     /// The `Allow` value for `path`, if the document has it.

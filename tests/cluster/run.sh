@@ -352,7 +352,7 @@ for _ in $(seq 1 "$DRAIN_TIMEOUT"); do
 done
 $drained || fail "jobs still unfinished after ${DRAIN_TIMEOUT} s: $(sql "SELECT status, count(*) FROM jobs GROUP BY 1" | tr '\n' ' ')"
 
-# The audit of common/src/db/audit.rs, plus jobs without a terminal event.
+# The audit of testkit/src/audit.rs, plus jobs without a terminal event.
 read -r jobs unfinished not_succeeded duplicate_results repeated_steps outbox_left no_result < <(sql "SELECT
    (SELECT count(*) FROM jobs),
    (SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')),

@@ -156,7 +156,6 @@ impl AnalyzeApi {
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let accepted = validate(state, &request, models_allowed)?;
         check_models_can_run(state, &request.models).await?;
-        check_synthesis_model(state, &request).await?;
         // The effective `max_tokens` is stored with the job, so the reservation below is
         // a real bound: what every call of every stage can read and write.
         // What the key vouches for: the request as parsed (so whitespace does not matter).
@@ -337,27 +336,15 @@ async fn check_specs_can_run(state: &AppState, specs: &[&ModelSpec]) -> Result<(
     Ok(())
 }
 
-/// White space as the document's prompt `pattern` means it (ECMAScript's `\s`), so
-/// the server refuses exactly the prompts the document calls invalid.
+/// White space as the document's prompt `pattern` lists it (ECMAScript's `\s`,
+/// spelled out so that every regex engine reads it alike), so the server refuses
+/// exactly the prompts the document calls invalid.
 fn is_blank(c: char) -> bool {
     matches!(
         c,
         '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
             ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}' | '\u{feff}'
     )
-}
-
-/// A synthesis model from outside the job's models must be able to run too.
-async fn check_synthesis_model(state: &AppState, request: &AnalyzeRequest) -> Result<(), ApiError> {
-    let extra =
-        request.options.as_ref().and_then(|o| o.synthesis_model.as_ref()).filter(|m| !request.models.contains(m));
-    match extra.and_then(|id| state.catalog.get(id)) {
-        Some(spec) => check_specs_can_run(state, &[spec]).await.map_err(|err| match err {
-            ApiError::Validation(_) => ApiError::field("options.synthesis_model", "this model is not available now"),
-            other => other,
-        }),
-        None => Ok(()),
-    }
 }
 
 /// Checks everything at once, so the client can fix every field in one round trip.
@@ -426,13 +413,18 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
         if options.timeout_s == Some(0) {
             errors.push(FieldError::new("options.timeout_s", "must be at least 1 second"));
         }
-        if let Some(model) = &options.synthesis_model {
-            if state.catalog.get(model).is_none() {
-                errors.push(FieldError::new(
-                    "options.synthesis_model",
-                    format!("unknown model `{model}`; see GET /v1/models"),
-                ));
-            }
+        // One outside `models` makes one call, the synthesis (so it is not counted in
+        // the tier's models per job); if it cannot, the job's models take over.
+        match options.synthesis_model.as_deref().map(|model| (model, state.catalog.get(model))) {
+            Some((model, None)) => errors.push(FieldError::new(
+                "options.synthesis_model",
+                format!("unknown model `{model}`; see GET /v1/models"),
+            )),
+            Some((model, Some(spec))) if !state.catalog.has_key(&spec.provider) => errors.push(FieldError::new(
+                "options.synthesis_model",
+                format!("model `{model}` is not available: its provider `{}` has no API key configured", spec.provider),
+            )),
+            _ => {}
         }
         if let Some(min) = options.min_models {
             if min == 0 || min as usize > config.max_models_per_job {

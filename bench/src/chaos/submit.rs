@@ -115,7 +115,7 @@ impl SubmitClient {
     async fn job(&self, n: usize) -> anyhow::Result<()> {
         let idempotency_key = format!("chaos-{n}");
         let give_up = Instant::now() + SUBMIT_PATIENCE;
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = common::backoff::Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let sent = self
                 .http
@@ -141,8 +141,8 @@ impl SubmitClient {
                     (None, err.to_string())
                 }
             };
-            let wait = asked.unwrap_or(backoff).max(MIN_WAIT);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let delay = backoff.next_delay();
+            let wait = asked.unwrap_or(delay).max(MIN_WAIT);
             if Instant::now() + wait > give_up {
                 bail!("job {n} was not accepted within {} s (last: {last})", SUBMIT_PATIENCE.as_secs());
             }

@@ -16,7 +16,7 @@ pub struct User {
 
 /// Whether a (normalised) string can be an email address: `local@domain.tld`, no spaces.
 pub fn is_plausible_email(email: &str) -> bool {
-    email.len() <= 254
+    email.chars().count() <= 254
         && !email.contains(|c: char| c.is_whitespace() || c.is_control())
         && matches!(email.split_once('@'), Some((local, domain))
             if !local.is_empty() && !domain.contains('@') && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.'))

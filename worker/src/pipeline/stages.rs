@@ -94,7 +94,7 @@ impl Stages<'_> {
             let wanted = job.options.get("synthesis_model").and_then(Value::as_str).map(str::to_owned);
             let mut candidates: Vec<String> = current.iter().map(|(m, _)| m.clone()).collect();
             candidates.sort_by_key(|m| Some(m) != wanted.as_ref());
-            if let Some(outsider) = wanted.filter(|w| !candidates.contains(w)) {
+            if let Some(outsider) = wanted.filter(|w| !job.models.contains(w)) {
                 candidates.insert(0, outsider);
             }
             for model in &candidates {
