@@ -107,7 +107,8 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
     common::metrics::install();
-    let routes = Arc::new(metrics::RouteTemplates::from_spec(&service.spec(), &["/docs", "/openapi.json", "/metrics"]));
+    let routes =
+        Arc::new(metrics::RouteTemplates::from_spec(&document, &["/docs", "/docs/", "/openapi.json", "/metrics"]));
     let app = Route::new()
         .at("/docs", poem::get(swagger()))
         .at("/docs/", poem::get(swagger()))
@@ -124,12 +125,7 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with(Gate::new(client_ips))
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
-        .with(middleware::AllowHeader(Arc::new(openapi::Methods::of(&document).and_get(&[
-            "/docs",
-            "/docs/",
-            "/openapi.json",
-            "/metrics",
-        ]))))
+        .with(middleware::AllowHeader(routes.clone()))
         .with(metrics::HttpMetrics(routes))
         .with(middleware::RequestContext)
         .data(state.clone())

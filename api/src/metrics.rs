@@ -15,41 +15,62 @@ use poem::{
 
 use crate::{queues::QueuesSnapshot, state::AppState};
 
-/// Route templates, split into segments; `None` matches any one segment.
+/// Route templates, split into segments (`None` matches any one segment), each with
+/// the methods it takes: request labels here, and the `Allow` of a `405`.
 #[derive(Debug, Default)]
-pub struct RouteTemplates(Vec<(String, Vec<Option<String>>)>);
+pub struct RouteTemplates(Vec<Route>);
+
+#[derive(Debug)]
+struct Route {
+    template: String,
+    segments: Vec<Option<String>>,
+    /// `GET, POST`, …: the `Allow` header's value.
+    methods: String,
+}
 
 impl RouteTemplates {
-    /// From the OpenAPI document's `paths`, plus routes outside it.
+    /// From the OpenAPI document's `paths`, plus routes outside it (which answer `GET`).
     pub fn from_spec(spec_json: &str, extra: &[&str]) -> Self {
         let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
-        let paths = spec["paths"].as_object().map(|p| p.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
-        let templates = paths
-            .into_iter()
-            .chain(extra.iter().map(|p| (*p).to_owned()))
-            .map(|template| {
+        let documented = spec["paths"].as_object().into_iter().flatten().map(|(template, operations)| {
+            let mut methods: Vec<String> =
+                operations.as_object().into_iter().flatten().map(|(m, _)| m.to_ascii_uppercase()).collect();
+            methods.sort();
+            (template.clone(), methods.join(", "))
+        });
+        let routes = documented
+            .chain(extra.iter().map(|template| ((*template).to_owned(), "GET".to_owned())))
+            .map(|(template, methods)| {
                 let segments = template
                     .split('/')
                     .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
                     .collect();
-                (template, segments)
+                Route { template, segments, methods }
             })
             .collect();
-        Self(templates)
+        Self(routes)
     }
 
-    /// The template a path matches (literal segments win over parameters), or
-    /// `unmatched`.
-    pub fn label(&self, path: &str) -> &str {
+    /// The route a path matches: literal segments win over parameters.
+    fn route(&self, path: &str) -> Option<&Route> {
         let segments = path.split('/').count();
         self.0
             .iter()
-            .filter(|(_, template)| {
-                template.len() == segments
-                    && template.iter().zip(path.split('/')).all(|(t, s)| t.as_deref().is_none_or(|t| t == s))
+            .filter(|route| {
+                route.segments.len() == segments
+                    && route.segments.iter().zip(path.split('/')).all(|(t, s)| t.as_deref().is_none_or(|t| t == s))
             })
-            .max_by_key(|(_, template)| template.iter().filter(|t| t.is_some()).count())
-            .map_or("unmatched", |(name, _)| name.as_str())
+            .max_by_key(|route| route.segments.iter().filter(|t| t.is_some()).count())
+    }
+
+    /// The template a path matches, or `unmatched`.
+    pub fn label(&self, path: &str) -> &str {
+        self.route(path).map_or("unmatched", |route| route.template.as_str())
+    }
+
+    /// The methods the path takes (`Allow`), if it is a route.
+    pub fn allowed(&self, path: &str) -> Option<&str> {
+        self.route(path).map(|route| route.methods.as_str())
     }
 }
 
@@ -155,6 +176,16 @@ mod tests {
         assert_eq!(routes.label("/metrics"), "/metrics");
         assert_eq!(routes.label("/wp-admin/setup.php"), "unmatched");
         assert_eq!(routes.label("/v1/jobs/x/y/z"), "unmatched");
+    }
+
+    #[test]
+    fn a_route_knows_its_methods() {
+        let spec = r#"{"paths": {"/v1/jobs/{id}": {"get": {}, "delete": {}}, "/v1/jobs": {"get": {}}}}"#;
+        let routes = RouteTemplates::from_spec(spec, &["/metrics"]);
+        assert_eq!(routes.allowed("/v1/jobs/0190"), Some("DELETE, GET"));
+        assert_eq!(routes.allowed("/v1/jobs"), Some("GET"));
+        assert_eq!(routes.allowed("/metrics"), Some("GET"));
+        assert_eq!(routes.allowed("/v2/jobs"), None);
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl trace::Extractor for HttpHeaders<'_> {
 
 /// A `405` names the methods its path takes (`Allow`, which RFC 9110 §15.5.6 requires),
 /// from the served OpenAPI document.
-pub struct AllowHeader(pub std::sync::Arc<crate::openapi::Methods>);
+pub struct AllowHeader(pub std::sync::Arc<crate::metrics::RouteTemplates>);
 
 impl<E: Endpoint> Middleware<E> for AllowHeader {
     type Output = AllowHeaderEndpoint<E>;
@@ -181,7 +181,7 @@ impl<E: Endpoint> Middleware<E> for AllowHeader {
 
 pub struct AllowHeaderEndpoint<E> {
     inner: E,
-    methods: std::sync::Arc<crate::openapi::Methods>,
+    methods: std::sync::Arc<crate::metrics::RouteTemplates>,
 }
 
 impl<E: Endpoint> Endpoint for AllowHeaderEndpoint<E> {

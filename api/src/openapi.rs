@@ -180,42 +180,6 @@ fn event_streams_are_text(doc: &mut Value) {
     }
 }
 
-/// The methods each path of the document takes, for the `Allow` header of a `405`.
-#[derive(Debug, Default)]
-pub struct Methods(Vec<(Vec<String>, String)>);
-
-impl Methods {
-    /// From the served document: every path template with its methods.
-    pub fn of(document: &str) -> Self {
-        let doc: Value = serde_json::from_str(document).unwrap_or_default();
-        let mut routes = Vec::new();
-        for (template, operations) in doc.get("paths").and_then(Value::as_object).into_iter().flatten() {
-            let segments = template.split('/').map(str::to_owned).collect();
-            let mut methods: Vec<String> =
-                operations.as_object().into_iter().flatten().map(|(method, _)| method.to_ascii_uppercase()).collect();
-            methods.sort();
-            routes.push((segments, methods.join(", ")));
-        }
-        Self(routes)
-    }
-
-    /// Adds paths outside the document that answer `GET` only.
-    pub fn and_get(mut self, paths: &[&str]) -> Self {
-        self.0.extend(paths.iter().map(|path| (path.split('/').map(str::to_owned).collect(), "GET".to_owned())));
-        self
-    }
-
-    /// The `Allow` value for `path`, if the document has it.
-    pub fn allowed(&self, path: &str) -> Option<&str> {
-        let segments: Vec<&str> = path.split('/').collect();
-        self.0.iter().find_map(|(template, methods)| {
-            let matches = template.len() == segments.len()
-                && template.iter().zip(&segments).all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()));
-            matches.then_some(methods.as_str())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,16 +219,6 @@ mod tests {
         assert_eq!(view["finished_at"]["nullable"], true);
         assert_eq!(view["error"], json!({ "allOf": [{ "$ref": "#/components/schemas/Info" }], "nullable": true }));
         assert_eq!(view["state"], json!({ "type": "string", "enum": ["ok", "down"], "nullable": true }));
-    }
-
-    #[test]
-    fn a_path_knows_its_methods() {
-        let doc = json!({ "paths": { "/v1/jobs/{id}": { "get": {}, "delete": {} }, "/v1/jobs": { "get": {} } } });
-        let methods = Methods::of(&doc.to_string());
-        assert_eq!(methods.allowed("/v1/jobs/0190"), Some("DELETE, GET"));
-        assert_eq!(methods.allowed("/v1/jobs"), Some("GET"));
-        assert_eq!(methods.allowed("/v1/jobs/"), None);
-        assert_eq!(methods.allowed("/v2/jobs"), None);
     }
 
     #[test]

@@ -50,8 +50,9 @@ pub struct NewJob<'a> {
     pub timeout_secs: u32,
 }
 
-/// Binds a new job's fields as `$1` to `$9`, in the order `submit` uses.
-fn bind_new_job<'q>(
+/// Binds a new job's fields as `$1` to `$9`, in the order `submit` uses (tests that
+/// write jobs in odd states bind them the same way).
+pub fn bind_new_job<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     job: &NewJob<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
