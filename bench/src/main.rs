@@ -19,7 +19,7 @@ mod throughput;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use common::sse::{Decoder, SseMessage};
+use common::sse::{ReadError, SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use harness::{Processes, Services};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -169,38 +169,14 @@ pub fn report(json: bool, title: &str, rows: &[(&str, String)], record: &serde_j
 /// silence is an error.
 pub fn sse_events(response: reqwest::Response) -> BoxStream<'static, anyhow::Result<SseMessage>> {
     const IDLE: Duration = Duration::from_secs(60);
-    struct State {
-        body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-        events: Decoder,
-        done: bool,
-    }
-    let state = State { body: response.bytes_stream().boxed(), events: Decoder::new(), done: false };
-    futures::stream::unfold(state, |mut state| async move {
-        loop {
-            if let Some(event) = state.events.next_event() {
-                return Some((Ok(event), state));
-            }
-            if state.done {
-                return None;
-            }
-            match tokio::time::timeout(IDLE, state.body.next()).await {
-                Err(_) => {
-                    state.done = true;
-                    return Some((Err(anyhow::anyhow!("no byte of the event stream arrived for a minute")), state));
-                }
-                Ok(None) => {
-                    state.done = true;
-                    state.events.finish();
-                }
-                Ok(Some(Err(err))) => {
-                    state.done = true;
-                    return Some((Err(anyhow::Error::new(err).context("the event stream broke")), state));
-                }
-                Ok(Some(Ok(chunk))) => state.events.push(&chunk),
-            }
-        }
-    })
-    .boxed()
+    common::sse::read(response.bytes_stream().boxed(), IDLE)
+        .map(|read| {
+            read.map_err(|err| match err {
+                ReadError::Idle => anyhow::anyhow!("no byte of the event stream arrived for a minute"),
+                ReadError::Broken(err) => anyhow::Error::new(err).context("the event stream broke"),
+            })
+        })
+        .boxed()
 }
 
 /// A figure for the table: fixed decimals, or `-` when there is none.

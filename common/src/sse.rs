@@ -82,6 +82,61 @@ impl Decoder {
     }
 }
 
+/// Why reading an event stream stopped early.
+#[derive(Debug)]
+pub enum ReadError<E> {
+    /// No byte arrived for the whole idle limit.
+    Idle,
+    /// The body failed.
+    Broken(E),
+}
+
+/// The events of a body that arrives in chunks, failing with `Idle` if no byte comes
+/// for `idle`. The stream ends when the body does (the last event is flushed); whether
+/// that was a proper end is the caller's to judge.
+pub fn read<C, E>(
+    body: futures::stream::BoxStream<'static, Result<C, E>>,
+    idle: std::time::Duration,
+) -> futures::stream::BoxStream<'static, Result<SseMessage, ReadError<E>>>
+where
+    C: AsRef<[u8]> + Send + 'static,
+    E: Send + 'static,
+{
+    use futures::StreamExt;
+    struct State<C, E> {
+        body: futures::stream::BoxStream<'static, Result<C, E>>,
+        events: Decoder,
+        done: bool,
+    }
+    let state = State { body, events: Decoder::new(), done: false };
+    futures::stream::unfold(state, move |mut state| async move {
+        loop {
+            if let Some(message) = state.events.next_event() {
+                return Some((Ok(message), state));
+            }
+            if state.done {
+                return None;
+            }
+            match tokio::time::timeout(idle, state.body.next()).await {
+                Err(_) => {
+                    state.done = true;
+                    return Some((Err(ReadError::Idle), state));
+                }
+                Ok(None) => {
+                    state.done = true;
+                    state.events.finish();
+                }
+                Ok(Some(Err(err))) => {
+                    state.done = true;
+                    return Some((Err(ReadError::Broken(err)), state));
+                }
+                Ok(Some(Ok(chunk))) => state.events.push(chunk.as_ref()),
+            }
+        }
+    })
+    .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,17 +132,23 @@ start_cluster() {
 # A node's Erlang VM, from its pid file (written once the node has booted).
 beam_pid() { cat "$work/c$(($1 + 1))/pid" 2>/dev/null || true; }
 
+# Waits up to $2 seconds for process $1 (already asked to stop) to exit; true if it did.
+exited_within() {
+  local _
+  for _ in $(seq 1 $(($2 * 2))); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  ! kill -0 "$1" 2>/dev/null
+}
+
 stop_cluster() {
   local i pid beam
   for i in "${!node_pids[@]}"; do
     pid="${node_pids[i]}"
     beam="$(beam_pid "$i")"
     kill -TERM "$pid" 2>/dev/null || true # the script stops its VM, then exits
-    for _ in $(seq 1 60); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.5
-    done
-    if kill -0 "$pid" 2>/dev/null; then
+    if ! exited_within "$pid" 30; then
       if [[ -n "$beam" ]]; then kill -KILL "$beam" 2>/dev/null || true; fi
       kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -225,11 +231,7 @@ stop_ultra() {
   fi
   for pid in "${ultra_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${ultra_pids[@]}"; do
-    for _ in $(seq 1 40); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.5
-    done
-    kill -KILL "$pid" 2>/dev/null || true
+    exited_within "$pid" 20 || kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   ultra_pids=()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::sse::{Decoder, SseMessage};
+use common::sse::{ReadError, SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use reqwest::{header::HeaderMap, RequestBuilder, Response, StatusCode};
 
@@ -332,38 +332,14 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// `idle`. The stream ends when the response does; deciding whether that was a proper
 /// end is the provider's job.
 pub fn sse(response: Response, idle: Duration) -> BoxStream<'static, Result<SseMessage, ProviderError>> {
-    struct State {
-        body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-        events: Decoder,
-        done: bool,
-    }
-    let state = State { body: response.bytes_stream().boxed(), events: Decoder::new(), done: false };
-    futures::stream::unfold(state, move |mut state| async move {
-        loop {
-            if let Some(message) = state.events.next_event() {
-                return Some((Ok(message), state));
-            }
-            if state.done {
-                return None;
-            }
-            match tokio::time::timeout(idle, state.body.next()).await {
-                Err(_) => {
-                    state.done = true;
-                    return Some((Err(ProviderError::Timeout), state));
-                }
-                Ok(None) => {
-                    state.done = true;
-                    state.events.finish();
-                }
-                Ok(Some(Err(err))) => {
-                    state.done = true;
-                    return Some((Err(ProviderError::Truncated(err.without_url().to_string())), state));
-                }
-                Ok(Some(Ok(chunk))) => state.events.push(&chunk),
-            }
-        }
-    })
-    .boxed()
+    common::sse::read(response.bytes_stream().boxed(), idle)
+        .map(|read| {
+            read.map_err(|err| match err {
+                ReadError::Idle => ProviderError::Timeout,
+                ReadError::Broken(err) => ProviderError::Truncated(err.without_url().to_string()),
+            })
+        })
+        .boxed()
 }
 
 #[cfg(test)]
