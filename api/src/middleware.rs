@@ -188,10 +188,10 @@ impl<E: Endpoint> Endpoint for AllowHeaderEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> Result<Response> {
-        let path = req.uri().path().to_owned();
+        let uri = req.uri().clone(); // shares its bytes: no copy unless a 405 needs the path
         let mut response = self.inner.call(req).await?.into_response();
         if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
-            if let Some(allowed) = self.methods.allowed(&path).and_then(|m| HeaderValue::from_str(m).ok()) {
+            if let Some(allowed) = self.methods.allowed(uri.path()).and_then(|m| HeaderValue::from_str(m).ok()) {
                 response.headers_mut().insert(poem::http::header::ALLOW, allowed);
             }
         }

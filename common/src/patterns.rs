@@ -52,10 +52,18 @@ impl PatternSpec {
     }
 }
 
-/// Tokens in a text, estimated at four characters each (the same estimate the
-/// providers' context-window check uses).
+/// Characters a token, the usual rule of thumb for English text: budgets, the
+/// context-window check and usage a provider does not report all estimate with it.
+pub const CHARS_PER_TOKEN: usize = 4;
+
+/// Tokens in `chars` characters, estimated.
+pub fn tokens_in_chars(chars: usize) -> u64 {
+    chars.div_ceil(CHARS_PER_TOKEN) as u64
+}
+
+/// Tokens in a text, estimated.
 pub fn estimate_tokens(text: &str) -> u64 {
-    text.chars().count().div_ceil(4) as u64
+    tokens_in_chars(text.chars().count())
 }
 
 /// A rendered prompt would be longer than the model can read.

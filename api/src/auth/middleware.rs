@@ -75,16 +75,14 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
                 Err(refused) => return Ok(refusal(&[refused])),
             };
             let is_ticket = ticket.is_some();
-            // Only a refusal that cost a lookup counts against the address.
-            let mut looked_up = true;
-            let found = match (ticket, token) {
+            let found = match (ticket, &token) {
                 (Some((job_id, ticket)), _) => super::authenticate_ticket(&state, &ticket, job_id).await,
-                (None, Some(token)) => {
-                    looked_up = super::needs_lookup(&state, &token);
-                    authenticate(&state, &token).await
-                }
+                (None, Some(token)) => authenticate(&state, token).await,
                 (None, None) => Err(ApiError::Unauthorized),
             };
+            // Only a refusal that cost a lookup counts against the address (a ticket's
+            // always does; a token's when it was well-formed enough to look up).
+            let looked_up = || token.as_deref().is_none_or(|token| super::needs_lookup(&state, token));
             match found {
                 Ok(found) => {
                     self.lookups.settle(&ip, lookup, Outcome::Valid);
@@ -97,7 +95,7 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
                     principal = Some(found);
                 }
                 // The operation answers 401.
-                Err(ApiError::Unauthorized) if looked_up => self.lookups.settle(&ip, lookup, Outcome::Invalid),
+                Err(ApiError::Unauthorized) if looked_up() => self.lookups.settle(&ip, lookup, Outcome::Invalid),
                 Err(ApiError::Unauthorized) => self.lookups.settle(&ip, lookup, Outcome::Undecided),
                 Err(err) => {
                     self.lookups.settle(&ip, lookup, Outcome::Undecided);

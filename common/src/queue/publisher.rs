@@ -43,6 +43,10 @@ pub struct QueueStats {
     pub consumers: u32,
 }
 
+/// What a publish (or a batch of them) has learnt of the delay queues.
+#[derive(Default)]
+struct DelayQueues(std::collections::HashMap<String, bool>);
+
 struct Link {
     connection: Connection,
     channel: Channel,
@@ -78,7 +82,7 @@ impl Publisher {
         delay: std::time::Duration,
         traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
-        let result = match self.send(message, delay, traceparent).await {
+        let result = match self.send(message, delay, traceparent, &mut DelayQueues::default()).await {
             Ok(confirm) => self.confirmed(confirm).await,
             Err(err) => Err(err),
         };
@@ -94,8 +98,10 @@ impl Publisher {
         messages: &[(JobMessage, std::time::Duration, Option<String>)],
     ) -> Vec<Result<(), PublishError>> {
         let mut confirms = Vec::with_capacity(messages.len());
+        // Each delay queue is checked once for the batch, not once per message.
+        let mut delay_queues = DelayQueues::default();
         for (message, delay, traceparent) in messages {
-            confirms.push(self.send(message, *delay, traceparent.as_deref()).await);
+            confirms.push(self.send(message, *delay, traceparent.as_deref(), &mut delay_queues).await);
         }
         let results = futures::future::join_all(confirms.into_iter().map(|sent| async move {
             match sent {
@@ -116,6 +122,7 @@ impl Publisher {
         message: &JobMessage,
         delay: std::time::Duration,
         traceparent: Option<&str>,
+        delay_queues: &mut DelayQueues,
     ) -> Result<lapin::PublisherConfirm, PublishError> {
         let payload = serde_json::to_vec(message).map_err(|e| PublishError::Unavailable(e.to_string()))?;
         let channel = self.channel().await?;
@@ -133,7 +140,7 @@ impl Publisher {
         let now = (self.topology.jobs_exchange.as_str(), ANALYZE_ROUTING_KEY);
         let (exchange, routing_key) = if delay.is_zero() {
             now
-        } else if self.delay_queue_available(self.topology.delay_queue(delay)).await {
+        } else if self.delay_queue_available(self.topology.delay_queue(delay), delay_queues).await {
             ("", self.topology.delay_queue(delay))
         } else {
             // Late rather than lost: the broker would confirm a message routed to a
@@ -197,9 +204,19 @@ impl Publisher {
         }
     }
 
-    /// Whether `queue` (a delay queue) can take a message now: a passive declare on a
-    /// channel of its own (a failed one closes its channel). Only retries pay for it.
-    async fn delay_queue_available(&self, queue: &str) -> bool {
+    /// Whether `queue` (a delay queue) can take a message now, asked once per publish
+    /// or batch. Only retries pay for it.
+    async fn delay_queue_available(&self, queue: &str, known: &mut DelayQueues) -> bool {
+        if let Some(available) = known.0.get(queue) {
+            return *available;
+        }
+        let available = self.check_delay_queue(queue).await;
+        known.0.insert(queue.to_owned(), available);
+        available
+    }
+
+    /// A passive declare on a channel of its own (a failed one closes its channel).
+    async fn check_delay_queue(&self, queue: &str) -> bool {
         let check = async {
             let channel = match &*self.state.lock().await {
                 State::Connected(link) => link.connection.create_channel().await?,

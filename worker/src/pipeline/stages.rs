@@ -152,7 +152,10 @@ impl Stages<'_> {
     /// The longest prompt worth rendering for `model`: its context window at four
     /// characters a token (the provider guard then checks the exact fit).
     fn prompt_limit(&self, model: &str) -> usize {
-        self.ctx.catalog.get(model).map_or(usize::MAX, |spec| (spec.context_window as usize).saturating_mul(4))
+        self.ctx
+            .catalog
+            .get(model)
+            .map_or(usize::MAX, |spec| (spec.context_window as usize).saturating_mul(common::patterns::CHARS_PER_TOKEN))
     }
 
     /// Runs one stage's steps concurrently; the answers in the job's model order, the

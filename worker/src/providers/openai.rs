@@ -137,7 +137,7 @@ fn stream_error(error: &Value) -> ProviderError {
     }
 }
 
-/// About four characters a token: the usual rule of thumb for English text.
+/// Tokens in `chars` characters, by the one estimate (`common::patterns`).
 pub fn estimate_tokens(chars: usize) -> i32 {
-    i32::try_from(chars.div_ceil(4)).unwrap_or(i32::MAX)
+    i32::try_from(common::patterns::tokens_in_chars(chars)).unwrap_or(i32::MAX)
 }
