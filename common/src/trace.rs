@@ -8,7 +8,7 @@
 //! headers) and holds values to the spec's field widths, which the propagator does not
 //! check (`well_formed`).
 
-use std::{collections::HashMap, fmt};
+use std::fmt;
 
 use lapin::types::FieldTable;
 use opentelemetry::{
@@ -65,13 +65,12 @@ impl TraceContext {
     }
 }
 
-/// The `traceparent` header value (version 00), as the propagator writes it.
+/// The `traceparent` header value (version 00), written directly: it is on every
+/// submit's and every delivery's path, and the propagator would build a context and a
+/// map to write the same four fields.
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut carrier: HashMap<String, String> = HashMap::new();
-        let context = Context::new().with_remote_span_context(SpanContext::from(*self));
-        TraceContextPropagator::new().inject_context(&context, &mut carrier);
-        f.write_str(carrier.get(HEADER).map_or("", String::as_str))
+        write!(f, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
     }
 }
 
@@ -137,6 +136,8 @@ fn nonzero<T: PartialEq + From<u8>>(id: T) -> T {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
