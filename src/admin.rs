@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use common::{apikey, db, Config};
+use common::{apikey, db, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Subcommand)]
@@ -32,22 +32,31 @@ pub enum AdminCommand {
     },
 }
 
-pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pool =
-        db::connect_and_prepare(&config.database_url, &CancellationToken::new()).await.context("migration failed")?;
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let pool = common::db::connect_and_prepare(
+        &settings.config.database_url,
+        settings.config.db_pool_size,
+        &CancellationToken::new(),
+    )
+    .await
+    .context("migration failed")?;
     pool.close().await;
     println!("database is up to date");
     Ok(())
 }
 
-pub async fn run(config: &Config, command: AdminCommand) -> anyhow::Result<()> {
-    let pool = db::connect_and_prepare(&config.database_url, &CancellationToken::new())
-        .await
-        .context("cannot reach the database")?;
+pub async fn run(settings: &Settings, command: AdminCommand) -> anyhow::Result<()> {
+    let pool = common::db::connect_and_prepare(
+        &settings.config.database_url,
+        settings.config.db_pool_size,
+        &CancellationToken::new(),
+    )
+    .await
+    .context("cannot reach the database")?;
     let result = match command {
         AdminCommand::CreateUser { email, admin } => create_user(&pool, &email, admin).await,
         AdminCommand::CreateApiKey { email, name } => create_api_key(&pool, &email, &name).await,
-        AdminCommand::SetTier { email, tier } => set_tier(config, &pool, &email, &tier).await,
+        AdminCommand::SetTier { email, tier } => set_tier(settings, &pool, &email, &tier).await,
     };
     pool.close().await;
     result
@@ -86,8 +95,8 @@ async fn create_api_key(pool: &sqlx::PgPool, email: &str, name: &str) -> anyhow:
     Ok(())
 }
 
-async fn set_tier(config: &Config, pool: &sqlx::PgPool, email: &str, tier: &str) -> anyhow::Result<()> {
-    let tiers = common::tiers::Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?;
+async fn set_tier(settings: &Settings, pool: &sqlx::PgPool, email: &str, tier: &str) -> anyhow::Result<()> {
+    let tiers = &settings.tiers;
     if tiers.get(tier).is_none() {
         bail!("unknown tier `{tier}`; known: {}", tiers.names().collect::<Vec<_>>().join(", "));
     }

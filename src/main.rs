@@ -7,7 +7,7 @@ mod serve;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use common::Config;
+use common::{Config, Settings};
 
 #[derive(Parser)]
 #[command(name = "ultra", version, about = "Ultra: an LLM orchestrator on PostgreSQL, RabbitMQ and Redis")]
@@ -61,13 +61,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
-    config.validate()?;
-    let config = Arc::new(config);
+    // Loaded and checked once (the configuration file read once); every mode shares them.
+    let settings = Arc::new(Settings::load(config)?);
     match command {
-        Command::All => serve::all(config).await,
-        Command::Api => serve::api(config).await,
-        Command::Worker { .. } => serve::worker(config).await,
-        Command::Migrate => admin::migrate(&config).await,
-        Command::Admin(command) => admin::run(&config, command).await,
+        Command::All => serve::all(settings).await,
+        Command::Api => serve::api(settings).await,
+        Command::Worker { .. } => serve::worker(settings).await,
+        Command::Migrate => admin::migrate(&settings).await,
+        Command::Admin(command) => admin::run(&settings, command).await,
     }
 }

@@ -3,23 +3,23 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use common::{shutdown, Config};
+use common::{shutdown, Settings};
 use tokio::net::TcpListener;
 
-pub async fn api(config: Arc<Config>) -> anyhow::Result<()> {
-    let listener = bind(config.listen).await?;
-    api::run(config, listener, shutdown::on_signal()).await
+pub async fn api(settings: Arc<Settings>) -> anyhow::Result<()> {
+    let listener = bind(settings.config.listen).await?;
+    api::run(settings, listener, shutdown::on_signal()).await
 }
 
-pub async fn worker(config: Arc<Config>) -> anyhow::Result<()> {
-    let listener = bind_health(config.worker_listen).await?;
-    worker::run(config, Some(listener), shutdown::on_signal()).await
+pub async fn worker(settings: Arc<Settings>) -> anyhow::Result<()> {
+    let listener = bind_health(settings.config.worker_listen).await?;
+    worker::run(settings, Some(listener), shutdown::on_signal()).await
 }
 
 /// Api and worker pool in one process, sharing one shutdown signal. If either fails,
 /// the other is stopped too.
-pub async fn all(config: Arc<Config>) -> anyhow::Result<()> {
-    let listener = bind(config.listen).await?;
+pub async fn all(settings: Arc<Settings>) -> anyhow::Result<()> {
+    let listener = bind(settings.config.listen).await?;
     let shutdown = shutdown::on_signal();
     let stop_on_error = |result: anyhow::Result<()>| {
         if result.is_err() {
@@ -28,8 +28,8 @@ pub async fn all(config: Arc<Config>) -> anyhow::Result<()> {
         result
     };
     let (api, worker) =
-        tokio::join!(async { stop_on_error(api::run(config.clone(), listener, shutdown.clone()).await) }, async {
-            stop_on_error(worker::run(config.clone(), None, shutdown.clone()).await)
+        tokio::join!(async { stop_on_error(api::run(settings.clone(), listener, shutdown.clone()).await) }, async {
+            stop_on_error(worker::run(settings.clone(), None, shutdown.clone()).await)
         },);
     api.and(worker)
 }

@@ -7,6 +7,7 @@ pub mod body;
 pub mod client_ip;
 pub mod error;
 pub mod hub;
+pub mod jobs;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -22,72 +23,50 @@ pub mod stream;
 use std::sync::Arc;
 
 use anyhow::Context;
-use common::{
-    catalog::Catalog,
-    db,
-    events::EventPublisher,
-    queue::{Publisher, Topology},
-    redis::RedisHandle,
-    tiers::Tiers,
-    Config,
-};
+use common::{Config, Settings};
 use poem::{endpoint::BoxEndpoint, EndpointExt, Route};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    auth::{jwt::JwtService, middleware::Gate, password::Passwords},
-    body::BodyLimit,
-    client_ip::ClientIps,
-    hub::EventHub,
-    limits::RateLimiter,
-    state::AppState,
-};
-
-/// Password hashes computed at once (each holds ~19 MiB for a moment).
-const PASSWORD_HASHES_AT_ONCE: usize = 4;
+use crate::{auth::middleware::Gate, body::BodyLimit, client_ip::ClientIps, state::AppState};
 
 /// Serves the api on `listener` until `shutdown` is cancelled, then stops accepting,
 /// ends open streams, lets in-flight requests finish (up to the grace period) and
 /// closes its connections.
-pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = db::connect_and_prepare(&config.database_url, &shutdown).await?;
-    let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
+pub async fn run(settings: Arc<Settings>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = Arc::new(AppState::build(&settings, shutdown.clone()).await?);
+    common::metrics::install();
+    let app = endpoint(&state)?;
+
     // Background tasks stop with their own token, after the server has drained.
     let background = CancellationToken::new();
-    let state = Arc::new(AppState {
-        pool,
-        publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
-        events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
-        hub: Arc::new(EventHub::default()),
-        catalog: Catalog::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
-        tiers: Tiers::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
-        patterns: common::patterns::Patterns::load(config.config_file.as_deref()).map_err(anyhow::Error::msg)?,
-        jwt: JwtService::new(
-            &config.jwt_keys().map_err(anyhow::Error::msg)?,
-            &config.jwt_issuer,
-            &config.jwt_audience,
-            config.access_token_ttl(),
-        ),
-        passwords: Passwords::new(PASSWORD_HASHES_AT_ONCE),
-        limiter: RateLimiter::new(redis.clone(), &config.redis_prefix),
-        streams: Arc::default(),
-        redis,
-        shutdown: shutdown.clone(),
-        config: config.clone(),
-    });
-
-    let client_ips = ClientIps::new(
-        config.trusted_proxies().map_err(anyhow::Error::msg)?,
-        config.forwarded_header.parse().map_err(anyhow::Error::msg)?,
-    );
-
     let mut tasks = JoinSet::new();
-    tasks.spawn(state.hub.clone().run(state.redis.client().clone(), config.redis_prefix.clone(), background.clone()));
+    let redis_client = state.redis.client().clone();
+    tasks.spawn(state.hub.clone().run(redis_client, settings.config.redis_prefix.clone(), background.clone()));
     tasks.spawn(state.hub.clone().run_rechecks(state.pool.clone(), background.clone()));
     tasks.spawn(relay::run(state.clone(), background.clone()));
 
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%address, "api listening");
+    let limits = crate::listener::Limits::from_config(&settings.config);
+    let served = crate::listener::serve(listener, app, limits, shutdown.clone()).await;
+
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    state.publisher.close().await;
+    state.pool.close().await;
+    tracing::info!("api stopped");
+    served.context("api server failed")
+}
+
+/// The whole HTTP application: the OpenAPI service, the documents, `/metrics`, and the
+/// middleware around them.
+fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> {
+    let config = &state.config;
+    let client_ips = ClientIps::new(
+        config.trusted_proxies().map_err(anyhow::Error::msg)?,
+        config.forwarded_header.parse().map_err(anyhow::Error::msg)?,
+    );
     let service = routes::service(state.clone());
     let choices = openapi::Choices {
         models: state.catalog.models().map(|m| m.id.as_str()).collect(),
@@ -106,7 +85,6 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
     // Blank entries must not turn into "no list", which CORS would read as "any origin".
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
-    common::metrics::install();
     let routes =
         Arc::new(metrics::RouteTemplates::from_spec(&document, &["/docs", "/docs/", "/openapi.json", "/metrics"]));
     let app = Route::new()
@@ -129,19 +107,9 @@ pub async fn run(config: Arc<Config>, listener: TcpListener, shutdown: Cancellat
         .with(metrics::HttpMetrics(routes))
         .with(middleware::RequestContext)
         .data(state.clone())
-        .data(BodyLimit(body_limit(&config)))
+        .data(BodyLimit(body_limit(config)))
         .catch_all_error(error::into_problem);
-    tracing::info!(%address, "api listening");
-    let app: Arc<BoxEndpoint<'static>> = Arc::new(app.boxed());
-    let limits = crate::listener::Limits::from_config(&config);
-    let served = crate::listener::serve(listener, app, limits, shutdown.clone()).await;
-
-    background.cancel();
-    while tasks.join_next().await.is_some() {}
-    state.publisher.close().await;
-    state.pool.close().await;
-    tracing::info!("api stopped");
-    served.context("api server failed")
+    Ok(Arc::new(app.boxed()))
 }
 
 /// A prompt at the character limit, JSON-escaped at worst, plus room for the rest.

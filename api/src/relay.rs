@@ -12,7 +12,12 @@
 
 use std::sync::Arc;
 
-use common::{db, queue::JobMessage};
+use common::{
+    db,
+    domain::QueuedReason,
+    job::{EventData, QueuedData},
+    queue::JobMessage,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::AppState;
@@ -129,9 +134,9 @@ pub async fn reap(state: &AppState) -> Result<usize, sqlx::Error> {
     let mut tx = state.pool.begin().await?;
     let reaped = db::jobs::reap_expired(&mut tx, BATCH).await?;
     let mut events = Vec::with_capacity(reaped.len());
+    let requeued = EventData::Queued(QueuedData::requeued(Some(QueuedReason::WorkerLost)));
     for job_id in &reaped {
-        let data = serde_json::json!({ "status": "queued", "reason": "worker lost; requeued" });
-        events.push(db::events::append(&mut tx, *job_id, common::domain::EventKind::Queued, data).await?);
+        events.push(db::events::append(&mut tx, *job_id, &requeued).await?);
     }
     tx.commit().await?;
     state.events.publish_all(&events).await;

@@ -2,7 +2,15 @@
 
 use std::sync::Arc;
 
-use common::{catalog::Catalog, events::EventPublisher, queue::Publisher, redis::RedisHandle, tiers::Tiers, Config};
+use anyhow::Context;
+use common::{
+    catalog::Catalog,
+    events::EventPublisher,
+    queue::{Publisher, Topology},
+    redis::RedisHandle,
+    tiers::Tiers,
+    Config, Settings,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +20,12 @@ use crate::{
     limits::RateLimiter,
 };
 
+/// Password hashes computed at once (each holds ~19 MiB for a moment).
+const PASSWORD_HASHES_AT_ONCE: usize = 4;
+
+/// What handlers share. `config`, `catalog`, `tiers` and `patterns` are copies of the
+/// process's `Settings`, made once in `build`: fields of their own, as every handler
+/// reads them.
 pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
@@ -32,4 +46,32 @@ pub struct AppState {
     pub streams: Arc<crate::stream::limit::StreamCounter>,
     /// Cancelled on shutdown: open streams end so the server can stop.
     pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Connects to PostgreSQL (creating and migrating the database if needed) and sets
+    /// up Redis and the RabbitMQ publisher, which connect on first use.
+    pub async fn build(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let config = &settings.config;
+        // What cannot work is refused before waiting for the database.
+        let jwt_keys = config.jwt_keys().map_err(anyhow::Error::msg)?;
+        let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
+        let pool = common::db::connect_and_prepare(&config.database_url, config.db_pool_size, &shutdown).await?;
+        Ok(Self {
+            pool,
+            publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
+            events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
+            hub: Arc::new(EventHub::default()),
+            catalog: settings.catalog.clone(),
+            tiers: settings.tiers.clone(),
+            patterns: settings.patterns.clone(),
+            jwt: JwtService::new(&jwt_keys, &config.jwt_issuer, &config.jwt_audience, config.access_token_ttl()),
+            passwords: Passwords::new(PASSWORD_HASHES_AT_ONCE),
+            limiter: RateLimiter::new(redis.clone(), &config.redis_prefix),
+            streams: Arc::default(),
+            redis,
+            shutdown,
+            config: Arc::new(config.clone()),
+        })
+    }
 }

@@ -107,7 +107,7 @@ impl Harness {
         let ultra = processes.map(Ultra::new).transpose()?;
         let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let database_url = with_database(&services.database_url, &format!("ultra_{run}"))?;
-        let pool = db::connect_and_prepare(&database_url, &CancellationToken::new())
+        let pool = db::connect_and_prepare(&database_url, 20, &CancellationToken::new())
             .await
             .context("cannot prepare the benchmark database")?;
         let config_file = std::env::temp_dir().join(format!("ultra-{run}.toml"));

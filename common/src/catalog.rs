@@ -1,11 +1,12 @@
 //! The model catalog: which models a job may name, which provider serves each, at
 //! what price and within which limits. It comes from the operator's configuration
-//! file (`ULTRA_CONFIG_FILE`: `[providers.<name>]` tables and `[[models]]` entries);
-//! API keys come from the environment variables the file names, never from the file
-//! or a request. Without any configured provider, the catalog is the three
-//! deterministic mock models — the default for development, refused in production.
+//! file (`ULTRA_CONFIG_FILE`: `[providers.<name>]` tables and `[[models]]` entries,
+//! read by `common::settings`); API keys come from the environment variables the file
+//! names, never from the file or a request. Without any configured model, the catalog
+//! is the three deterministic mock models — the default for development, refused in
+//! production.
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -163,12 +164,30 @@ pub struct Catalog {
     models: Vec<ModelSpec>,
 }
 
-#[derive(Deserialize)]
-struct File {
+/// The catalog's part of the configuration file; its other tables are ignored here.
+#[derive(Debug, Default, Deserialize)]
+pub struct CatalogFile {
     #[serde(default)]
-    providers: BTreeMap<String, ProviderSpec>,
+    pub providers: BTreeMap<String, ProviderSpec>,
     #[serde(default)]
-    models: Vec<ModelSpec>,
+    pub models: Vec<ModelSpec>,
+}
+
+/// What can be wrong with the catalog a file defines (its TOML being well-formed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogProblem {
+    #[error("model `{0}` is defined twice")]
+    DuplicateModel(String),
+    #[error("model `{0}` has a negative price")]
+    NegativePrice(String),
+    #[error("model `{model}` names unknown provider `{provider}`")]
+    UnknownProvider { model: String, provider: String },
+    #[error("provider `{0}` has no base_url")]
+    NoBaseUrl(String),
+    #[error("provider `{0}`: timeouts must be at least 1 second")]
+    ZeroTimeout(String),
+    #[error("provider `{0}`: base_url must be an http(s) URL")]
+    NotHttp(String),
 }
 
 impl Catalog {
@@ -216,9 +235,7 @@ impl Catalog {
 
     /// The catalog the file defines, or the built-in mock catalog if it defines no
     /// models. Every problem found is reported at once.
-    pub fn load(file: Option<&Path>) -> Result<Self, String> {
-        let Some(path) = file else { return Ok(Self::builtin()) };
-        let file: File = crate::config::read_file(path)?;
+    pub fn from_file(file: CatalogFile) -> Result<Self, Vec<CatalogProblem>> {
         if file.models.is_empty() {
             return Ok(Self::builtin());
         }
@@ -227,34 +244,37 @@ impl Catalog {
         if problems.is_empty() {
             Ok(catalog)
         } else {
-            Err(format!("{}: {}", path.display(), problems.join("; ")))
+            Err(problems)
         }
     }
 
-    fn problems(&self) -> Vec<String> {
+    fn problems(&self) -> Vec<CatalogProblem> {
         let mut problems = Vec::new();
         for (index, model) in self.models.iter().enumerate() {
             if self.models[..index].iter().any(|m| m.id == model.id) {
-                problems.push(format!("model `{}` is defined twice", model.id));
+                problems.push(CatalogProblem::DuplicateModel(model.id.clone()));
             }
             if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
-                problems.push(format!("model `{}` has a negative price", model.id));
+                problems.push(CatalogProblem::NegativePrice(model.id.clone()));
             }
             match self.providers.get(&model.provider) {
-                None => problems.push(format!("model `{}` names unknown provider `{}`", model.id, model.provider)),
+                None => problems.push(CatalogProblem::UnknownProvider {
+                    model: model.id.clone(),
+                    provider: model.provider.clone(),
+                }),
                 Some(p) if p.kind != ProviderKind::Mock && p.base_url.is_none() => {
-                    problems.push(format!("provider `{}` has no base_url", model.provider))
+                    problems.push(CatalogProblem::NoBaseUrl(model.provider.clone()))
                 }
                 Some(_) => {}
             }
         }
         for (name, provider) in &self.providers {
             if provider.first_byte_timeout_secs == 0 || provider.timeout_secs == 0 {
-                problems.push(format!("provider `{name}`: timeouts must be at least 1 second"));
+                problems.push(CatalogProblem::ZeroTimeout(name.clone()));
             }
             if let Some(url) = &provider.base_url {
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    problems.push(format!("provider `{name}`: base_url must be an http(s) URL"));
+                    problems.push(CatalogProblem::NotHttp(name.clone()));
                 }
             }
         }
@@ -302,15 +322,13 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    fn write(contents: &str) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("ultra-catalog-{}-{}.toml", std::process::id(), contents.len()));
-        std::fs::write(&path, contents).expect("write");
-        path
+    fn load(text: &str) -> Result<Catalog, Vec<CatalogProblem>> {
+        Catalog::from_file(toml::from_str(text).expect("well-formed"))
     }
 
     #[test]
     fn a_file_defines_providers_and_models() {
-        let path = write(
+        let catalog = load(
             r#"
 [providers.openai]
 kind = "openai"
@@ -325,30 +343,30 @@ input_price_per_mtok = 0.15
 output_price_per_mtok = 0.60
 context_window = 128000
 "#,
-        );
-        let catalog = Catalog::load(Some(&path)).expect("loads");
+        )
+        .expect("loads");
         let model = catalog.get("openai/gpt-4o-mini").expect("model");
         assert_eq!(model.cost_micros(1_000_000, 1_000_000), 750_000);
         assert!(!catalog.uses_mock());
         assert!(!catalog.has_key("openai"), "the key variable is not set");
         assert!(catalog.get("mock/alpha").is_none());
-        let _ = std::fs::remove_file(path);
     }
 
     #[test]
     fn problems_are_reported_together() {
-        let path = write(
+        let problems = load(
             "[providers.x]\nkind = \"openai\"\n[[models]]\nid = \"x/a\"\nprovider = \"x\"\nupstream = \"a\"\n\
              [[models]]\nid = \"y/b\"\nprovider = \"y\"\nupstream = \"b\"\n",
-        );
-        let err = Catalog::load(Some(&path)).expect_err("invalid");
-        assert!(err.contains("no base_url") && err.contains("unknown provider `y`"), "{err}");
-        let _ = std::fs::remove_file(path);
+        )
+        .expect_err("invalid");
+        assert!(problems.contains(&CatalogProblem::NoBaseUrl("x".to_owned())), "{problems:?}");
+        let unknown = CatalogProblem::UnknownProvider { model: "y/b".to_owned(), provider: "y".to_owned() };
+        assert!(problems.contains(&unknown), "{problems:?}");
     }
 
     #[test]
     fn without_models_the_mock_catalog_applies() {
-        let catalog = Catalog::load(None).expect("builtin");
+        let catalog = Catalog::from_file(CatalogFile::default()).expect("builtin");
         assert!(catalog.uses_mock());
         assert_eq!(catalog.models().count(), 3);
     }

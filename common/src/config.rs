@@ -1,8 +1,8 @@
-//! Ultra's one typed configuration, read once from flags and environment variables
-//! (`ULTRA_*` plus the conventional `DATABASE_URL`, `AMQP_URL`, `REDIS_URL`) and shared
-//! as `Arc<Config>`. Every default works against the local services of a developer's
-//! machine; `validate` refuses an unsafe production configuration, listing every
-//! problem at once.
+//! Ultra's flags and environment variables (`ULTRA_*` plus the conventional
+//! `DATABASE_URL`, `AMQP_URL`, `REDIS_URL`), parsed by clap. Every default works
+//! against the local services of a developer's machine. `problems` lists what is wrong
+//! with them, including everything production refuses; `common::settings` loads them
+//! with the configuration file and checks the whole once.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -216,7 +216,12 @@ pub struct Config {
     #[arg(long, env = "ULTRA_CACHE_TTL_SECS", default_value_t = 86_400, global = true)]
     pub cache_ttl_secs: u64,
 
-    /// Optional TOML file: `[tiers.<name>]`, `[providers.<name>]` and `[[models]]`.
+    /// PostgreSQL connections one pool holds at most (`ultra all` has two pools).
+    #[arg(long, env = "ULTRA_DB_POOL_SIZE", default_value_t = 20, global = true)]
+    pub db_pool_size: u32,
+
+    /// Optional TOML file: `[tiers.<name>]`, `[providers.<name>]`, `[[models]]` and
+    /// `[patterns.<name>]`.
     #[arg(long, env = "ULTRA_CONFIG_FILE", global = true)]
     pub config_file: Option<std::path::PathBuf>,
 }
@@ -270,15 +275,15 @@ impl Config {
     }
 
     pub fn access_token_ttl(&self) -> Duration {
-        Duration::from_secs(self.access_token_ttl_secs.max(1))
+        Duration::from_secs(self.access_token_ttl_secs)
     }
 
     pub fn refresh_token_ttl(&self) -> Duration {
-        Duration::from_secs(self.refresh_token_ttl_secs.max(1))
+        Duration::from_secs(self.refresh_token_ttl_secs)
     }
 
     pub fn idempotency_retention(&self) -> Duration {
-        Duration::from_secs(self.idempotency_retention_secs.max(1))
+        Duration::from_secs(self.idempotency_retention_secs)
     }
 
     /// How long each kind of housekeeping row is kept.
@@ -292,24 +297,28 @@ impl Config {
         }
     }
 
+    pub fn sse_heartbeat(&self) -> Duration {
+        Duration::from_secs(self.sse_heartbeat_secs)
+    }
+
     pub fn sse_idle(&self) -> Duration {
-        Duration::from_secs(self.sse_idle_secs.max(1))
+        Duration::from_secs(self.sse_idle_secs)
     }
 
     pub fn cache_ttl(&self) -> Duration {
-        Duration::from_secs(self.cache_ttl_secs.max(1))
+        Duration::from_secs(self.cache_ttl_secs)
     }
 
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs.max(1))
+        Duration::from_secs(self.request_timeout_secs)
     }
 
     pub fn header_timeout(&self) -> Duration {
-        Duration::from_secs(self.header_timeout_secs.max(1))
+        Duration::from_secs(self.header_timeout_secs)
     }
 
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout_secs.max(1))
+        Duration::from_secs(self.idle_timeout_secs)
     }
 
     /// The trusted reverse proxies (blank entries ignored). Errors name the entry.
@@ -324,16 +333,17 @@ impl Config {
     }
 
     pub fn relay_interval(&self) -> Duration {
-        Duration::from_millis(self.relay_interval_ms.max(10))
+        Duration::from_millis(self.relay_interval_ms)
     }
 
     pub fn mock_latency(&self) -> Duration {
         Duration::from_millis(self.mock_latency_ms)
     }
 
-    /// Checks the configuration as a whole. In production every unsafe setting is an
-    /// error; the message lists them all, so an operator fixes them in one pass.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Everything wrong with these settings on their own, each naming its variable:
+    /// values out of range, and in production every unsafe setting. `Settings::load`
+    /// adds the configuration file's problems and reports them all at once.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.concurrency == 0 {
             problems.push("ULTRA_WORKER_CONCURRENCY must be at least 1".to_owned());
@@ -341,17 +351,33 @@ impl Config {
         if self.max_models_per_job == 0 {
             problems.push("ULTRA_MAX_MODELS_PER_JOB must be at least 1".to_owned());
         }
+        if self.db_pool_size == 0 {
+            problems.push("ULTRA_DB_POOL_SIZE must be at least 1".to_owned());
+        }
+        // Durations that mean nothing at zero (or that a timer refuses) are refused
+        // here rather than quietly raised where they are used.
+        for (name, secs) in [
+            ("ULTRA_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
+            ("ULTRA_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
+            ("ULTRA_IDEMPOTENCY_RETENTION_SECS", self.idempotency_retention_secs),
+            ("ULTRA_SSE_HEARTBEAT_SECS", self.sse_heartbeat_secs),
+            ("ULTRA_SSE_IDLE_SECS", self.sse_idle_secs),
+            ("ULTRA_CACHE_TTL_SECS", self.cache_ttl_secs),
+            ("ULTRA_REQUEST_TIMEOUT_SECS", self.request_timeout_secs),
+            ("ULTRA_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
+            ("ULTRA_IDLE_TIMEOUT_SECS", self.idle_timeout_secs),
+            ("ULTRA_DEFAULT_JOB_TIMEOUT_SECS", u64::from(self.default_job_timeout_secs)),
+        ] {
+            if secs == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        // The relay polls the outbox this often: below 10 ms it would keep PostgreSQL
+        // busy for nothing (and tokio's interval refuses zero).
+        if self.relay_interval_ms < 10 {
+            problems.push("ULTRA_RELAY_INTERVAL_MS must be at least 10".to_owned());
+        }
         if let Err(problem) = self.jwt_keys() {
-            problems.push(problem);
-        }
-        if let Err(problem) = crate::tiers::Tiers::load(self.config_file.as_deref()) {
-            problems.push(problem);
-        }
-        let catalog = crate::catalog::Catalog::load(self.config_file.as_deref());
-        if let Err(problem) = &catalog {
-            problems.push(problem.clone());
-        }
-        if let Err(problem) = crate::patterns::Patterns::load(self.config_file.as_deref()) {
             problems.push(problem);
         }
         if self.max_connections == 0 {
@@ -399,11 +425,6 @@ impl Config {
                     problems.push(format!("{name} uses a default or example password"));
                 }
             }
-            // The mock provider must never answer production traffic.
-            if catalog.as_ref().is_ok_and(|c| c.uses_mock()) {
-                problems
-                    .push("the mock provider is enabled (configure real providers in ULTRA_CONFIG_FILE)".to_owned());
-            }
             if self.jwt_keys.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 problems.push("ULTRA_JWT_KEYS is not set (the built-in development key is public)".to_owned());
             } else if self.jwt_keys().is_ok_and(|keys| {
@@ -432,11 +453,7 @@ impl Config {
                 );
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError { problems })
-        }
+        problems
     }
 }
 
@@ -454,77 +471,17 @@ fn is_default_password(password: &str) -> bool {
         || password.starts_with("change-me")
 }
 
-/// Reads the tables of the configuration file (`ULTRA_CONFIG_FILE`) that `T` names;
-/// the tiers, the catalog and the patterns each read their own and ignore the rest.
-pub fn read_file<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// `scheme://host` or `scheme://user@host`: no (or an empty) password in the
 /// user-info part.
 fn url_has_no_password(url: &str) -> bool {
     url_password(url).is_none_or(str::is_empty)
 }
 
-/// Every problem found in a configuration.
-#[derive(Debug, thiserror::Error)]
-#[error("refusing to start with an unsafe configuration:\n  - {}", problems.join("\n  - "))]
-pub struct ConfigError {
-    pub problems: Vec<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn production_lists_every_problem() {
-        let mut config = Config::from_env().expect("defaults parse");
-        config.environment = Environment::Production;
-        config.amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
-        config.database_url = "postgres://postgres@127.0.0.1/ultra".to_owned();
-        config.jwt_keys = None;
-        config.cors_origins = vec!["*".to_owned()];
-        let err = config.validate().expect_err("defaults are unsafe in production");
-        assert_eq!(err.problems.len(), 8, "{err}");
-        for expected in [
-            "guest credentials",
-            "DATABASE_URL has no password",
-            "REDIS_URL has no password",
-            "mock provider",
-            "ULTRA_JWT_KEYS is not set",
-            "any origin",
-            "ULTRA_METRICS_TOKEN",
-            "ULTRA_TRUSTED_PROXIES is not set",
-        ] {
-            assert!(err.to_string().contains(expected), "{expected}: {err}");
-        }
-
-        config.jwt_keys = Some("k1:short".to_owned());
-        assert!(config.validate().expect_err("short").to_string().contains("shorter than 32 bytes"));
-        config.jwt_keys = Some(format!("k1:{}", DEVELOPMENT_JWT_KEY.1));
-        assert!(config.validate().expect_err("known").to_string().contains("known development key"));
-        config.jwt_keys = Some(format!("k2:{},k1:{}", "x".repeat(40), "y".repeat(32)));
-        assert_eq!(config.jwt_keys().map(|k| k.len()), Ok(2));
-    }
-
-    #[test]
-    fn development_defaults_are_valid() {
-        let config = Config::from_env().expect("defaults parse");
-        config.validate().expect("valid");
-    }
-
-    #[test]
-    fn default_passwords_are_refused_in_production() {
-        let mut config = Config::from_env().expect("defaults parse");
-        config.environment = Environment::Production;
-        config.database_url = "postgres://ultra:change-me-postgres@db/ultra".to_owned();
-        config.amqp_url = "amqp://ultra:s3cure-and-long@mq/%2f".to_owned();
-        let err = config.validate().expect_err("unsafe");
-        assert!(err.to_string().contains("DATABASE_URL uses a default or example password"), "{err}");
-        assert!(!err.to_string().contains("AMQP_URL uses"), "{err}");
-    }
+    // The checks as a whole (with the configuration file) are tested in `settings`.
 
     #[test]
     fn password_detection() {
@@ -536,37 +493,14 @@ mod tests {
     }
 
     #[test]
-    fn production_wants_credentials_for_the_broker_and_redis() {
+    fn a_zero_duration_is_a_problem_not_a_second() {
         let mut config = Config::from_env().expect("defaults parse");
-        config.environment = Environment::Production;
-        config.amqp_url = "amqp://mq:5672/%2f".to_owned();
-        config.redis_url = "redis://redis:6379".to_owned();
-        let err = config.validate().expect_err("unsafe").to_string();
-        assert!(err.contains("AMQP_URL has no credentials"), "{err}");
-        assert!(err.contains("REDIS_URL has no password"), "{err}");
-
-        config.amqp_url = "amqp://ultra:s3cure-and-long@mq/%2f".to_owned();
-        config.redis_url = "redis://:s3cure-and-long@redis:6379".to_owned();
-        let err = config.validate().expect_err("still the mock and no keys").to_string();
-        assert!(!err.contains("AMQP_URL") && !err.contains("REDIS_URL"), "{err}");
-    }
-
-    #[test]
-    fn every_node_of_a_broker_list_is_checked() {
-        let mut config = Config::from_env().expect("defaults parse");
-        config.amqp_url = "amqp://guest:guest@127.0.0.1:5701/%2f,,http://mq-3/".to_owned();
-        let err = config.validate().expect_err("a bad list").to_string();
-        assert!(err.contains("AMQP_URL node 2 is empty"), "{err}");
-        assert!(err.contains("AMQP_URL node 3 is not an amqp://"), "{err}");
-
-        config.environment = Environment::Production;
-        config.amqp_url = "amqp://ultra:s3cure-and-long@mq-0/%2f,amqp://guest:guest@mq-1/%2f,\
-                           amqp://ultra:rabbitmq@mq-2/%2f,amqp://mq-3/%2f"
-            .to_owned();
-        let err = config.validate().expect_err("unsafe").to_string();
-        assert!(!err.contains("AMQP_URL node 1"), "{err}");
-        assert!(err.contains("AMQP_URL node 2 uses RabbitMQ's default guest credentials"), "{err}");
-        assert!(err.contains("AMQP_URL node 3 uses a default or example password"), "{err}");
-        assert!(err.contains("AMQP_URL node 4 has no credentials"), "{err}");
+        assert_eq!(config.problems(), Vec::<String>::new());
+        config.sse_idle_secs = 0;
+        config.relay_interval_ms = 5;
+        assert_eq!(
+            config.problems(),
+            ["ULTRA_SSE_IDLE_SECS must be at least 1", "ULTRA_RELAY_INTERVAL_MS must be at least 10"]
+        );
     }
 }

@@ -107,6 +107,60 @@ impl EventKind {
     }
 }
 
+string_enum! {
+    /// Why a step or a job failed: a stable code for clients, metrics and retries.
+    ErrorCode("error code") {
+        /// The provider refused the call for now (HTTP 429).
+        RateLimited => "rate_limited",
+        /// The provider is overloaded or failing (HTTP 5xx).
+        Overloaded => "overloaded",
+        /// The provider did not answer in time.
+        Timeout => "timeout",
+        /// The provider could not be reached.
+        Connection => "connection",
+        /// The provider refused the configured credentials.
+        Auth => "auth",
+        /// The provider refused the request as invalid.
+        BadRequest => "bad_request",
+        /// The provider's content filter withheld the answer.
+        ContentFiltered => "content_filtered",
+        /// The prompt does not fit the model's context window.
+        ContextTooLong => "context_too_long",
+        /// The answer was cut off at the token limit.
+        Truncated => "truncated",
+        /// The provider's circuit breaker is open after repeated failures.
+        CircuitOpen => "circuit_open",
+        /// The model is not in the worker's catalog.
+        UnknownModel => "unknown_model",
+        /// No provider is configured for the model.
+        NoProvider => "no_provider",
+        /// The worker has no such pattern.
+        UnknownPattern => "unknown_pattern",
+        /// Someone cancelled the job.
+        Cancelled => "cancelled",
+        /// The job's deadline passed.
+        DeadlineExceeded => "deadline_exceeded",
+        /// Fewer models answered than the job's `min_models`.
+        TooFewModels => "too_few_models",
+        /// Every model that could write the synthesis failed.
+        SynthesisFailed => "synthesis_failed",
+        /// The job's message was dead-lettered after repeated delivery failures.
+        DeadLettered => "dead_lettered",
+    }
+}
+
+string_enum! {
+    /// Why a job is queued again (its first `queued` event has none).
+    QueuedReason("queued reason") {
+        /// A transient failure: the job runs again after a delay.
+        Retry => "retry",
+        /// Its worker stopped renewing its lease.
+        WorkerLost => "worker lost; requeued",
+        /// An administrator replayed a dead letter.
+        Replayed => "replayed by an administrator",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

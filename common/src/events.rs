@@ -10,18 +10,54 @@ use uuid::Uuid;
 
 use crate::{
     domain::{EventKind, Stage},
+    job::EventData,
     redis::RedisHandle,
 };
 
 /// One lifecycle event of a job, as stored and as streamed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredEvent")]
 pub struct JobEvent {
     pub job_id: Uuid,
     /// 1, 2, 3, … per job with no gaps: the SSE `id:`.
     pub seq: i64,
+    /// Always `data.kind()`; written out for clients, who read it before `data`.
+    pub kind: EventKind,
+    pub data: EventData,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An event as a row or a bus message has it: the payload still untyped, since only
+/// its kind says which type it is.
+#[derive(Deserialize, sqlx::FromRow)]
+pub(crate) struct StoredEvent {
+    pub job_id: Uuid,
+    pub seq: i64,
     pub kind: EventKind,
     pub data: Value,
     pub created_at: DateTime<Utc>,
+}
+
+impl TryFrom<StoredEvent> for JobEvent {
+    type Error = serde_json::Error;
+
+    fn try_from(stored: StoredEvent) -> Result<Self, Self::Error> {
+        let data = EventData::decode(stored.kind, stored.data)?;
+        Ok(Self { job_id: stored.job_id, seq: stored.seq, kind: stored.kind, data, created_at: stored.created_at })
+    }
+}
+
+impl StoredEvent {
+    /// The event, for a database read: a payload that does not fit its kind is a decode error.
+    pub(crate) fn decode(self) -> Result<JobEvent, sqlx::Error> {
+        self.try_into().map_err(|e: serde_json::Error| sqlx::Error::Decode(Box::new(e)))
+    }
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for JobEvent {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        StoredEvent::from_row(row)?.decode()
+    }
 }
 
 /// A piece of a model's answer as it streams: live only, never persisted. `index` is

@@ -1,4 +1,4 @@
-//! What the api and the workers share: configuration, domain types, database access,
+//! What the api and the workers share: settings, domain types, database access,
 //! queue topology, the event bus, health probes, telemetry and the SSE parser.
 //!
 //! Error policy: functions here return typed errors (`sqlx::Error`, `lapin::Error`,
@@ -13,10 +13,12 @@ pub mod db;
 pub mod domain;
 pub mod events;
 pub mod health;
+pub mod job;
 pub mod metrics;
 pub mod patterns;
 pub mod queue;
 pub mod redis;
+pub mod settings;
 pub mod shutdown;
 pub mod sse;
 pub mod telemetry;
@@ -24,3 +26,4 @@ pub mod tiers;
 pub mod trace;
 
 pub use config::Config;
+pub use settings::Settings;

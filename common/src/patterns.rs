@@ -1,9 +1,10 @@
 //! Analysis patterns are data: which stages run, and the prompt templates of the
 //! `meta` and `synthesis` stages. Built in, and overridable or extendable from the
-//! configuration file (`[patterns.<name>]`). Templates use `$original_prompt`,
-//! `$own_response` and `$other_responses` (meta) and `$responses` (synthesis).
+//! configuration file (`[patterns.<name>]`, read by `common::settings`). Templates use
+//! `$original_prompt`, `$own_response` and `$other_responses` (meta) and `$responses`
+//! (synthesis).
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +119,13 @@ const SYNTHESIS_INTRO: &str = "Original question:\n$original_prompt\n\nThe model
 #[derive(Debug, Clone)]
 pub struct Patterns(BTreeMap<String, PatternSpec>);
 
+/// The patterns' part of the configuration file; its other tables are ignored here.
+#[derive(Debug, Default, Deserialize)]
+pub struct PatternsFile {
+    #[serde(default)]
+    pub patterns: BTreeMap<String, PatternSpec>,
+}
+
 impl Patterns {
     pub fn builtin() -> Self {
         let multi = |description: &str, meta: &str, synthesis: &str| PatternSpec {
@@ -168,17 +176,10 @@ impl Patterns {
     }
 
     /// The built-in patterns, with those the file defines replaced or added.
-    pub fn load(file: Option<&Path>) -> Result<Self, String> {
+    pub fn from_file(file: PatternsFile) -> Self {
         let mut patterns = Self::builtin();
-        let Some(path) = file else { return Ok(patterns) };
-        #[derive(Deserialize)]
-        struct File {
-            #[serde(default)]
-            patterns: BTreeMap<String, PatternSpec>,
-        }
-        let file: File = crate::config::read_file(path)?;
         patterns.0.extend(file.patterns);
-        Ok(patterns)
+        patterns
     }
 
     pub fn get(&self, name: &str) -> Option<&PatternSpec> {

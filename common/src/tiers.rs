@@ -1,7 +1,8 @@
 //! Subscription tiers: what each tier may do. Built in, and overridable per tier
-//! from the optional TOML file (`ULTRA_CONFIG_FILE`, tables `[tiers.<name>]`).
+//! from the optional TOML file (`ULTRA_CONFIG_FILE`, tables `[tiers.<name>]`, read by
+//! `common::settings`).
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,14 @@ pub const DEFAULT_TIER: &str = "free";
 #[derive(Debug, Clone)]
 pub struct Tiers(BTreeMap<String, Tier>);
 
+/// The tiers' part of the configuration file; its other tables are ignored here. A
+/// tier is given whole: a missing limit is a TOML error, not a silent default.
+#[derive(Debug, Default, Deserialize)]
+pub struct TiersFile {
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Tier>,
+}
+
 impl Tiers {
     pub fn builtin() -> Self {
         let tier =
@@ -61,21 +70,12 @@ impl Tiers {
         ]))
     }
 
-    /// The built-in tiers, with those the file defines replaced or added.
-    pub fn load(file: Option<&Path>) -> Result<Self, String> {
+    /// The built-in tiers, with those the file defines replaced or added. A file can
+    /// replace the default tier but not remove it, so it always exists.
+    pub fn from_file(file: TiersFile) -> Self {
         let mut tiers = Self::builtin();
-        let Some(path) = file else { return Ok(tiers) };
-        #[derive(Deserialize)]
-        struct File {
-            #[serde(default)]
-            tiers: BTreeMap<String, Tier>,
-        }
-        let file: File = crate::config::read_file(path)?;
         tiers.0.extend(file.tiers);
-        if !tiers.0.contains_key(DEFAULT_TIER) {
-            return Err(format!("{}: the `{DEFAULT_TIER}` tier must exist", path.display()));
-        }
-        Ok(tiers)
+        tiers
     }
 
     pub fn get(&self, name: &str) -> Option<&Tier> {
@@ -101,21 +101,18 @@ mod tests {
 
     #[test]
     fn file_overrides_and_adds_tiers() {
-        let path = std::env::temp_dir().join(format!("ultra-tiers-{}.toml", std::process::id()));
-        std::fs::write(
-            &path,
+        let file: TiersFile = toml::from_str(
             "[tiers.free]\nrequests_per_minute = 5\nanalyze_per_minute = 1\nconcurrent_jobs = 1\nmodels_per_job = 1\ndaily_tokens = 10\n\
              [tiers.team]\nrequests_per_minute = 50\nanalyze_per_minute = 5\nconcurrent_jobs = 3\nmodels_per_job = 2\ndaily_tokens = 1000\n",
         )
-        .expect("write");
-        let tiers = Tiers::load(Some(&path)).expect("loads");
+        .expect("parses");
+        let tiers = Tiers::from_file(file);
         assert_eq!(tiers.for_user("free").requests_per_minute, 5);
         assert_eq!(tiers.for_user("team").daily_tokens, 1000);
         assert_eq!(tiers.for_user("premium").requests_per_minute, 1_000);
         assert_eq!(tiers.for_user("gone").requests_per_minute, 5, "unknown tiers fall back to free");
-        std::fs::write(&path, "[tiers.free]\nrequests_per_minute = 5\n").expect("write");
-        assert!(Tiers::load(Some(&path)).is_err(), "a partial tier is an error, not a silent default");
-        let _ = std::fs::remove_file(path);
+        let partial = toml::from_str::<TiersFile>("[tiers.free]\nrequests_per_minute = 5\n");
+        assert!(partial.is_err(), "a partial tier is an error, not a silent default");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use common::{
     db,
-    domain::EventKind,
+    job::{EventData, JobOptions, QueuedData},
     queue::{JobMessage, Publisher, Topology},
 };
 use serde_json::{json, Value};
@@ -106,10 +106,7 @@ async fn orphan(app: &TestApp, user_id: Uuid, lease_ends_in_secs: i64) -> Uuid {
         cached: false,
     };
     let stage = common::domain::Stage::Initial;
-    let data = json!({ "stage": stage, "model": "mock/alpha" });
-    db::steps::finish(&mut *tx, id, stage, "mock/alpha", &outcome, EventKind::StepCompleted, &data)
-        .await
-        .expect("step");
+    db::steps::finish(&mut *tx, id, stage, "mock/alpha", &outcome).await.expect("step");
     tx.commit().await.expect("commit");
     id
 }
@@ -242,12 +239,13 @@ async fn insert_queued_job(tx: &mut sqlx::PgConnection, user_id: Uuid, prompt: &
         pattern: "direct",
         prompt,
         models: &models,
-        options: &json!({}),
+        options: &JobOptions::default(),
         reserved_tokens: 0,
         reserved_day: None,
         timeout_secs: 600,
     };
     testkit::jobs::insert(&mut *tx, &new_job).await.expect("insert job");
-    db::events::append(&mut *tx, id, EventKind::Queued, json!({})).await.expect("queued event");
+    let queued = EventData::Queued(QueuedData::accepted("direct", &models));
+    db::events::append(&mut *tx, id, &queued).await.expect("queued event");
     id
 }

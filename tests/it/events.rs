@@ -1,5 +1,9 @@
 //! Server-Sent Events: the full story of a job, resumable with `Last-Event-ID`.
 
+use common::{
+    domain::JobStatus,
+    job::{EventData, StartedData},
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -263,17 +267,17 @@ async fn a_live_event_whose_predecessor_was_never_published_arrives_in_order() {
     // Seq 2 is committed but its Redis publish is lost; seq 3 is committed and published.
     let redis = common::redis::RedisHandle::new(&app.config.redis_url).expect("redis");
     let publisher = common::events::EventPublisher::new(redis, app.config.redis_prefix.clone());
-    let append = |kind, data| {
+    let append = |data: EventData| {
         let pool = app.pool.clone();
         async move {
             let mut tx = pool.begin().await.expect("begin");
-            let event = common::db::events::append(&mut tx, id, kind, data).await.expect("append");
+            let event = common::db::events::append(&mut tx, id, &data).await.expect("append");
             tx.commit().await.expect("commit");
             event
         }
     };
-    let _lost = append(common::domain::EventKind::Started, serde_json::json!({ "attempt": 1 })).await;
-    let third = append(common::domain::EventKind::Failed, serde_json::json!({ "status": "failed" })).await;
+    let _lost = append(EventData::Started(StartedData { attempt: 1 })).await;
+    let third = append(EventData::ended(JobStatus::Failed, None, None)).await;
     publisher.publish(&third).await;
 
     // The stream sees 3 arrive after 1, reads the gap from PostgreSQL, and sends 2 then 3.

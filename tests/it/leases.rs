@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::Config;
+use common::Settings;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use testkit::audit::{self, DeliveryAudit};
@@ -40,10 +40,11 @@ async fn jobs_aborted_on_a_lost_broker_connection_end_within_a_lease_under_load(
     // One worker reaches the broker through a proxy: cutting it drops that worker's
     // connection alone.
     let (broker, proxied_url) = Proxy::start_for_url(&app.config.amqp_url).await;
-    let mut cut_config = (*app.config).clone();
-    cut_config.amqp_url = proxied_url;
+    let mut cut_settings = (*app.settings).clone();
+    cut_settings.config.amqp_url = proxied_url;
     let stop_workers = CancellationToken::new();
-    let workers = [spawn_worker(app.config.clone(), &stop_workers), spawn_worker(Arc::new(cut_config), &stop_workers)];
+    let workers =
+        [spawn_worker(app.settings.clone(), &stop_workers), spawn_worker(Arc::new(cut_settings), &stop_workers)];
     let (_, key) = app.user_with_key().await;
     let load = Load::start(&app, &key);
 
@@ -107,9 +108,9 @@ async fn jobs_aborted_on_a_lost_broker_connection_end_within_a_lease_under_load(
 
 /// A worker in this process, with its own mock provider (at the configured latency)
 /// and its own worker id.
-fn spawn_worker(config: Arc<Config>, stop: &CancellationToken) -> JoinHandle<anyhow::Result<()>> {
-    let mock = Arc::new(MockProvider::new(config.mock_latency()));
-    let worker = worker::Worker::new(config).with_providers(Providers::new(mock));
+fn spawn_worker(settings: Arc<Settings>, stop: &CancellationToken) -> JoinHandle<anyhow::Result<()>> {
+    let mock = Arc::new(MockProvider::new(settings.config.mock_latency()));
+    let worker = worker::Worker::new(settings).with_providers(Providers::new(mock));
     tokio::spawn(worker.run(None, stop.clone()))
 }
 

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use common::{apikey, db, Config};
+use common::{apikey, db, Config, Settings};
 use reqwest::{header::CONTENT_TYPE, Response, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -78,6 +78,8 @@ pub struct Proxies {
 
 pub struct TestApp {
     pub config: Arc<Config>,
+    /// What the app was started with (`config` is its `settings.config`).
+    pub settings: Arc<Settings>,
     pub base: String,
     pub http: reqwest::Client,
     pub pool: PgPool,
@@ -134,25 +136,30 @@ impl TestApp {
             config.config_file = Some(path);
         }
         config.shutdown_grace_secs = 5;
-        let config = Arc::new(config);
+        let settings = match Settings::load(config) {
+            Ok(settings) => Arc::new(settings),
+            Err(err) => panic!("{err}"),
+        };
+        let config = Arc::new(settings.config.clone());
 
         let shutdown = CancellationToken::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let base = format!("http://{}", listener.local_addr().expect("local address"));
         let mock = Arc::new(MockProvider::new(config.mock_latency()));
-        let mut tasks = vec![tokio::spawn(api::run(config.clone(), listener, shutdown.clone()))];
+        let mut tasks = vec![tokio::spawn(api::run(settings.clone(), listener, shutdown.clone()))];
         if options.worker {
             // A configuration file may define real (wiremock) providers: then the worker
             // uses what it configures; otherwise the counted mock.
             let worker = match options.config_toml {
-                Some(_) => worker::Worker::new(config.clone()),
-                None => worker::Worker::new(config.clone()).with_providers(Providers::new(mock.clone())),
+                Some(_) => worker::Worker::new(settings.clone()),
+                None => worker::Worker::new(settings.clone()).with_providers(Providers::new(mock.clone())),
             };
             tasks.push(tokio::spawn(worker.run(None, shutdown.clone())));
         }
         // The test's own pool goes straight to the database, whatever the proxies do.
-        let pool = db::connect_lazy(&database_url).expect("test pool");
-        let app = Self { config, base, http: reqwest::Client::new(), pool, mock, proxies, db_name, shutdown, tasks };
+        let pool = db::connect_lazy(&database_url, 20).expect("test pool");
+        let http = reqwest::Client::new();
+        let app = Self { config, settings, base, http, pool, mock, proxies, db_name, shutdown, tasks };
         app.wait_until_serving().await;
         app
     }
@@ -175,7 +182,7 @@ impl TestApp {
     pub async fn spawn_second_api(&mut self) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let base = format!("http://{}", listener.local_addr().expect("local address"));
-        self.tasks.push(tokio::spawn(api::run(self.config.clone(), listener, self.shutdown.clone())));
+        self.tasks.push(tokio::spawn(api::run(self.settings.clone(), listener, self.shutdown.clone())));
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while self.http.get(format!("{base}/health/live")).send().await.is_err() {
             assert!(tokio::time::Instant::now() < deadline, "second api did not start");

@@ -16,7 +16,7 @@ use common::{
     backoff::Backoff,
     queue::{self, JobMessage, Topology},
     trace::{AmqpHeaders, TraceContext},
-    Config,
+    Settings,
 };
 use futures::{FutureExt, StreamExt};
 use lapin::{
@@ -37,7 +37,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Consumer {
-    pub config: Arc<Config>,
+    pub settings: Arc<Settings>,
     pub ctx: Arc<JobContext>,
     /// Whether a consumer session is up (worker readiness).
     pub connected: Arc<AtomicBool>,
@@ -70,16 +70,16 @@ impl Consumer {
 
     /// One connection's life. Returns `Ok` only on shutdown.
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
-        let topology = Topology::new(&self.config.queue_prefix);
+        let topology = Topology::new(&self.settings.config.queue_prefix);
         // A broker that accepts TCP but stalls must not hang the worker.
         let setup = async {
             // Named after the topology, so an operator (or a test) can find this one.
             let name = format!("ultra-worker {}", topology.jobs_exchange);
-            let connection = queue::connect(&self.config.amqp_url, &name).await?;
+            let connection = queue::connect(&self.settings.config.amqp_url, &name).await?;
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
             // At most `concurrency` unacked deliveries: the broker does the bounding.
-            channel.basic_qos(self.config.concurrency, BasicQosOptions::default()).await?;
+            channel.basic_qos(self.settings.config.concurrency, BasicQosOptions::default()).await?;
             let deliveries = queue::consume(&channel, &topology.analyze_queue).await?;
             // Dead letters are few: the same channel records their jobs as failed.
             let dead = queue::consume(&channel, &topology.dead_queue).await?;
@@ -92,7 +92,7 @@ impl Consumer {
             }
         };
         self.connected.store(true, Ordering::Relaxed);
-        tracing::info!(queue = %topology.analyze_queue, prefetch = self.config.concurrency, "consuming");
+        tracing::info!(queue = %topology.analyze_queue, prefetch = self.settings.config.concurrency, "consuming");
 
         let mut in_flight = JoinSet::new();
         let ended = loop {
@@ -123,7 +123,7 @@ impl Consumer {
                 let cancel = channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default());
                 let _ = tokio::time::timeout(SETUP_TIMEOUT, cancel).await;
                 let drain = async { while in_flight.join_next().await.is_some() {} };
-                if tokio::time::timeout(self.config.shutdown_grace(), drain).await.is_err() {
+                if tokio::time::timeout(self.settings.config.shutdown_grace(), drain).await.is_err() {
                     tracing::warn!(
                         abandoned = in_flight.len(),
                         "grace period over; unfinished jobs will be redelivered"

@@ -6,8 +6,13 @@ use std::sync::{
 };
 
 use common::{health, redis::RedisHandle};
-use poem::{get, handler, http::StatusCode, web::Json, EndpointExt, IntoResponse, Response, Route};
+use poem::{
+    get, handler, http::StatusCode, listener::TcpAcceptor, web::Json, EndpointExt, IntoResponse, Response, Route,
+    Server,
+};
 use sqlx::PgPool;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct HealthState {
@@ -20,6 +25,20 @@ pub struct HealthState {
 
 pub fn routes(state: HealthState) -> impl poem::Endpoint {
     Route::new().at("/health/live", get(live)).at("/health/ready", get(ready)).at("/metrics", get(metrics)).data(state)
+}
+
+/// Serves the health endpoints on `listener` until `shutdown`.
+pub fn serve(
+    listener: TcpListener,
+    state: HealthState,
+    shutdown: CancellationToken,
+) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?);
+    tracing::info!(%address, "worker health listening");
+    Ok(tokio::spawn(
+        async move { server.run_with_graceful_shutdown(routes(state), shutdown.cancelled_owned(), None).await },
+    ))
 }
 
 /// Prometheus metrics of this worker process.

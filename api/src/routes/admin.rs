@@ -2,7 +2,11 @@
 
 use std::sync::Arc;
 
-use common::db;
+use common::{
+    db,
+    domain::QueuedReason,
+    job::{EventData, QueuedData},
+};
 use poem_openapi::{param::Path, payload::Json, Object, OpenApi};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -116,8 +120,8 @@ impl AdminApi {
             db::jobs::requeue_dead_letter(&mut tx, job_id.0).await?.ok_or(ApiError::NotFound("no such dead letter"))?;
         let today = db::usage::today(&mut *tx).await?;
         db::usage::reserve_again(&mut tx, job.user_id, today, job.id).await?;
-        let data = serde_json::json!({ "status": "queued", "reason": "replayed by an administrator" });
-        let event = db::events::append(&mut tx, job.id, common::domain::EventKind::Queued, data).await?;
+        let data = EventData::Queued(QueuedData::requeued(Some(QueuedReason::Replayed)));
+        let event = db::events::append(&mut tx, job.id, &data).await?;
         let outbox_id = db::outbox::insert(&mut *tx, job.id, job.attempts + 1, Some(&traceparent)).await?;
         tx.commit().await?;
         state.events.publish(&event).await;

@@ -1,18 +1,11 @@
-//! `POST /v1/analyze`: validate, then commit the job, its `queued` event and its
-//! outbox row in one transaction, answer 202, and publish at once.
+//! `POST /v1/analyze`: validate the request, hand it to the submit service
+//! (`crate::jobs`), and answer 202 — or stream the job's events at once.
 
 use std::{collections::HashMap, sync::Arc};
 
-use common::{
-    catalog::ModelSpec,
-    db,
-    patterns::{estimate_tokens, PatternSpec},
-    queue::JobMessage,
-    trace::TraceContext,
-};
+use common::{job::JobOptions, patterns::PatternSpec, trace::TraceContext};
 use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -20,15 +13,11 @@ use crate::{
     auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
+    jobs::{self, Idempotency, Submission},
     problems::{Problems, ALWAYS, BODY, CONFLICT, UNAUTHORIZED},
-    relay,
-    routes::{
-        jobs::{event_stream, stream_permit, JobLinks, StreamItemView},
-        models::availability,
-        ApiTags,
-    },
+    routes::{jobs::JobLinks, ApiTags},
     state::AppState,
-    stream::frame::SseBody,
+    stream::{event_stream, frame::SseBody, stream_permit, views::StreamItemView},
 };
 
 /// An analysis request: one prompt, the models to ask, and how to combine them.
@@ -44,7 +33,7 @@ pub struct AnalyzeRequest {
     #[serde(default)]
     pub pattern: Option<String>,
     #[serde(default)]
-    pub options: Option<AnalyzeOptions>,
+    pub options: Option<JobOptions>,
 }
 
 impl poem_openapi::types::Example for AnalyzeRequest {
@@ -56,39 +45,6 @@ impl poem_openapi::types::Example for AnalyzeRequest {
             options: None,
         }
     }
-}
-
-/// Generation options passed to every model of the job.
-#[derive(Debug, Default, Serialize, Deserialize, Object)]
-#[serde(deny_unknown_fields)]
-pub struct AnalyzeOptions {
-    /// Sampling temperature, 0 to 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
-    pub temperature: Option<f64>,
-    /// Most tokens each model may write, 1 to 32768.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
-    pub max_tokens: Option<u32>,
-    /// Reuse a cached answer for the same model, prompt and parameters (and cache
-    /// this one). A cached answer costs nothing.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<bool>,
-    /// The model that writes the synthesis; by default the first model with an answer.
-    /// One not among `models` writes the synthesis only. If it fails, the job's models
-    /// take over in their order.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub synthesis_model: Option<String>,
-    /// Answers a stage needs to go on (default 1); fewer fail the job. More than the
-    /// job's models asks for every one of them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[oai(validator(minimum(value = "1")))]
-    pub min_models: Option<u32>,
-    /// The job's deadline in seconds from submission, at most the tier's
-    /// `max_job_seconds`; past it the job fails `deadline_exceeded`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[oai(validator(minimum(value = "1"), maximum(value = "4294967295")))]
-    pub timeout_s: Option<u32>,
 }
 
 /// The job was accepted; it runs in the background.
@@ -144,7 +100,6 @@ impl AnalyzeApi {
         idempotency_key: Header<Option<String>>,
         trace: poem::web::Data<&TraceContext>,
     ) -> Result<AnalyzeResponse, Problems<{ ALWAYS | UNAUTHORIZED | BODY | CONFLICT }>> {
-        let traceparent = trace.0.to_string();
         let state = &self.state;
         let request = body.0;
         let idempotency_key = idempotency_key.0.map(check_idempotency_key).transpose()?;
@@ -154,109 +109,35 @@ impl AnalyzeApi {
         let stream_slot = if wants_stream { Some(stream_permit(state, &auth.0)?) } else { None };
         let tier = state.tiers.for_user(&auth.0.tier);
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
-        let accepted = validate(state, &request, models_allowed)?;
-        check_models_can_run(state, &request.models).await?;
-        // The effective `max_tokens` is stored with the job, so the reservation below is
-        // a real bound: what every call of every stage can read and write.
+        let (pattern, spec) = validate(state, &request, models_allowed)?;
+        jobs::check_models_can_run(state, &request.models).await?;
         // What the key vouches for: the request as parsed (so whitespace does not matter).
-        let request_hash = Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec();
-        let mut options = request.options.unwrap_or_default();
-        let max_tokens = *options.max_tokens.get_or_insert(state.config.default_max_tokens);
-        let timeout = options.timeout_s;
-        let worst_case = accepted.spec.worst_case_tokens(
-            request.models.len() as u64,
-            estimate_tokens(&request.prompt),
-            u64::from(max_tokens),
-        );
-        let reserve = i64::try_from(worst_case).unwrap_or(i64::MAX);
-        let options = serde_json::to_value(options).map_err(|e| ApiError::Internal(e.into()))?;
-        let id = Uuid::now_v7();
-
-        let retention = state.config.idempotency_retention();
-        if let Some(key) = &idempotency_key {
-            if let Some(recorded) = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await? {
-                return Ok(replay(state, &auth, recorded, &request_hash, stream_slot).await?);
-            }
-        }
-        let mut tx = state.pool.begin().await?;
-        if let Some(key) = &idempotency_key {
-            // A concurrent request holding the same key answers 409 rather than waiting.
-            sqlx::query("SET LOCAL lock_timeout = '100ms'").execute(&mut *tx).await?;
-            match db::idempotency::claim(&mut tx, auth.0.user_id, key, &request_hash, id, retention).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tx.rollback().await?;
-                    let recorded = db::idempotency::get(&state.pool, auth.0.user_id, key, retention).await?;
-                    let recorded = recorded.ok_or_else(|| ApiError::Conflict(IN_PROGRESS.into()))?;
-                    return Ok(replay(state, &auth, recorded, &request_hash, stream_slot).await?);
-                }
-                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
-                    return Err(ApiError::Conflict(IN_PROGRESS.into()).into());
-                }
-                Err(err) => return Err(err.into()),
-            }
-            sqlx::query("SET LOCAL lock_timeout = 0").execute(&mut *tx).await?;
-        }
-        // The user's row lock serialises their submissions, so the checks below and
-        // the reservation are one atomic step: racing requests cannot overspend.
-        db::usage::lock_user(&mut tx, auth.0.user_id).await?;
-        let db::usage::Standing { day: today, usage, active_jobs: active } =
-            db::usage::standing(&mut *tx, auth.0.user_id).await?;
-        if active >= i64::from(tier.concurrent_jobs) {
-            return Err(ApiError::TooManyJobs(format!(
-                "{active} jobs in progress; your tier allows {} at once",
-                tier.concurrent_jobs
-            ))
-            .into());
-        }
-        let budget = i64::try_from(tier.daily_tokens).unwrap_or(i64::MAX);
-        if usage.used + usage.reserved + reserve > budget {
-            return Err(ApiError::BudgetExceeded(format!(
-                "this job may use up to {reserve} tokens; {} of today's {budget} remain",
-                (budget - usage.used - usage.reserved).max(0)
-            ))
-            .into());
-        }
-        let queued = json!({ "status": "queued", "pattern": accepted.name, "models": request.models });
-        let db::jobs::Submitted { job, queued, outbox_id } = db::jobs::submit(
-            &mut tx,
-            &db::jobs::NewJob {
-                id,
-                user_id: auth.0.user_id,
-                pattern: &accepted.name,
-                prompt: &request.prompt,
-                models: &request.models,
-                options: &options,
-                reserved_tokens: reserve,
-                reserved_day: Some(today),
-                timeout_secs: timeout.unwrap_or(state.config.default_job_timeout_secs).min(tier.max_job_seconds),
-            },
-            queued,
-            Some(&traceparent),
-        )
-        .await?;
-        tx.commit().await?;
-        metrics::counter!(common::metrics::JOBS_SUBMITTED, "pattern" => job.pattern.clone()).increment(1);
-        tracing::info!(job_id = %id, models = job.models.len(), pattern = %job.pattern, "job accepted");
-
-        state.events.publish(&queued).await;
-        relay::publish_now(state, outbox_id, &JobMessage::new(id, 1), Some(&traceparent)).await;
-
-        let links = JobLinks::for_job(id);
+        let idempotency = idempotency_key.as_deref().map(|key| Idempotency {
+            key,
+            request_hash: Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec(),
+        });
+        let traceparent = trace.0.to_string();
+        let submission = Submission {
+            principal: &auth.0,
+            prompt: &request.prompt,
+            models: &request.models,
+            pattern: (&pattern, &spec),
+            options: request.options.clone().unwrap_or_default(),
+            idempotency,
+            traceparent: &traceparent,
+        };
+        let accepted = jobs::submit(state, submission).await?;
+        let job = accepted.job();
+        let links = JobLinks::for_job(job.id);
         let location = links.self_.clone();
         if let Some(permit) = stream_slot {
-            return Ok(AnalyzeResponse::Streaming(event_stream(state, permit, id, 0, false), location));
+            let stream = event_stream(state, permit, job.id, 0, job.status.is_terminal());
+            return Ok(AnalyzeResponse::Streaming(stream, location));
         }
-        Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id, status: "queued".to_owned(), links }), location))
+        let view = AnalyzeAccepted { id: job.id, status: "queued".to_owned(), links };
+        Ok(AnalyzeResponse::Accepted(Json(view), location))
     }
 }
-
-struct Accepted {
-    name: String,
-    spec: PatternSpec,
-}
-
-const IN_PROGRESS: &str = "a request with this Idempotency-Key is still being processed; retry shortly";
 
 /// 1 to 255 visible ASCII characters (a UUID is the usual choice).
 fn check_idempotency_key(key: String) -> Result<String, ApiError> {
@@ -266,74 +147,6 @@ fn check_idempotency_key(key: String) -> Result<String, ApiError> {
     } else {
         Err(ApiError::BadRequest("invalid header `Idempotency-Key`: 1 to 255 visible ASCII characters".into()))
     }
-}
-
-/// The answer to a repeated `Idempotency-Key`: the original job, as first accepted.
-async fn replay(
-    state: &AppState,
-    auth: &BearerAuth,
-    recorded: db::idempotency::Recorded,
-    request_hash: &[u8],
-    stream_slot: Option<crate::stream::limit::StreamPermit>,
-) -> Result<AnalyzeResponse, ApiError> {
-    if recorded.request_hash != request_hash {
-        return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
-    }
-    let job = db::jobs::get_owned(&state.pool, recorded.job_id, auth.0.user_id)
-        .await?
-        .ok_or(ApiError::Conflict(IN_PROGRESS.into()))?;
-    let links = JobLinks::for_job(job.id);
-    let location = links.self_.clone();
-    if let Some(permit) = stream_slot {
-        let stream = event_stream(state, permit, job.id, 0, job.status.is_terminal());
-        return Ok(AnalyzeResponse::Streaming(stream, location));
-    }
-    Ok(AnalyzeResponse::Accepted(Json(AnalyzeAccepted { id: job.id, status: "queued".to_owned(), links }), location))
-}
-
-/// Refuses what cannot run rather than accepting a job bound to fail: a model whose
-/// provider has no key is a `422` naming it; a job whose every model is behind an
-/// open circuit is a `503` with `Retry-After` (the soonest circuit's cool-down).
-async fn check_models_can_run(state: &AppState, models: &[String]) -> Result<(), ApiError> {
-    let specs: Vec<&ModelSpec> = models.iter().filter_map(|id| state.catalog.get(id)).collect();
-    check_specs_can_run(state, &specs).await
-}
-
-async fn check_specs_can_run(state: &AppState, specs: &[&ModelSpec]) -> Result<(), ApiError> {
-    let availability = availability(state, specs).await;
-    let unavailable: Vec<FieldError> = specs
-        .iter()
-        .zip(&availability)
-        .enumerate()
-        .filter(|(_, (_, a))| !a.has_key)
-        .map(|(index, (model, _))| {
-            FieldError::new(
-                format!("models[{index}]"),
-                format!(
-                    "model `{}` is not available: its provider `{}` has no API key configured",
-                    model.id, model.provider
-                ),
-            )
-        })
-        .collect();
-    if !unavailable.is_empty() {
-        return Err(ApiError::validation(unavailable));
-    }
-    let soonest = availability
-        .iter()
-        .map(|a| a.circuit_open_for)
-        .collect::<Option<Vec<_>>>()
-        .and_then(|open| open.into_iter().min());
-    if let Some(wait) = soonest {
-        return Err(ApiError::ModelsUnavailable {
-            detail: format!(
-                "every model of this job is behind an open circuit breaker (its provider is failing); retry in {} s",
-                wait.as_secs_f64().ceil() as u64
-            ),
-            retry_after: (wait.as_secs_f64().ceil() as u64).max(1),
-        });
-    }
-    Ok(())
 }
 
 /// White space as the document's prompt `pattern` lists it (ECMAScript's `\s`,
@@ -349,7 +162,11 @@ fn is_blank(c: char) -> bool {
 
 /// Checks everything at once, so the client can fix every field in one round trip.
 /// An oversized prompt is a 413 of its own (it is about size, not shape).
-fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -> Result<Accepted, ApiError> {
+fn validate(
+    state: &AppState,
+    request: &AnalyzeRequest,
+    models_allowed: usize,
+) -> Result<(String, PatternSpec), ApiError> {
     let config = &state.config;
     let prompt_chars = request.prompt.chars().count();
     if prompt_chars > config.max_prompt_chars {
@@ -436,7 +253,7 @@ fn validate(state: &AppState, request: &AnalyzeRequest, models_allowed: usize) -
         }
     }
     match pattern {
-        Some((name, spec)) if errors.is_empty() => Ok(Accepted { name, spec }),
+        Some(pattern) if errors.is_empty() => Ok(pattern),
         _ => Err(ApiError::validation(errors)),
     }
 }

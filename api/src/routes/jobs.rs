@@ -1,35 +1,28 @@
 //! Reading jobs: one job with its steps, the caller's jobs page by page, and a job's
 //! events as Server-Sent Events. Another user's job answers exactly like a missing one.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use common::{
     db,
-    domain::{EventKind, JobStatus, Stage, StepStatus},
+    domain::{ErrorCode, JobStatus, Stage, StepStatus},
+    job::{JobError, JobResult, StepError, Usage},
 };
-use futures::StreamExt;
 use poem_openapi::{
     param::{Header, Path, Query},
     payload::Json,
-    types::ToJSON,
-    ApiResponse, Object, OpenApi, Union,
+    ApiResponse, Object, OpenApi,
 };
-use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::{
-    auth::{ticket, BearerAuth, Credential, Principal},
+    auth::{ticket, BearerAuth, Credential},
     error::ApiError,
     problems::{Problems, ALWAYS, CONFLICT, MALFORMED, NOT_FOUND, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
-    stream::{
-        frame::{self, SseBody},
-        limit::StreamPermit,
-        JobEventStream, Partials, Sources, StreamItem,
-    },
+    stream::{event_stream, frame::SseBody, stream_permit, views::StreamItemView},
 };
 
 /// Largest page of `GET /v1/jobs`.
@@ -50,42 +43,6 @@ impl JobLinks {
     }
 }
 
-#[derive(Debug, Object)]
-pub struct Usage {
-    pub input_tokens: i32,
-    pub output_tokens: i32,
-}
-
-/// A stable code and a human message.
-#[derive(Debug, Object)]
-pub struct ErrorInfo {
-    pub code: String,
-    pub message: String,
-    /// For a failed step: whether the same call may succeed later.
-    #[oai(skip_serializing_if_is_none)]
-    pub retryable: Option<bool>,
-    /// For a failed job: each model that failed, at which stage, and why.
-    #[oai(skip_serializing_if_is_none)]
-    pub failures: Option<Value>,
-    /// For a failed step: the errors of its last runs (`attempt`, `code`, `message`),
-    /// oldest first, so a final `circuit_open` still shows what opened the circuit.
-    #[oai(skip_serializing_if_is_none)]
-    pub attempts: Option<Value>,
-}
-
-impl ErrorInfo {
-    fn from_json(value: &Value) -> Self {
-        let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-        Self {
-            code: text("code"),
-            message: text("message"),
-            retryable: value.get("retryable").and_then(Value::as_bool),
-            failures: value.get("failures").cloned(),
-            attempts: value.get("attempts").cloned(),
-        }
-    }
-}
-
 /// One provider call of a job.
 #[derive(Debug, Object)]
 pub struct StepView {
@@ -100,7 +57,7 @@ pub struct StepView {
     pub cached: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub error: Option<ErrorInfo>,
+    pub error: Option<StepError>,
 }
 
 /// A job with its steps and outcome.
@@ -108,11 +65,11 @@ pub struct StepView {
 pub struct JobView {
     #[oai(flatten)]
     pub summary: JobSummary,
-    /// Once succeeded: `answers` (each model's output) and `failures` (models that failed).
-    pub result: Option<Value>,
+    /// Once succeeded: what the job yields.
+    pub result: Option<JobResult>,
     pub steps: Vec<StepView>,
-    /// Once failed: why.
-    pub error: Option<ErrorInfo>,
+    /// Once failed or cancelled: why.
+    pub error: Option<JobError>,
     /// Tokens of all the job's provider calls so far (cached answers excluded).
     pub usage: Usage,
     /// What the job's calls cost so far, in US dollars.
@@ -156,81 +113,6 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
-/// A job event as streamed: the SSE `id:` is `seq`, `event:` is `kind`.
-#[derive(Debug, Clone, Object)]
-#[oai(example)]
-pub struct EventView {
-    pub job_id: Uuid,
-    pub seq: i64,
-    pub kind: String,
-    pub data: Value,
-    pub created_at: DateTime<Utc>,
-}
-
-impl poem_openapi::types::Example for EventView {
-    fn example() -> Self {
-        Self {
-            job_id: Uuid::from_u128(0x0190_1234_5678_7abc_8def_0123_4567_89ab),
-            seq: 5,
-            kind: "step.completed".to_owned(),
-            data: serde_json::json!({
-                "stage": "initial", "model": "mock/alpha", "output": "[mock/alpha] …",
-                "usage": { "input_tokens": 5, "output_tokens": 16 },
-            }),
-            created_at: DateTime::<Utc>::UNIX_EPOCH,
-        }
-    }
-}
-
-/// A piece of a running step's answer (SSE `event: token`, no `id:`: live only).
-#[derive(Debug, Clone, Object)]
-pub struct TokenView {
-    pub job_id: Uuid,
-    pub stage: Stage,
-    pub model: String,
-    /// The new text.
-    pub delta: String,
-    /// Byte offset of `delta` in the step's text.
-    pub index: u64,
-}
-
-/// A running step's text so far, sent to a client that joins mid-step (SSE
-/// `event: snapshot`); the `token` events after it continue from its end.
-#[derive(Debug, Clone, Object)]
-pub struct SnapshotView {
-    pub job_id: Uuid,
-    pub stage: Stage,
-    pub model: String,
-    pub text: String,
-}
-
-/// The reconnection delay the stream asks for (sent once, as SSE `retry:`).
-#[derive(Debug, Clone, Object)]
-pub struct RetryView {
-    pub retry_ms: u64,
-}
-
-/// What an event stream carries.
-#[derive(Debug, Clone, Union)]
-pub enum StreamItemView {
-    Event(EventView),
-    Token(TokenView),
-    Snapshot(SnapshotView),
-    Retry(RetryView),
-}
-
-/// The SSE frame of a stream item. Lifecycle events and tokens come rendered (once for
-/// every stream); a snapshot is one stream's own.
-fn frame_of(job_id: Uuid, item: StreamItem) -> Bytes {
-    match item {
-        StreamItem::Event(event) => event.frame.clone(),
-        StreamItem::Token(token) => token.frame.clone(),
-        StreamItem::Snapshot { stage, model, text } => {
-            frame::frame(None, "snapshot", &SnapshotView { job_id, stage, model, text }.to_json_string())
-        }
-    }
-}
-
 pub struct JobsApi {
     pub state: Arc<AppState>,
 }
@@ -258,7 +140,7 @@ impl JobsApi {
             summary: JobSummary::of(&mut job),
             result: job.result,
             steps: steps.into_iter().map(step_view).collect(),
-            error: job.error.as_ref().map(ErrorInfo::from_json),
+            error: job.error,
             usage,
             cost_usd,
         }))
@@ -317,18 +199,8 @@ impl JobsApi {
                 Err(ApiError::Conflict(format!("the job has already ended ({status})")).into())
             }
             JobStatus::Queued => {
-                let error = json!({ "code": "cancelled", "message": "cancelled before it started" });
-                let data = json!({ "status": "cancelled", "error": error });
-                let ended = db::jobs::finish(
-                    &mut *tx,
-                    job.id,
-                    JobStatus::Cancelled,
-                    None,
-                    Some(&error),
-                    EventKind::Cancelled,
-                    data,
-                )
-                .await?;
+                let error = JobError::new(ErrorCode::Cancelled, "cancelled before it started");
+                let ended = db::jobs::finish(&mut *tx, job.id, JobStatus::Cancelled, None, Some(error)).await?;
                 tx.commit().await?;
                 if let Some((finished, event)) = ended {
                     state.events.publish(&event).await;
@@ -424,47 +296,6 @@ pub enum EventsResponse {
     Ended,
 }
 
-/// The SSE response for one job's events after `after`: a `retry:` hint first, then
-/// the stream, with heartbeats while it is quiet.
-pub fn event_stream(
-    state: &AppState,
-    permit: StreamPermit,
-    job_id: Uuid,
-    after: i64,
-    job_ended: bool,
-) -> SseBody<StreamItemView> {
-    let sources = Sources {
-        pool: state.pool.clone(),
-        hub: state.hub.clone(),
-        partials: Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
-        shutdown: state.shutdown.clone(),
-        idle_limit: state.config.sse_idle(),
-    };
-    let stream = JobEventStream::new(sources, job_id, after, job_ended);
-    let retry = futures::stream::once(async { frame::retry(RECONNECT_AFTER) });
-    // The permit lives as long as the stream, which ends when it is done, idle, or its
-    // client is found gone (at the next write).
-    let items = retry
-        .chain(stream.into_stream().map(move |item| {
-            let _open = &permit;
-            frame_of(job_id, item)
-        }))
-        .boxed();
-    let heartbeat = Duration::from_secs(state.config.sse_heartbeat_secs.max(1));
-    SseBody::new(items, heartbeat)
-}
-
-/// A slot for one more open stream of this caller, within their tier's limit.
-pub fn stream_permit(state: &AppState, principal: &Principal) -> Result<StreamPermit, ApiError> {
-    let limit = state.tiers.for_user(&principal.tier).concurrent_streams;
-    state.streams.acquire(principal.user_id, limit).ok_or_else(|| {
-        ApiError::TooManyStreams(format!("{limit} event streams are open; close one or wait for a job to end"))
-    })
-}
-
-/// How long a disconnected `EventSource` waits before reconnecting (SSE `retry:`).
-const RECONNECT_AFTER: Duration = Duration::from_secs(2);
-
 #[derive(Debug, Object)]
 pub struct CancelView {
     pub id: Uuid,
@@ -514,6 +345,6 @@ fn step_view(step: db::steps::Step) -> StepView {
         cached: step.cached,
         started_at: step.started_at,
         finished_at: step.finished_at,
-        error: step.error.as_ref().map(ErrorInfo::from_json),
+        error: step.error,
     }
 }

@@ -12,7 +12,11 @@
 
 pub mod frame;
 pub mod limit;
+mod response;
 mod tokens;
+pub mod views;
+
+pub use response::{event_stream, stream_permit};
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 

@@ -20,8 +20,7 @@ pub struct TokenTracker {
 }
 
 fn step_of(event: &JobEvent) -> Option<StepKey> {
-    let stage = event.data.get("stage")?.as_str()?.parse().ok()?;
-    Some((stage, event.data.get("model")?.as_str()?.to_owned()))
+    event.data.step().map(|(stage, model)| (stage, model.to_owned()))
 }
 
 impl TokenTracker {
@@ -74,7 +73,7 @@ impl TokenTracker {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use common::job::{EventData, StepCompletedData, StepStartedData, Usage};
     use uuid::Uuid;
 
     use super::*;
@@ -83,27 +82,36 @@ mod tests {
         TokenEvent { job_id: Uuid::nil(), stage: Stage::Initial, model: "m".into(), delta: delta.into(), index }
     }
 
-    fn event(kind: EventKind) -> JobEvent {
-        JobEvent {
-            job_id: Uuid::nil(),
-            seq: 1,
-            kind,
-            data: json!({ "stage": "initial", "model": "m" }),
-            created_at: chrono::Utc::now(),
-        }
+    fn event(data: EventData) -> JobEvent {
+        JobEvent { job_id: Uuid::nil(), seq: 1, kind: data.kind(), data, created_at: chrono::Utc::now() }
+    }
+
+    fn started() -> JobEvent {
+        event(EventData::StepStarted(StepStartedData { stage: Stage::Initial, model: "m".into() }))
+    }
+
+    fn completed() -> JobEvent {
+        event(EventData::StepCompleted(StepCompletedData {
+            stage: Stage::Initial,
+            model: "m".into(),
+            output: "Hello, world!".into(),
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            cached: false,
+        }))
     }
 
     #[test]
     fn deltas_overlapping_a_snapshot_are_trimmed_and_repeats_dropped() {
         let mut tracker = TokenTracker::default();
-        tracker.observe(&event(EventKind::StepStarted));
+        tracker.observe(&started());
         assert_eq!(tracker.running(), vec![(Stage::Initial, "m".to_owned())]);
         tracker.snapshot_sent(Stage::Initial, "m", 5); // "Hello"
         assert_eq!(tracker.admit(&token(0, "Hello")), None);
         assert_eq!(tracker.admit(&token(3, "lo, wo")).map(|t| (t.index, t.delta)), Some((5, ", wo".into())));
         assert_eq!(tracker.admit(&token(9, "rld")).map(|t| t.delta), Some("rld".into()));
         assert_eq!(tracker.admit(&token(9, "rld")), None, "a repeat is dropped");
-        tracker.observe(&event(EventKind::StepCompleted));
+        tracker.observe(&completed());
         assert_eq!(tracker.admit(&token(12, "!")), None, "late tokens of a finished step are dropped");
         assert!(tracker.running().is_empty());
     }

@@ -1,20 +1,14 @@
 //! `job_events`: the persisted lifecycle events of each job, numbered 1, 2, 3, …
 
-use serde_json::Value;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{types::Json, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::{domain::EventKind, events::JobEvent};
+use crate::{events::JobEvent, job::EventData};
 
 /// Appends an event with the job's next sequence number. Call it inside the
 /// transaction that makes the event true: the counter's row lock orders concurrent
 /// writers, so numbers are gapless and committed in order.
-pub async fn append(
-    conn: &mut PgConnection,
-    job_id: Uuid,
-    kind: EventKind,
-    data: Value,
-) -> Result<JobEvent, sqlx::Error> {
+pub async fn append(conn: &mut PgConnection, job_id: Uuid, data: &EventData) -> Result<JobEvent, sqlx::Error> {
     sqlx::query_as(
         "WITH next AS (
             UPDATE jobs SET last_event_seq = last_event_seq + 1 WHERE id = $1 RETURNING last_event_seq
@@ -24,14 +18,14 @@ pub async fn append(
          RETURNING job_id, seq, kind, data, created_at",
     )
     .bind(job_id)
-    .bind(kind)
-    .bind(data)
+    .bind(data.kind())
+    .bind(Json(data))
     .fetch_one(conn)
     .await
 }
 
 /// The rest of a statement whose data-modifying CTE `write` may change a row: the
-/// job's next event (kind `$kind`, data `$data`, job `$1`) is appended only if it did,
+/// job's next event (kind `$kind`, data `$data`, job `$1`: bind them with `bind_event`) is appended only if it did,
 /// in the same statement — one round trip and one implicit transaction where a
 /// `BEGIN`, two statements and a `COMMIT` would take four. Returns the event's row,
 /// or none when `write` changed nothing.
@@ -45,6 +39,14 @@ pub(crate) fn append_if_written(kind: usize, data: usize) -> String {
          SELECT $1, last_event_seq, ${kind}, ${data} FROM next
          RETURNING job_id, seq, kind, data, created_at"
     )
+}
+
+/// Binds an event's kind and data, for a statement built with `append_if_written`.
+pub(crate) fn bind_event<'q>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, JobEvent, sqlx::postgres::PgArguments>,
+    data: &'q EventData,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, JobEvent, sqlx::postgres::PgArguments> {
+    query.bind(data.kind()).bind(Json(data))
 }
 
 /// Events after `after_seq`, oldest first, at most `limit`.

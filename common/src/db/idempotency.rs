@@ -29,9 +29,20 @@ pub async fn get(
     .await
 }
 
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is now this request's.
+    Claimed,
+    /// A live record holds it: the earlier request's job answers.
+    Taken,
+    /// A concurrent transaction is claiming it and did not finish within the wait.
+    Busy,
+}
+
 /// Claims the key for `job_id` in the caller's transaction (replacing an expired
-/// record). False if a live record exists: a concurrent transaction that holds the key
-/// makes this wait, up to the transaction's `lock_timeout`.
+/// record), waiting at most `wait` for a concurrent transaction that holds it. After
+/// `Busy` the transaction is aborted: roll it back.
 pub async fn claim(
     conn: &mut PgConnection,
     user_id: Uuid,
@@ -39,8 +50,11 @@ pub async fn claim(
     request_hash: &[u8],
     job_id: Uuid,
     retention: Duration,
-) -> Result<bool, sqlx::Error> {
-    let claimed: Option<Uuid> = sqlx::query_scalar(
+    wait: Duration,
+) -> Result<Claim, sqlx::Error> {
+    // `SET LOCAL` takes no parameters; the number is ours.
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", wait.as_millis().max(1))).execute(&mut *conn).await?;
+    let claimed: Result<Option<Uuid>, sqlx::Error> = sqlx::query_scalar(
         "INSERT INTO idempotency_keys (user_id, key, request_hash, job_id) VALUES ($1, $2, $3, $4)
          ON CONFLICT (user_id, key) DO UPDATE
             SET request_hash = EXCLUDED.request_hash, job_id = EXCLUDED.job_id, created_at = now()
@@ -52,9 +66,17 @@ pub async fn claim(
     .bind(request_hash)
     .bind(job_id)
     .bind(retention.as_secs_f64())
-    .fetch_optional(conn)
-    .await?;
-    Ok(claimed.is_some())
+    .fetch_optional(&mut *conn)
+    .await;
+    let claim = match claimed {
+        Ok(Some(_)) => Claim::Claimed,
+        Ok(None) => Claim::Taken,
+        // lock_not_available: the wait ran out.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => return Ok(Claim::Busy),
+        Err(err) => return Err(err),
+    };
+    sqlx::query("SET LOCAL lock_timeout = 0").execute(conn).await?;
+    Ok(claim)
 }
 
 /// Forgets records past their retention (housekeeping).

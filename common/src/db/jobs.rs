@@ -1,13 +1,13 @@
 //! `jobs`: one row per accepted analyze request, owned by one user.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{types::Json, PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::{
     domain::{EventKind, JobStatus},
-    events::JobEvent,
+    events::{JobEvent, StoredEvent},
+    job::{EventData, JobError, JobOptions, JobResult, QueuedData},
 };
 
 const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
@@ -21,9 +21,12 @@ pub struct Job {
     pub pattern: String,
     pub prompt: String,
     pub models: Vec<String>,
-    pub options: Value,
-    pub result: Option<Value>,
-    pub error: Option<Value>,
+    #[sqlx(json)]
+    pub options: JobOptions,
+    #[sqlx(json(nullable))]
+    pub result: Option<JobResult>,
+    #[sqlx(json(nullable))]
+    pub error: Option<JobError>,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -42,7 +45,7 @@ pub struct NewJob<'a> {
     pub pattern: &'a str,
     pub prompt: &'a str,
     pub models: &'a [String],
-    pub options: &'a Value,
+    pub options: &'a JobOptions,
     /// Tokens reserved against the user's daily budget, and the day they count for.
     pub reserved_tokens: i64,
     pub reserved_day: Option<chrono::NaiveDate>,
@@ -62,7 +65,7 @@ pub fn bind_new_job<'q>(
         .bind(job.pattern)
         .bind(job.prompt)
         .bind(job.models)
-        .bind(job.options)
+        .bind(Json(job.options))
         .bind(job.reserved_tokens)
         .bind(job.reserved_day)
         .bind(f64::from(job.timeout_secs))
@@ -76,16 +79,16 @@ pub struct Submitted {
 }
 
 /// Accepts a job in one statement: the budget reservation (`reserved_tokens` for
-/// `reserved_day`), the job, its `queued` event (seq 1, with `event` as data) and its
+/// `reserved_day`), the job, its `queued` event (seq 1) and its
 /// outbox row (carrying `traceparent`). Run it in the transaction that holds the
 /// user's lock and checked their standing.
 pub async fn submit(
     conn: &mut PgConnection,
     job: &NewJob<'_>,
-    event: Value,
     traceparent: Option<&str>,
 ) -> Result<Submitted, sqlx::Error> {
     use sqlx::{FromRow, Row};
+    let event = EventData::Queued(QueuedData::accepted(job.pattern, job.models));
     let sql = format!(
         "WITH reserved AS (
             INSERT INTO usage_daily (user_id, day, reserved, jobs) SELECT $2, $8, $7, 1 WHERE $8 IS NOT NULL
@@ -110,15 +113,15 @@ pub async fn submit(
     );
     let row = bind_new_job(sqlx::query(&sql), job)
         .bind(EventKind::Queued)
-        .bind(event)
+        .bind(Json(&event))
         .bind(traceparent)
         .fetch_one(conn)
         .await?;
     let queued = JobEvent {
         job_id: job.id,
         seq: row.try_get("event_seq")?,
-        kind: row.try_get("event_kind")?,
-        data: row.try_get("event_data")?,
+        kind: EventKind::Queued,
+        data: event,
         created_at: row.try_get("event_created_at")?,
     };
     Ok(Submitted { job: Job::from_row(&row)?, queued, outbox_id: row.try_get("outbox_id")? })
@@ -215,13 +218,16 @@ pub async fn claim(
     if let Some(row) = row {
         let job = Job::from_row(&row)?;
         let started = match row.try_get::<Option<i64>, _>("event_seq")? {
-            Some(seq) => Some(JobEvent {
-                job_id: id,
-                seq,
-                kind: row.try_get("event_kind")?,
-                data: row.try_get("event_data")?,
-                created_at: row.try_get("event_created_at")?,
-            }),
+            Some(seq) => Some(
+                StoredEvent {
+                    job_id: id,
+                    seq,
+                    kind: row.try_get("event_kind")?,
+                    data: row.try_get("event_data")?,
+                    created_at: row.try_get("event_created_at")?,
+                }
+                .decode()?,
+            ),
             None => None,
         };
         return Ok(Ok((job, started)));
@@ -298,18 +304,18 @@ pub async fn reap_expired(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uui
 
 /// Ends a job, in one statement: the terminal status, the budget settlement (the
 /// reservation released, what the steps really used booked — exactly once, since only
-/// the statement that ends the job does it) and the terminal event (`kind`, `event`).
-/// `None` if the job had already ended: nothing is written.
+/// the statement that ends the job does it) and the terminal event, which carries the
+/// result or the error. `None` if the job had already ended: nothing is written.
 pub async fn finish(
     ex: impl PgExecutor<'_>,
     id: Uuid,
     status: JobStatus,
-    result: Option<&Value>,
-    error: Option<&Value>,
-    kind: EventKind,
-    event: Value,
+    result: Option<JobResult>,
+    error: Option<JobError>,
 ) -> Result<Option<(Finished, JobEvent)>, sqlx::Error> {
     debug_assert!(status.is_terminal());
+    let event = EventData::ended(status, result, error);
+    let EventData::Ended(ended) = &event else { unreachable!("an ended event") };
     let row: Option<FinishedRow> = sqlx::query_as(
         "WITH spent AS (
             -- Cached answers cost nothing: they count neither tokens nor money. What an
@@ -340,21 +346,21 @@ pub async fn finish(
             SELECT id, last_event_seq, $5, $6 FROM finished
             RETURNING seq, kind, data, created_at
          )
-         SELECT f.pattern, f.created_at, f.finished_at, e.seq, e.kind, e.data, e.created_at AS event_created_at
+         SELECT f.pattern, f.created_at, f.finished_at, e.seq, e.created_at AS event_created_at
            FROM finished f, event e",
     )
     .bind(id)
     .bind(status)
-    .bind(result)
-    .bind(error)
-    .bind(kind)
-    .bind(event)
+    .bind(ended.result.as_ref().map(Json))
+    .bind(ended.error.as_ref().map(Json))
+    .bind(event.kind())
+    .bind(Json(&event))
     .fetch_optional(ex)
     .await?;
     Ok(row.map(|row| {
         let finished = Finished { pattern: row.pattern, created_at: row.created_at, finished_at: row.finished_at };
         let event =
-            JobEvent { job_id: id, seq: row.seq, kind: row.kind, data: row.data, created_at: row.event_created_at };
+            JobEvent { job_id: id, seq: row.seq, kind: event.kind(), data: event, created_at: row.event_created_at };
         (finished, event)
     }))
 }
@@ -365,8 +371,6 @@ struct FinishedRow {
     created_at: DateTime<Utc>,
     finished_at: DateTime<Utc>,
     seq: i64,
-    kind: EventKind,
-    data: Value,
     event_created_at: DateTime<Utc>,
 }
 

@@ -25,11 +25,12 @@ use crate::backoff::Backoff;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
-/// A lazily connecting pool: start-up does not fail while PostgreSQL is briefly
-/// away, and lost connections are replaced on the next acquire.
-pub fn connect_lazy(database_url: &str) -> Result<PgPool, sqlx::Error> {
+/// A lazily connecting pool of at most `size` connections (`ULTRA_DB_POOL_SIZE` for
+/// the product): start-up does not fail while PostgreSQL is briefly away, and lost
+/// connections are replaced on the next acquire.
+pub fn connect_lazy(database_url: &str, size: u32) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(database_url)?.application_name("ultra");
-    Ok(PgPoolOptions::new().max_connections(20).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options))
+    Ok(PgPoolOptions::new().max_connections(size).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options))
 }
 
 /// Creates the database if it does not exist, then applies pending migrations.
@@ -57,10 +58,11 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// `STARTUP_PATIENCE` while PostgreSQL comes up (containers start in any order).
 pub async fn connect_and_prepare(
     database_url: &str,
+    size: u32,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<PgPool, sqlx::Error> {
     const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
-    let pool = connect_lazy(database_url)?;
+    let pool = connect_lazy(database_url, size)?;
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {

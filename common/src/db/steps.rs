@@ -2,13 +2,13 @@
 //! so a redelivered job rewrites nothing it already finished.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::{
-    domain::{EventKind, Stage, StepStatus},
+    domain::{Stage, StepStatus},
     events::JobEvent,
+    job::{EventData, StepCompletedData, StepError, StepFailedData, StepStartedData, Usage},
 };
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -20,7 +20,8 @@ pub struct Step {
     pub output: Option<String>,
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
-    pub error: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub error: Option<StepError>,
     pub cost_micros: i64,
     pub cached: bool,
     pub started_at: DateTime<Utc>,
@@ -31,7 +32,29 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub enum StepOutcome<'a> {
     Succeeded { output: &'a str, input_tokens: i32, output_tokens: i32, cost_micros: i64, cached: bool },
-    Failed { error: &'a Value },
+    Failed { error: &'a StepError },
+}
+
+impl StepOutcome<'_> {
+    /// The event that announces it: `step.completed` or `step.failed`.
+    fn event(&self, stage: Stage, model: &str) -> EventData {
+        let model = model.to_owned();
+        match self {
+            StepOutcome::Succeeded { output, input_tokens, output_tokens, cost_micros, cached } => {
+                EventData::StepCompleted(StepCompletedData {
+                    stage,
+                    model,
+                    output: (*output).to_owned(),
+                    usage: Usage { input_tokens: *input_tokens, output_tokens: *output_tokens },
+                    cost_usd: *cost_micros as f64 / 1e6,
+                    cached: *cached,
+                })
+            }
+            StepOutcome::Failed { error } => {
+                EventData::StepFailed(StepFailedData { stage, model, error: (*error).clone() })
+            }
+        }
+    }
 }
 
 /// A job's steps in pipeline order, and within a stage in the order the job names its models.
@@ -55,9 +78,9 @@ pub async fn start(
     job_id: Uuid,
     stage: Stage,
     model: &str,
-    event: &Value,
 ) -> Result<Option<JobEvent>, sqlx::Error> {
-    sqlx::query_as(&format!(
+    let event = EventData::StepStarted(StepStartedData { stage, model: model.to_owned() });
+    let sql = format!(
         "WITH write AS (
             INSERT INTO job_steps (job_id, stage, model, status) VALUES ($1, $2, $3, 'running')
             ON CONFLICT (job_id, stage, model) DO UPDATE
@@ -66,27 +89,21 @@ pub async fn start(
             RETURNING 1
          ), {}",
         super::events::append_if_written(4, 5)
-    ))
-    .bind(job_id)
-    .bind(stage)
-    .bind(model)
-    .bind(EventKind::StepStarted)
-    .bind(event)
-    .fetch_optional(ex)
-    .await
+    );
+    let query = sqlx::query_as(&sql).bind(job_id).bind(stage).bind(model);
+    super::events::bind_event(query, &event).fetch_optional(ex).await
 }
 
-/// Records a finished provider call with its event (`kind`, `event`), in one
-/// statement. A step that already succeeded keeps its result: `None`, nothing written.
+/// Records a finished provider call with its event, in one statement. A step that
+/// already succeeded keeps its result: `None`, nothing written.
 pub async fn finish(
     ex: impl PgExecutor<'_>,
     job_id: Uuid,
     stage: Stage,
     model: &str,
     outcome: &StepOutcome<'_>,
-    kind: EventKind,
-    event: &Value,
 ) -> Result<Option<JobEvent>, sqlx::Error> {
+    let event = outcome.event(stage, model);
     let (status, output, input_tokens, output_tokens, error, cost_micros, cached) = match outcome {
         StepOutcome::Succeeded { output, input_tokens, output_tokens, cost_micros, cached } => (
             StepStatus::Succeeded,
@@ -97,9 +114,11 @@ pub async fn finish(
             *cost_micros,
             *cached,
         ),
-        StepOutcome::Failed { error } => (StepStatus::Failed, None, None, None, Some(*error), 0, false),
+        StepOutcome::Failed { error } => {
+            (StepStatus::Failed, None, None, None, Some(sqlx::types::Json(*error)), 0, false)
+        }
     };
-    sqlx::query_as(&format!(
+    let sql = format!(
         "WITH write AS (
             INSERT INTO job_steps (job_id, stage, model, status, output, input_tokens, output_tokens, error,
                                    cost_micros, cached, finished_at)
@@ -112,19 +131,17 @@ pub async fn finish(
             RETURNING 1
          ), {}",
         super::events::append_if_written(11, 12)
-    ))
-    .bind(job_id)
-    .bind(stage)
-    .bind(model)
-    .bind(status)
-    .bind(output)
-    .bind(input_tokens)
-    .bind(output_tokens)
-    .bind(error)
-    .bind(cost_micros)
-    .bind(cached)
-    .bind(kind)
-    .bind(event)
-    .fetch_optional(ex)
-    .await
+    );
+    let query = sqlx::query_as(&sql)
+        .bind(job_id)
+        .bind(stage)
+        .bind(model)
+        .bind(status)
+        .bind(output)
+        .bind(input_tokens)
+        .bind(output_tokens)
+        .bind(error)
+        .bind(cost_micros)
+        .bind(cached);
+    super::events::bind_event(query, &event).fetch_optional(ex).await
 }

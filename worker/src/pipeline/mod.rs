@@ -13,11 +13,11 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use common::{
     catalog::Catalog,
     db::{self, steps::Step},
-    domain::{EventKind, JobStatus, Stage},
+    domain::{ErrorCode, JobStatus, Stage},
     events::EventPublisher,
+    job::{EventData, JobError, JobResult, QueuedData},
     trace::TraceContext,
 };
-use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -269,8 +269,7 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
     let steps = if first_run { Vec::new() } else { db::steps::list(&ctx.pool, job_id).await? };
     let done: HashMap<(Stage, String), Step> = steps.into_iter().map(|s| ((s.stage, s.model.clone()), s)).collect();
     let Some(pattern) = ctx.patterns.get(&job.pattern).cloned() else {
-        let error =
-            json!({ "code": "unknown_pattern", "message": format!("this worker has no pattern `{}`", job.pattern) });
+        let error = JobError::new(ErrorCode::UnknownPattern, format!("this worker has no pattern `{}`", job.pattern));
         return finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await;
     };
     let stages = Stages {
@@ -304,7 +303,7 @@ pub async fn run(ctx: &Arc<JobContext>, job_id: Uuid, trace: &TraceContext) -> R
         return finish(ctx, job_id, JobStatus::Failed, None, Some(deadline_error())).await;
     }
     if cancel.is_cancelled() || db::jobs::cancel_requested(&ctx.pool, job_id).await? {
-        let error = json!({ "code": "cancelled", "message": "the job was cancelled" });
+        let error = JobError::new(ErrorCode::Cancelled, "the job was cancelled");
         return finish(ctx, job_id, JobStatus::Cancelled, None, Some(error)).await;
     }
     match outcome {
@@ -325,8 +324,8 @@ async fn retry_later(
     let delay_ms = i32::try_from(delay.as_millis()).unwrap_or(i32::MAX);
     let mut tx = ctx.pool.begin().await?;
     db::jobs::requeue_for_retry(&mut tx, job.id, job.attempts + 1, delay_ms, Some(&trace.to_string())).await?;
-    let data = json!({ "status": "queued", "reason": "retry", "attempt": job.attempts + 1, "delay_ms": delay_ms });
-    let event = db::events::append(&mut tx, job.id, EventKind::Queued, data).await?;
+    let data = EventData::Queued(QueuedData::retry(job.attempts + 1, i64::from(delay_ms)));
+    let event = db::events::append(&mut tx, job.id, &data).await?;
     tx.commit().await?;
     ctx.events.publish(&event).await;
     metrics::counter!(common::metrics::JOB_RETRIES, "pattern" => job.pattern.clone()).increment(1);
@@ -336,15 +335,15 @@ async fn retry_later(
 
 /// Ends a job whose message was dead-lettered (a no-op if it already ended).
 pub async fn dead_lettered(ctx: &JobContext, job_id: Uuid) -> Result<Outcome, PipelineError> {
-    let error = json!({
-        "code": "dead_lettered",
-        "message": "the job's message was dead-lettered after repeated delivery failures; an admin can replay it",
-    });
+    let error = JobError::new(
+        ErrorCode::DeadLettered,
+        "the job's message was dead-lettered after repeated delivery failures; an admin can replay it",
+    );
     finish(ctx, job_id, JobStatus::Failed, None, Some(error)).await
 }
 
-fn deadline_error() -> Value {
-    json!({ "code": "deadline_exceeded", "message": "the job did not finish before its deadline" })
+fn deadline_error() -> JobError {
+    JobError::new(ErrorCode::DeadlineExceeded, "the job did not finish before its deadline")
 }
 
 /// Commits the terminal status with its event; a no-op if another delivery got there first.
@@ -352,17 +351,11 @@ async fn finish(
     ctx: &JobContext,
     job_id: Uuid,
     status: JobStatus,
-    result: Option<Value>,
-    error: Option<Value>,
+    result: Option<JobResult>,
+    error: Option<JobError>,
 ) -> Result<Outcome, PipelineError> {
-    let kind = match status {
-        JobStatus::Succeeded => EventKind::Succeeded,
-        JobStatus::Cancelled => EventKind::Cancelled,
-        _ => EventKind::Failed,
-    };
-    let data = json!({ "status": status, "result": result, "error": error });
     // Status, budget settlement and event in one statement: exactly once, or not at all.
-    let ended = db::jobs::finish(&ctx.pool, job_id, status, result.as_ref(), error.as_ref(), kind, data).await?;
+    let ended = db::jobs::finish(&ctx.pool, job_id, status, result, error).await?;
     let Some((finished, event)) = ended else {
         return Ok(Outcome::Skipped);
     };

@@ -8,11 +8,11 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use common::{
     backoff::Backoff,
     db::{jobs::Job, steps::Step},
-    domain::Stage,
+    domain::{ErrorCode, Stage},
+    job::{Answer, Failure, JobError, JobResult},
     patterns::{render, PatternSpec, PromptTooLong},
     queue::DELAY_TIERS,
 };
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -21,8 +21,8 @@ use super::{step, JobContext, PipelineError};
 /// How the stages ended: a result, the error the job fails with, or a transient
 /// failure worth another run after the delay.
 pub enum StagesOutcome {
-    Succeeded(Value),
-    Failed(Value),
+    Succeeded(JobResult),
+    Failed(JobError),
     Retry(Duration),
 }
 
@@ -42,12 +42,8 @@ pub struct Stages<'a> {
 impl Stages<'_> {
     pub async fn run(&self) -> Result<StagesOutcome, PipelineError> {
         let job = self.job;
-        let min_models = match job.options.get("min_models").and_then(Value::as_u64) {
-            // More than the job's models asks for every one of them.
-            Some(asked) => (asked as usize).min(job.models.len()),
-            None => (self.default_min_models as usize).min(job.models.len()),
-        }
-        .max(1);
+        // More than the job's models asks for every one of them.
+        let min_models = job.options.quorum(self.default_min_models, job.models.len());
         let mut failures = Vec::new();
 
         let prompts = job.models.iter().map(|m| (m.clone(), Ok(job.prompt.clone()))).collect();
@@ -81,7 +77,7 @@ impl Stages<'_> {
             if revised.len() < min_models {
                 return Ok(too_few(Stage::Meta, revised.len(), min_models, failures));
             }
-            meta = Some(answers_json(&revised));
+            meta = Some(answers(&revised));
             current = revised;
         }
 
@@ -91,7 +87,7 @@ impl Stages<'_> {
             let values = [("original_prompt", job.prompt.as_str()), ("responses", responses.as_str())];
             // The requested model first (one from outside the job's models writes the
             // synthesis only), then the others in the job's order.
-            let wanted = job.options.get("synthesis_model").and_then(Value::as_str).map(str::to_owned);
+            let wanted = job.options.synthesis_model.clone();
             let mut candidates: Vec<String> = current.iter().map(|(m, _)| m.clone()).collect();
             candidates.sort_by_key(|m| Some(m) != wanted.as_ref());
             if let Some(outsider) = wanted.filter(|w| !job.models.contains(w)) {
@@ -101,7 +97,7 @@ impl Stages<'_> {
                 let prompt = render(template, &values, self.prompt_limit(model));
                 let outcome = self.stage(Stage::Synthesis, vec![(model.clone(), prompt)], &mut failures).await?;
                 if let Some((model, output)) = outcome.into_iter().next() {
-                    synthesis = Some(json!({ "model": model, "output": output }));
+                    synthesis = Some(Answer { model, output });
                     break;
                 }
             }
@@ -109,23 +105,21 @@ impl Stages<'_> {
                 if let Some(delay) = self.retry_delay(&failures) {
                     return Ok(StagesOutcome::Retry(delay));
                 }
-                return Ok(StagesOutcome::Failed(json!({
-                    "code": "synthesis_failed",
-                    "message": "every model that could write the synthesis failed",
-                    "failures": failures,
-                })));
+                let message = "every model that could write the synthesis failed";
+                return Ok(StagesOutcome::Failed(JobError {
+                    failures,
+                    ..JobError::new(ErrorCode::SynthesisFailed, message)
+                }));
             }
         }
 
-        let mut result = json!({ "answers": answers_json(&initial), "failures": failures });
-        if let Some(meta) = meta {
-            result["meta"] = meta;
-        }
-        if let Some(synthesis) = synthesis {
-            result["output"] = synthesis["output"].clone();
-            result["synthesis"] = synthesis;
-        }
-        Ok(StagesOutcome::Succeeded(result))
+        Ok(StagesOutcome::Succeeded(JobResult {
+            answers: answers(&initial),
+            meta,
+            output: synthesis.as_ref().map(|s| s.output.clone()),
+            synthesis,
+            failures,
+        }))
     }
 
     /// If a failure so far was transient and the job has runs left: how long to wait
@@ -134,17 +128,15 @@ impl Stages<'_> {
     /// the longest delay queue), rounded up to the delay queue that will carry the
     /// message (`queued_delay`): that is the wait the `queued` event reports. The
     /// steps that succeeded are kept; only the failed ones run again.
-    fn retry_delay(&self, failures: &[Value]) -> Option<Duration> {
+    fn retry_delay(&self, failures: &[Failure]) -> Option<Duration> {
         if self.job.attempts as u32 >= self.max_attempts {
             return None;
         }
-        let transient: Vec<&Value> =
-            failures.iter().filter(|f| f["error"]["retryable"].as_bool().unwrap_or(false)).collect();
+        let transient: Vec<&Failure> = failures.iter().filter(|f| f.error.retryable).collect();
         if transient.is_empty() || self.cancel.is_cancelled() {
             return None;
         }
-        let asked =
-            transient.iter().filter_map(|f| f["error"]["retry_after_ms"].as_u64()).max().map(Duration::from_millis);
+        let asked = transient.iter().filter_map(|f| f.error.retry_after_ms).max().map(Duration::from_millis);
         let jittered = RETRY_BACKOFF.delay((self.job.attempts.max(1) - 1) as u32);
         Some(queued_delay(asked.map_or(jittered, |asked| asked.max(jittered))))
     }
@@ -164,7 +156,7 @@ impl Stages<'_> {
         &self,
         stage: Stage,
         prompts: Vec<(String, Result<String, PromptTooLong>)>,
-        failures: &mut Vec<Value>,
+        failures: &mut Vec<Failure>,
     ) -> Result<Vec<(String, String)>, PipelineError> {
         let runs = prompts.iter().map(|(model, prompt)| {
             let previous = self.done.get(&(stage, model.clone()));
@@ -177,7 +169,7 @@ impl Stages<'_> {
         for ((model, _), result) in prompts.into_iter().zip(results) {
             match result? {
                 Ok(output) => answers.push((model, output)),
-                Err(error) => failures.push(json!({ "model": model, "stage": stage, "error": error })),
+                Err(error) => failures.push(Failure { model, stage, error }),
             }
         }
         Ok(answers)
@@ -203,16 +195,13 @@ fn listing<'a>(answers: impl Iterator<Item = &'a (String, String)>) -> String {
     answers.map(|(model, text)| format!("- {model}: {text}")).collect::<Vec<_>>().join("\n")
 }
 
-fn answers_json(answers: &[(String, String)]) -> Value {
-    answers.iter().map(|(model, output)| json!({ "model": model, "output": output })).collect()
+fn answers(answers: &[(String, String)]) -> Vec<Answer> {
+    answers.iter().map(|(model, output)| Answer { model: model.clone(), output: output.clone() }).collect()
 }
 
-fn too_few(stage: Stage, answered: usize, needed: usize, failures: Vec<Value>) -> StagesOutcome {
-    StagesOutcome::Failed(json!({
-        "code": "too_few_models",
-        "message": format!("{answered} models answered at the {stage} stage; at least {needed} needed"),
-        "failures": failures,
-    }))
+fn too_few(stage: Stage, answered: usize, needed: usize, failures: Vec<Failure>) -> StagesOutcome {
+    let message = format!("{answered} models answered at the {stage} stage; at least {needed} needed");
+    StagesOutcome::Failed(JobError { failures, ..JobError::new(ErrorCode::TooFewModels, message) })
 }
 
 #[cfg(test)]

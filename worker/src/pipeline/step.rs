@@ -11,10 +11,10 @@ use common::{
         jobs::Job,
         steps::{Step, StepOutcome},
     },
-    domain::{EventKind, Stage, StepStatus},
+    domain::{ErrorCode, Stage, StepStatus},
+    job::{Attempt, StepError},
     patterns::PromptTooLong,
 };
-use serde_json::{json, Value};
 
 use super::{JobContext, PipelineError};
 use tokio::sync::mpsc;
@@ -28,7 +28,7 @@ use common::{
 };
 
 /// The step's output, or the error (as stored) that failed it.
-pub type StepResult = Result<String, Value>;
+pub type StepResult = Result<String, StepError>;
 
 pub async fn run(
     ctx: &Arc<JobContext>,
@@ -44,8 +44,7 @@ pub async fn run(
         return Ok(Ok(step.output.clone().unwrap_or_default()));
     }
 
-    let started = json!({ "stage": stage, "model": model });
-    let Some(started) = db::steps::start(&ctx.pool, job.id, stage, model, &started).await? else {
+    let Some(started) = db::steps::start(&ctx.pool, job.id, stage, model).await? else {
         // Another delivery finished it meanwhile.
         let steps = db::steps::list(&ctx.pool, job.id).await?;
         let output = steps.into_iter().find(|s| s.stage == stage && s.model == model).and_then(|s| s.output);
@@ -60,11 +59,10 @@ pub async fn run(
     let call = async {
         match prompt {
             Ok(prompt) => call(ctx, job, stage, model, prompt).await,
-            Err(too_long) => Err(json!({
-                "code": "context_too_long",
-                "message": format!("{too_long}: the model's context window cannot hold it"),
-                "retryable": false,
-            })),
+            Err(too_long) => Err(StepError::permanent(
+                ErrorCode::ContextTooLong,
+                format!("{too_long}: the model's context window cannot hold it"),
+            )),
         }
     };
     // Cancelling drops the call: its HTTP request is aborted and its deltas stop.
@@ -73,45 +71,32 @@ pub async fn run(
         _ = cancel.cancelled() => {
             let past_deadline = job.deadline_at.is_some_and(|at| at <= chrono::Utc::now());
             let (code, message) = if past_deadline {
-                ("deadline_exceeded", "the job's deadline passed")
+                (ErrorCode::DeadlineExceeded, "the job's deadline passed")
             } else {
-                ("cancelled", "the job was cancelled")
+                (ErrorCode::Cancelled, "the job was cancelled")
             };
-            Err(json!({ "code": code, "message": message, "retryable": false }))
+            Err(StepError::permanent(code, message))
         }
     };
     let earlier = previous.and_then(|step| step.error.as_ref());
     let result = result.map_err(|error| with_attempts(error, job.attempts, earlier));
 
-    let (outcome, (kind, data)) = match &result {
-        Ok(Answer { completion, cost_micros, cached }) => (
-            StepOutcome::Succeeded {
-                output: &completion.text,
-                input_tokens: completion.input_tokens,
-                output_tokens: completion.output_tokens,
-                cost_micros: *cost_micros,
-                cached: *cached,
-            },
-            (
-                EventKind::StepCompleted,
-                json!({
-                    "stage": stage, "model": model, "output": completion.text,
-                    "usage": { "input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens },
-                    "cost_usd": *cost_micros as f64 / 1e6, "cached": cached,
-                }),
-            ),
-        ),
-        Err(error) => (
-            StepOutcome::Failed { error },
-            (EventKind::StepFailed, json!({ "stage": stage, "model": model, "error": error })),
-        ),
+    let outcome = match &result {
+        Ok(Answer { completion, cost_micros, cached }) => StepOutcome::Succeeded {
+            output: &completion.text,
+            input_tokens: completion.input_tokens,
+            output_tokens: completion.output_tokens,
+            cost_micros: *cost_micros,
+            cached: *cached,
+        },
+        Err(error) => StepOutcome::Failed { error },
     };
     // The call is paid for: a brief database hiccup must not throw its answer away.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let first_try = tokio::time::Instant::now();
     let recorded = loop {
         // `None` if another delivery recorded the step first: no second event is written.
-        match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome, kind, &data).await {
+        match db::steps::finish(&ctx.pool, job.id, stage, model, &outcome).await {
             Ok(recorded) => break recorded,
             Err(err) if first_try.elapsed() < RECORD_PATIENCE => {
                 tracing::warn!(job_id = %job.id, model, error = %err, "cannot record step yet; retrying");
@@ -135,19 +120,13 @@ const ATTEMPTS_KEPT: usize = 5;
 const ATTEMPT_MESSAGE_CHARS: usize = 300;
 
 /// `error` (this run's, attempt `attempt`) with `attempts`: the step's errors in its
-/// earlier runs (from `earlier`, its previous error) and this one, oldest first, each
-/// `{attempt, code, message}`, the last `ATTEMPTS_KEPT` only. The error's own fields
-/// stay as they were: `attempts` is added, never in their place.
-fn with_attempts(mut error: Value, attempt: i32, earlier: Option<&Value>) -> Value {
-    let mut attempts: Vec<Value> =
-        earlier.and_then(|e| e.get("attempts")).and_then(Value::as_array).cloned().unwrap_or_default();
-    let message: Option<String> =
-        error.get("message").and_then(Value::as_str).map(|m| m.chars().take(ATTEMPT_MESSAGE_CHARS).collect());
-    attempts.push(json!({ "attempt": attempt, "code": error.get("code"), "message": message }));
-    let kept = attempts.split_off(attempts.len().saturating_sub(ATTEMPTS_KEPT));
-    if let Some(fields) = error.as_object_mut() {
-        fields.insert("attempts".to_owned(), Value::Array(kept));
-    }
+/// earlier runs (from `earlier`, its previous error) and this one, oldest first, the
+/// last `ATTEMPTS_KEPT` only. The error's own fields stay as they were.
+fn with_attempts(mut error: StepError, attempt: i32, earlier: Option<&StepError>) -> StepError {
+    let mut attempts = earlier.map(|e| e.attempts.clone()).unwrap_or_default();
+    let message = error.message.chars().take(ATTEMPT_MESSAGE_CHARS).collect();
+    attempts.push(Attempt { attempt, code: error.code, message: Some(message) });
+    error.attempts = attempts.split_off(attempts.len().saturating_sub(ATTEMPTS_KEPT));
     error
 }
 
@@ -162,27 +141,23 @@ struct Answer {
     cached: bool,
 }
 
-async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &str) -> Result<Answer, Value> {
+async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &str) -> Result<Answer, StepError> {
     let Some(spec) = ctx.catalog.get(model) else {
-        return Err(
-            json!({ "code": "unknown_model", "message": format!("model `{model}` is not in this worker's catalog") }),
-        );
+        let message = format!("model `{model}` is not in this worker's catalog");
+        return Err(StepError::permanent(ErrorCode::UnknownModel, message));
     };
     let Some(provider) = ctx.providers.for_model(spec) else {
-        return Err(json!({ "code": "no_provider", "message": format!("no provider `{}` configured", spec.provider) }));
+        let message = format!("no provider `{}` configured", spec.provider);
+        return Err(StepError::permanent(ErrorCode::NoProvider, message));
     };
     let request = CompletionRequest {
         model: spec,
         prompt,
-        temperature: job.options.get("temperature").and_then(Value::as_f64),
+        temperature: job.options.temperature,
         // Never more than the model can write: the provider would refuse the call.
-        max_tokens: job
-            .options
-            .get("max_tokens")
-            .and_then(Value::as_u64)
-            .map(|m| u32::try_from(m).unwrap_or(u32::MAX).min(spec.max_output_tokens)),
+        max_tokens: job.options.max_tokens.map(|m| m.min(spec.max_output_tokens)),
     };
-    let use_cache = job.options.get("cache").and_then(Value::as_bool).unwrap_or(false);
+    let use_cache = job.options.cache.unwrap_or(false);
     if use_cache {
         if let Some(completion) = ctx.cache.get(job.user_id, &request).await {
             return Ok(Answer { completion, cost_micros: 0, cached: true });
@@ -199,7 +174,7 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
     let completion = result.map_err(|err: ProviderError| {
         tracing::warn!(job_id = %job.id, model, error = %err, retryable = err.is_retryable(), "provider call failed");
         meter.failed(&err);
-        err.to_json()
+        err.to_step_error()
     })?;
     if use_cache {
         ctx.cache.put(job.user_id, &request, &completion).await; // answers only: errors are never cached
@@ -234,7 +209,7 @@ impl CallMeter {
     fn failed(&self, err: &ProviderError) {
         self.finish("failed");
         let [_, model, provider] = self.labels.clone();
-        metrics::counter!(metrics_names::PROVIDER_ERRORS, &[model, provider, ("kind", err.code().to_owned())])
+        metrics::counter!(metrics_names::PROVIDER_ERRORS, &[model, provider, ("kind", err.code().to_string())])
             .increment(1);
     }
 
@@ -253,15 +228,21 @@ impl CallMeter {
 mod tests {
     use super::*;
 
-    fn failure(code: &str, message: &str) -> Value {
-        json!({ "code": code, "message": message, "retryable": true })
+    fn failure(code: ErrorCode, message: &str) -> StepError {
+        StepError { retryable: true, ..StepError::permanent(code, message) }
     }
 
     /// The step's stored error after each run's failure, as the next run finds it.
-    fn runs(failures: &[(&str, &str)]) -> Value {
-        failures.iter().enumerate().fold(Value::Null, |earlier, (i, (code, message))| {
-            with_attempts(failure(code, message), i as i32 + 1, Some(&earlier).filter(|e| !e.is_null()))
-        })
+    fn runs(failures: &[(ErrorCode, &str)]) -> StepError {
+        let mut stored: Option<StepError> = None;
+        for (i, (code, message)) in failures.iter().enumerate() {
+            stored = Some(with_attempts(failure(*code, message), i as i32 + 1, stored.as_ref()));
+        }
+        stored.expect("at least one failure")
+    }
+
+    fn attempt(attempt: i32, code: ErrorCode, message: &str) -> Attempt {
+        Attempt { attempt, code, message: Some(message.to_owned()) }
     }
 
     #[test]
@@ -269,45 +250,41 @@ mod tests {
         let overloaded = "the provider is overloaded or failing (500): upstream connect error";
         let open = "the circuit breaker for this provider is open";
         let error = runs(&[
-            ("overloaded", overloaded),
-            ("overloaded", overloaded),
-            ("circuit_open", open),
-            ("circuit_open", open),
+            (ErrorCode::Overloaded, overloaded),
+            (ErrorCode::Overloaded, overloaded),
+            (ErrorCode::CircuitOpen, open),
+            (ErrorCode::CircuitOpen, open),
         ]);
-        assert_eq!(error["code"], "circuit_open", "the last error is still the step's error");
-        assert_eq!(error["retryable"], true);
+        assert_eq!(error.code, ErrorCode::CircuitOpen, "the last error is still the step's error");
+        assert!(error.retryable);
         assert_eq!(
-            error["attempts"],
-            json!([
-                { "attempt": 1, "code": "overloaded", "message": overloaded },
-                { "attempt": 2, "code": "overloaded", "message": overloaded },
-                { "attempt": 3, "code": "circuit_open", "message": open },
-                { "attempt": 4, "code": "circuit_open", "message": open },
-            ])
+            error.attempts,
+            [
+                attempt(1, ErrorCode::Overloaded, overloaded),
+                attempt(2, ErrorCode::Overloaded, overloaded),
+                attempt(3, ErrorCode::CircuitOpen, open),
+                attempt(4, ErrorCode::CircuitOpen, open),
+            ]
         );
     }
 
     #[test]
     fn the_history_is_bounded() {
         let long = "x".repeat(1_000);
-        let error = runs(&[("timeout", long.as_str()); 9]);
-        let attempts = error["attempts"].as_array().expect("attempts");
-        assert_eq!(attempts.len(), ATTEMPTS_KEPT);
-        assert_eq!((attempts[0]["attempt"].as_i64(), attempts[4]["attempt"].as_i64()), (Some(5), Some(9)));
-        assert!(attempts.iter().all(|a| a["message"].as_str().map(str::len) == Some(ATTEMPT_MESSAGE_CHARS)));
-        assert_eq!(error["message"].as_str().map(str::len), Some(1_000), "the error's own message is untouched");
+        let error = runs(&[(ErrorCode::Timeout, long.as_str()); 9]);
+        assert_eq!(error.attempts.len(), ATTEMPTS_KEPT);
+        assert_eq!((error.attempts[0].attempt, error.attempts[4].attempt), (5, 9));
+        assert!(error.attempts.iter().all(|a| a.message.as_deref().map(str::len) == Some(ATTEMPT_MESSAGE_CHARS)));
+        assert_eq!(error.message.len(), 1_000, "the error's own message is untouched");
     }
 
     #[test]
     fn a_first_failure_or_an_older_error_without_history_starts_one() {
-        let cancelled = json!({ "code": "cancelled", "message": "the job was cancelled", "retryable": false });
-        let older = failure("timeout", "the provider did not answer in time");
+        let cancelled = StepError::permanent(ErrorCode::Cancelled, "the job was cancelled");
+        let older = failure(ErrorCode::Timeout, "the provider did not answer in time");
         for earlier in [None, Some(&older)] {
             let error = with_attempts(cancelled.clone(), 2, earlier);
-            assert_eq!(
-                error["attempts"],
-                json!([{ "attempt": 2, "code": "cancelled", "message": "the job was cancelled" }])
-            );
+            assert_eq!(error.attempts, [attempt(2, ErrorCode::Cancelled, "the job was cancelled")]);
         }
     }
 }

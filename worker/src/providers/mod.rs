@@ -14,9 +14,12 @@ pub mod openai;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use common::catalog::{Catalog, ModelSpec, ProviderKind};
+use common::{
+    catalog::{Catalog, ModelSpec, ProviderKind},
+    domain::ErrorCode,
+    job::StepError,
+};
 use futures::{stream::BoxStream, StreamExt};
-use serde_json::{json, Value};
 
 pub use guard::Guarded;
 pub use mock::MockProvider;
@@ -120,28 +123,30 @@ impl ProviderError {
     }
 
     /// A stable code for clients and metrics.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ProviderError::RateLimited { .. } => "rate_limited",
-            ProviderError::Overloaded { .. } => "overloaded",
-            ProviderError::Timeout => "timeout",
-            ProviderError::Connection(_) => "connection",
-            ProviderError::Auth => "auth",
-            ProviderError::BadRequest(_) => "bad_request",
-            ProviderError::ContentFiltered => "content_filtered",
-            ProviderError::ContextTooLong(_) => "context_too_long",
-            ProviderError::Truncated(_) => "truncated",
-            ProviderError::CircuitOpen => "circuit_open",
+            ProviderError::RateLimited { .. } => ErrorCode::RateLimited,
+            ProviderError::Overloaded { .. } => ErrorCode::Overloaded,
+            ProviderError::Timeout => ErrorCode::Timeout,
+            ProviderError::Connection(_) => ErrorCode::Connection,
+            ProviderError::Auth => ErrorCode::Auth,
+            ProviderError::BadRequest(_) => ErrorCode::BadRequest,
+            ProviderError::ContentFiltered => ErrorCode::ContentFiltered,
+            ProviderError::ContextTooLong(_) => ErrorCode::ContextTooLong,
+            ProviderError::Truncated(_) => ErrorCode::Truncated,
+            ProviderError::CircuitOpen => ErrorCode::CircuitOpen,
         }
     }
 
-    /// The `{code, message, retryable}` stored on a failed step.
-    pub fn to_json(&self) -> Value {
-        let mut value = json!({ "code": self.code(), "message": self.to_string(), "retryable": self.is_retryable() });
-        if let Some(wait) = self.retry_after() {
-            value["retry_after_ms"] = json!(wait.as_millis() as u64);
+    /// The error stored on the failed step.
+    pub fn to_step_error(&self) -> StepError {
+        StepError {
+            code: self.code(),
+            message: self.to_string(),
+            retryable: self.is_retryable(),
+            retry_after_ms: self.retry_after().map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            attempts: Vec::new(),
         }
-        value
     }
 }
 

@@ -105,7 +105,10 @@ async fn error_statuses_say_whether_to_retry() {
         let error = say_hi(&server).await.err().expect("fails");
         assert_eq!(error, expected);
         assert_eq!(error.is_retryable(), !matches!(expected, ProviderError::Auth));
-        assert!(!error.to_json().to_string().contains("sk-test-secret"), "keys never appear in errors");
+        assert!(
+            !serde_json::to_string(&error.to_step_error()).unwrap_or_default().contains("sk-test-secret"),
+            "keys never appear in errors"
+        );
     }
     // A provider that echoes the key in its error message does not get it into ours.
     server.reset().await;
@@ -136,7 +139,7 @@ async fn a_server_error_keeps_what_the_provider_said() {
     let error = say_hi(&server).await.err().expect("fails");
     assert!(matches!(error, ProviderError::Overloaded { status: 500, .. }) && error.is_retryable(), "{error:?}");
     // What the failed step records and its user sees.
-    let stored = error.to_json();
+    let stored = serde_json::to_value(error.to_step_error()).expect("json");
     assert_eq!(stored["code"], "overloaded");
     assert_eq!(
         stored["message"],
@@ -171,7 +174,7 @@ async fn a_server_error_excerpt_is_short_one_line_and_keyless() {
     }
     assert!(!detail.chars().any(char::is_control), "one line, no escapes: {detail:?}");
     assert!(detail.chars().count() <= 200 && detail.ends_with('…'), "cut short: {detail}");
-    assert!(error.to_json()["message"].as_str().is_some_and(|m| m.ends_with(detail.as_str())));
+    assert!(error.to_step_error().message.ends_with(detail.as_str()));
 }
 
 #[tokio::test]

@@ -47,10 +47,7 @@ pub fn guarded(name: &str, base_url: &str, model: &ModelSpec) -> Guarded {
     let spec_text = spec_toml(ProviderKind::Openai, base_url, None);
     let spec: ProviderSpec = toml::from_str(&spec_text).expect("spec");
     let file = format!("[providers.{name}]\n{spec_text}\n[[models]]\n{}", model_toml(name, &model.upstream));
-    let path = std::env::temp_dir().join(format!("ultra-worker-test-{}-{name}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&path, file).expect("write");
-    let catalog = Catalog::load(Some(&path)).expect("catalog");
-    let _ = std::fs::remove_file(path);
+    let catalog = Catalog::from_file(toml::from_str(&file).expect("catalog tables")).expect("catalog");
     Guarded::new(name, &spec, client(&spec), &catalog, None)
 }
 
