@@ -47,23 +47,28 @@ where
         body: &mut RequestBody,
         _options: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let content_type = request.content_type().unwrap_or_default();
-        if !is_json(content_type) {
-            let shown = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "Content-Type {shown} is not supported; send application/json"
-            ))
-            .into());
-        }
-        let limit = request.data::<BodyLimit>().map_or(DEFAULT_BODY_LIMIT, |l| l.0);
-        let bytes = body.take()?.into_bytes_limit(limit).await.map_err(|err| match err {
-            poem::error::ReadBodyError::PayloadTooLarge => {
-                ApiError::PayloadTooLarge(format!("request body exceeds {limit} bytes"), None)
-            }
-            other => ApiError::BadRequest(format!("cannot read request body: {other}")),
-        })?;
-        parse(&bytes).map(JsonBody).map_err(Into::into)
+        read_json(request, body.take()?).await.map(JsonBody).map_err(Into::into)
     }
+}
+
+/// Reads a JSON request body within the request's size limit and parses it: the one
+/// reading every JSON endpoint shares, documented (`JsonBody`) or not.
+pub async fn read_json<T: DeserializeOwned>(request: &Request, body: poem::Body) -> Result<T, ApiError> {
+    let content_type = request.content_type().unwrap_or_default();
+    if !is_json(content_type) {
+        let shown = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {shown} is not supported; send application/json"
+        )));
+    }
+    let limit = request.data::<BodyLimit>().map_or(DEFAULT_BODY_LIMIT, |l| l.0);
+    let bytes = body.into_bytes_limit(limit).await.map_err(|err| match err {
+        poem::error::ReadBodyError::PayloadTooLarge => {
+            ApiError::PayloadTooLarge(format!("request body exceeds {limit} bytes"), None)
+        }
+        other => ApiError::BadRequest(format!("cannot read request body: {other}")),
+    })?;
+    parse(&bytes)
 }
 
 /// `application/json` or `application/*+json`, with optional parameters (`; charset=utf-8`).

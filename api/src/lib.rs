@@ -12,6 +12,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod middleware;
+pub mod openai;
 pub mod openapi;
 pub mod problems;
 pub mod queues;
@@ -85,8 +86,16 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
     // Blank entries must not turn into "no list", which CORS would read as "any origin".
     let cors_origins: Vec<String> =
         config.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
-    let routes =
-        Arc::new(metrics::RouteTemplates::from_spec(&document, &["/docs", "/docs/", "/openapi.json", "/metrics"]));
+    let undocumented = [
+        ("/docs", "GET"),
+        ("/docs/", "GET"),
+        ("/openapi.json", "GET"),
+        ("/metrics", "GET"),
+        ("/openai/v1/models", "GET"),
+        ("/openai/v1/models/{id}", "GET"),
+        ("/openai/v1/chat/completions", "POST"),
+    ];
+    let routes = Arc::new(metrics::RouteTemplates::from_spec(&document, &undocumented));
     let app = Route::new()
         .at("/docs", poem::get(swagger()))
         .at("/docs/", poem::get(swagger()))
@@ -98,9 +107,11 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
             })),
         )
         .at("/metrics", poem::get(metrics::endpoint))
+        .nest("/openai/v1", openai::routes())
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate::new(client_ips))
+        .with(openai::error::OpenAiErrors)
         .with_if(!cors_origins.is_empty(), middleware::cors(&cors_origins))
         .with(middleware::SecurityHeaders(config.environment))
         .with(middleware::AllowHeader(routes.clone()))

@@ -30,7 +30,8 @@ struct Route {
 
 impl RouteTemplates {
     /// From the OpenAPI document's `paths`, plus routes outside it (which answer `GET`).
-    pub fn from_spec(spec_json: &str, extra: &[&str]) -> Self {
+    /// The documented routes and `extra` ones (template, methods) served beside them.
+    pub fn from_spec(spec_json: &str, extra: &[(&str, &str)]) -> Self {
         let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
         let documented = spec["paths"].as_object().into_iter().flatten().map(|(template, operations)| {
             let mut methods: Vec<String> =
@@ -39,7 +40,7 @@ impl RouteTemplates {
             (template.clone(), methods.join(", "))
         });
         let routes = documented
-            .chain(extra.iter().map(|template| ((*template).to_owned(), "GET".to_owned())))
+            .chain(extra.iter().map(|(template, methods)| ((*template).to_owned(), (*methods).to_owned())))
             .map(|(template, methods)| {
                 let segments = template
                     .split('/')
@@ -168,7 +169,7 @@ mod tests {
     fn paths_map_to_bounded_templates() {
         let spec =
             r#"{"paths": {"/v1/jobs": {}, "/v1/jobs/{id}": {}, "/v1/jobs/{id}/events": {}, "/v1/auth/login": {}}}"#;
-        let routes = RouteTemplates::from_spec(spec, &["/metrics"]);
+        let routes = RouteTemplates::from_spec(spec, &[("/metrics", "GET")]);
         assert_eq!(routes.label("/v1/jobs"), "/v1/jobs");
         assert_eq!(routes.label("/v1/jobs/0190f6c1-aaaa-7000-8000-000000000000"), "/v1/jobs/{id}");
         assert_eq!(routes.label("/v1/jobs/x/events"), "/v1/jobs/{id}/events");
@@ -181,7 +182,7 @@ mod tests {
     #[test]
     fn a_route_knows_its_methods() {
         let spec = r#"{"paths": {"/v1/jobs/{id}": {"get": {}, "delete": {}}, "/v1/jobs": {"get": {}}}}"#;
-        let routes = RouteTemplates::from_spec(spec, &["/metrics"]);
+        let routes = RouteTemplates::from_spec(spec, &[("/metrics", "GET")]);
         assert_eq!(routes.allowed("/v1/jobs/0190"), Some("DELETE, GET"));
         assert_eq!(routes.allowed("/v1/jobs"), Some("GET"));
         assert_eq!(routes.allowed("/metrics"), Some("GET"));

@@ -97,6 +97,10 @@ impl<E: Endpoint> Endpoint for TimeoutEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> Result<Response> {
+        // A chat completion waits for its job, which its deadline bounds.
+        if req.uri().path() == crate::openai::CHAT_COMPLETIONS {
+            return self.inner.call(req).await.map(IntoResponse::into_response);
+        }
         match tokio::time::timeout(self.limit, self.inner.call(req)).await {
             Ok(result) => result.map(IntoResponse::into_response),
             Err(_) => Err(ApiError::Timeout.into()),

@@ -32,7 +32,7 @@ pub struct Choices<'a> {
 
 /// A prompt has a character that is not white space and no NUL. The white space is
 /// ECMAScript's `\s` spelled out, since Python's `\s` (schemathesis, many validators)
-/// means more; `is_blank` in `routes/analyze.rs` is the same list.
+/// means more; `jobs::is_blank` is the same list.
 pub const PROMPT_PATTERN: &str = "^[^\\u0000]*[^\\t\\n\\u000b\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\u0000][^\\u0000]*$";
 
 /// The served document, from poem-openapi's JSON.

@@ -140,6 +140,12 @@ pub struct Config {
     #[arg(long, env = "ULTRA_REFRESH_TOKEN_TTL_SECS", default_value_t = 30 * 24 * 3600, global = true)]
     pub refresh_token_ttl_secs: u64,
 
+    /// The models a `ultra/<pattern>` chat completion runs when its request names none
+    /// (comma-separated catalog ids). Empty: the catalog's models that have a key, in
+    /// catalog order, as many as the caller's tier allows.
+    #[arg(long, env = "ULTRA_DEFAULT_MODELS", value_delimiter = ',', global = true)]
+    pub default_models: Vec<String>,
+
     /// Browser origins allowed by CORS, comma-separated (none by default).
     #[arg(long, env = "ULTRA_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,

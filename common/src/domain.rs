@@ -161,6 +161,15 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// Who speaks a chat message.
+    ChatRole("chat role") {
+        System => "system",
+        User => "user",
+        Assistant => "assistant",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,13 @@
 use poem_openapi::Object;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ErrorCode, EventKind, JobStatus, QueuedReason, Stage};
+use crate::domain::{ChatRole, ErrorCode, EventKind, JobStatus, QueuedReason, Stage};
 
 /// Generation options passed to every model of the job.
+///
+/// Unknown fields are kept aside rather than refused, so a row a newer version wrote
+/// still reads; a request's are refused by its handler (`unknown`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Object)]
-#[serde(deny_unknown_fields)]
 #[oai(rename = "AnalyzeOptions")]
 pub struct JobOptions {
     /// Sampling temperature, 0 to 2.
@@ -46,12 +48,48 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none, validator(minimum(value = "1"), maximum(value = "4294967295")))]
     pub timeout_s: Option<u32>,
+    /// Fields this version does not know.
+    #[serde(flatten, skip_serializing)]
+    #[oai(skip)]
+    pub unknown: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl JobOptions {
     /// The quorum of each stage for a job of `models` models: at least one, at most all.
     pub fn quorum(&self, default_min_models: u32, models: usize) -> usize {
         (self.min_models.unwrap_or(default_min_models) as usize).min(models).max(1)
+    }
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+}
+
+/// A job submitted as a chat (the OpenAI-compatible surface): the whole conversation,
+/// which the initial stage sends to every model, and the sampling options `JobOptions`
+/// does not have. Stored as `jobs.chat`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatInput {
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Sequences that end the answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+impl ChatInput {
+    /// The conversation as one prompt, for the job's `prompt` (what `/v1` shows, the
+    /// budget estimates and later stages quote): a lone user message as it is, a longer
+    /// conversation one `role: text` paragraph per message.
+    pub fn transcript(&self) -> String {
+        match self.messages.as_slice() {
+            [only] if only.role == ChatRole::User => only.content.clone(),
+            messages => messages.iter().map(|m| format!("{}: {}", m.role, m.content)).collect::<Vec<_>>().join("\n\n"),
+        }
     }
 }
 
@@ -220,8 +258,12 @@ pub struct StepCompletedData {
     pub output: String,
     pub usage: Usage,
     /// What the call cost, in US dollars.
+    #[serde(default)]
+    #[oai(default)]
     pub cost_usd: f64,
     /// Whether the answer came from the response cache.
+    #[serde(default)]
+    #[oai(default)]
     pub cached: bool,
 }
 

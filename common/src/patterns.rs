@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Stage;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatternSpec {
     #[serde(default)]

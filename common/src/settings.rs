@@ -46,6 +46,15 @@ impl Settings {
             None => (Some(Tiers::builtin()), Some(Catalog::builtin()), Some(Patterns::builtin())),
             Some(path) => read_file(path, &mut problems),
         };
+        if let Some(catalog) = &catalog {
+            let unknown =
+                config.default_models.iter().map(|m| m.trim()).filter(|m| !m.is_empty() && catalog.get(m).is_none());
+            for model in unknown {
+                problems.push(Problem::Setting(format!(
+                    "ULTRA_DEFAULT_MODELS names `{model}`, which is not in the catalog"
+                )));
+            }
+        }
         // The mock provider must never answer production traffic.
         if config.environment == Environment::Production && catalog.as_ref().is_some_and(Catalog::uses_mock) {
             problems.push(Problem::Setting(

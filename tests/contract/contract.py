@@ -9,10 +9,7 @@ event streams. Stops what it started by pid and drops its database.
 """
 
 import importlib
-import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,83 +17,35 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
+from ultra_process import Ultra, run_id  # noqa: E402  (tests/support, shared with tests/openai)
+
 ULTRA = os.environ["ULTRA_BIN"]
 VENV_BIN = Path(sys.executable).parent
-RUN = secrets.token_hex(4)
+RUN = run_id()
 DATABASE = f"ultra_contract_{RUN}"
-TIER = """
-[tiers.contract]
-requests_per_minute = 1000000
-analyze_per_minute = 1000000
-concurrent_jobs = 100000
-models_per_job = 10
-daily_tokens = 1000000000000
-concurrent_streams = 10000
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def say(message: str) -> None:
     print(f"[contract] {message}", file=sys.stderr, flush=True)
 
 
-def main(work: Path) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    config = work / "ultra.toml"
-    config.write_text(TIER)
-    env = dict(
-        os.environ,
-        DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DATABASE}",
-        ULTRA_QUEUE_PREFIX=f"k{RUN}.",
-        ULTRA_REDIS_PREFIX=f"ultra-k{RUN}",
-        ULTRA_CONFIG_FILE=str(config),
-        ULTRA_LISTEN=f"127.0.0.1:{port}",
-        ULTRA_WORKER_LISTEN=f"127.0.0.1:{free_port()}",
-        ULTRA_MOCK_LATENCY_MS="20",
-        ULTRA_LOG_FORMAT="json",
-    )
-    env.pop("ULTRA_ENV", None)
-    email = f"contract-{RUN}@example.com"
-    admin = lambda *args: subprocess.run([ULTRA, "admin", *args], env=env, check=True, capture_output=True, text=True)
-    admin("create-user", "--email", email, "--admin")
-    admin("set-tier", "--email", email, "--tier", "contract")
-    key = admin("create-api-key", "--email", email, "--name", "contract").stdout.strip().splitlines()[-1]
-
-    log = open(work / "ultra.log", "w")
-    server = subprocess.Popen([ULTRA, "all"], env=env, stdout=log, stderr=subprocess.STDOUT)
+def main(ultra: Ultra) -> None:
+    base = ultra.base
+    work = ultra.work
+    key = ultra.create_admin_key(f"contract-{RUN}@example.com", "contract")
     try:
-        wait_for(f"{base}/health/live")
+        ultra.start()
         document = urllib.request.urlopen(f"{base}/openapi.json", timeout=10).read()
         (work / "openapi.json").write_bytes(document)
         generate(work)
         use_generated_client(work, base, key)
         fuzz(work, base, key)
     except BaseException:
-        say(f"the server's log:\n{(work / 'ultra.log').read_text()[-4000:]}")
+        say(f"the server's log:\n{ultra.log_tail()}")
         raise
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def wait_for(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"ultra did not answer on {url}")
+        ultra.stop()
 
 
 def generate(work: Path) -> None:
@@ -170,25 +119,12 @@ def fuzz(work: Path, base: str, key: str) -> None:
     say("schemathesis --checks all: " + (summary[-1].strip() if summary else "passed"))
 
 
-def forget_topology(prefix: str) -> None:
-    """Deletes the run's queues from the shared broker (its few exchanges hold nothing;
-    rabbitmqctl of RabbitMQ 3.10 cannot delete an exchange)."""
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True)
-    for name in listed.stdout.split():
-        if name.startswith(prefix):
-            subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True)
-
-
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="ultra-contract-") as work:
+        ultra = Ultra(ULTRA, Path(work), run=RUN, database=DATABASE, tier="contract")
         try:
-            main(Path(work))
+            main(ultra)
         finally:
-            subprocess.run(
-                ["psql", "-h", "127.0.0.1", "-U", "postgres", "-X", "-q", "-c",
-                 f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'],
-                check=False, capture_output=True,
-            )
-            forget_topology(f"k{RUN}.")
+            ultra.forget()
     print("contract: a client generated from /openapi.json by openapi-python-client submitted a job, polled it to "
           "succeeded and listed it; schemathesis --checks all found no failure")

@@ -240,6 +240,7 @@ async fn insert_queued_job(tx: &mut sqlx::PgConnection, user_id: Uuid, prompt: &
         prompt,
         models: &models,
         options: &JobOptions::default(),
+        chat: None,
         reserved_tokens: 0,
         reserved_day: None,
         timeout_secs: 600,

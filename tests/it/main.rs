@@ -14,6 +14,7 @@ mod jobs;
 mod jwt;
 mod leases;
 mod limits;
+mod openai;
 mod openapi;
 mod operations;
 mod outages;

@@ -40,8 +40,11 @@ impl ResponseCache {
             request.model.id,
             request.model.upstream,
             request.prompt,
+            request.messages,
             request.temperature,
+            request.top_p,
             request.max_tokens,
+            request.stop,
         ]);
         let digest = Sha256::digest(identity.to_string().as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();

@@ -211,6 +211,13 @@ async fn settle(
             Ok(Ok(pipeline::Outcome::LeaseLost)) => break false,
             // Ended, retried, or a duplicate: this delivery is done.
             Ok(Ok(_)) => break true,
+            // A stored row this version cannot read is a bug, not an outage: retrying
+            // here would claim the job again and again. Handed back, the delivery
+            // limit dead-letters it.
+            Ok(Err(err)) if err.is_undecodable() => {
+                tracing::error!(%job_id, error = %err, "job's stored data cannot be read; requeueing");
+                break false;
+            }
             Ok(Err(err)) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%job_id, error = %err, retry_in_ms = delay.as_millis() as u64, "job interrupted by an infrastructure error");

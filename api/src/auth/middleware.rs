@@ -60,7 +60,7 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
 
     async fn call(&self, mut req: Request) -> Result<Self::Output> {
         let path = req.uri().path().to_owned();
-        if !path.starts_with("/v1/") {
+        if !path.starts_with("/v1/") && !path.starts_with(crate::openai::error::PREFIX) {
             return self.inner.call(req).await.map(IntoResponse::into_response); // health, docs, spec
         }
         let state = req.data::<Arc<AppState>>().cloned().ok_or_else(|| ApiError::Internal("state missing".into()))?;
@@ -120,7 +120,7 @@ impl<E: Endpoint> Endpoint for GateEndpoint<E> {
                 let tier = state.tiers.for_user(&principal.tier);
                 let user = format!("user:{}", principal.user_id);
                 policies.push((user.clone(), Policy::per_minute("general", tier.requests_per_minute)));
-                if is_post && path == "/v1/analyze" {
+                if is_post && (path == "/v1/analyze" || path == crate::openai::CHAT_COMPLETIONS) {
                     policies.push((user, Policy::per_minute("analyze", tier.analyze_per_minute)));
                 }
             }

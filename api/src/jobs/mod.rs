@@ -8,7 +8,7 @@ mod runnable;
 
 use common::{
     db::{self, idempotency::Claim, jobs::Job},
-    job::JobOptions,
+    job::{ChatInput, JobOptions},
     patterns::{estimate_tokens, PatternSpec},
     queue::JobMessage,
 };
@@ -25,6 +25,8 @@ pub struct Submission<'a> {
     /// The pattern's name and its stages.
     pub pattern: (&'a str, &'a PatternSpec),
     pub options: JobOptions,
+    /// For a chat: the whole conversation (`prompt` is its transcript).
+    pub chat: Option<ChatInput>,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency: Option<Idempotency<'a>>,
     /// The request's trace, carried by the job's messages.
@@ -36,6 +38,14 @@ pub struct Submission<'a> {
 pub struct Idempotency<'a> {
     pub key: &'a str,
     pub request_hash: Vec<u8>,
+}
+
+impl<'a> Idempotency<'a> {
+    /// `key`, vouching for `request` as parsed (so white space does not matter).
+    pub fn new(key: &'a str, request: &impl serde::Serialize) -> Self {
+        use sha2::{Digest, Sha256};
+        Self { key, request_hash: Sha256::digest(serde_json::to_vec(request).unwrap_or_default()).to_vec() }
+    }
 }
 
 /// The job a submission stands for.
@@ -63,7 +73,7 @@ const KEY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// Accepts a job, or finds the one its idempotency key already created. The job is
 /// durable when this returns, even while the broker is down.
 pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Accepted, ApiError> {
-    let Submission { principal, prompt, models, pattern: (pattern, spec), mut options, idempotency, traceparent } =
+    let Submission { principal, prompt, models, pattern: (pattern, spec), mut options, chat, idempotency, traceparent } =
         submission;
     let config = &state.config;
     let tier = state.tiers.for_user(&principal.tier);
@@ -120,6 +130,7 @@ pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Acce
         prompt,
         models,
         options: &options,
+        chat: chat.as_ref(),
         reserved_tokens: reserve,
         reserved_day: Some(today),
         timeout_secs,
@@ -148,4 +159,25 @@ async fn replay(
         .await?
         .ok_or(ApiError::Conflict(IN_PROGRESS.into()))?;
     Ok(Accepted::Replayed(job))
+}
+
+/// 1 to 255 visible ASCII characters (a UUID is the usual choice).
+pub fn check_idempotency_key(key: String) -> Result<String, ApiError> {
+    let valid = (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        Ok(key)
+    } else {
+        Err(ApiError::BadRequest("invalid header `Idempotency-Key`: 1 to 255 visible ASCII characters".into()))
+    }
+}
+
+/// White space as the document's prompt `pattern` lists it (ECMAScript's `\s`,
+/// spelled out so that every regex engine reads it alike), so the server refuses
+/// exactly the prompts the document calls invalid.
+pub fn is_blank(c: char) -> bool {
+    matches!(
+        c,
+        '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
+            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}' | '\u{feff}'
+    )
 }

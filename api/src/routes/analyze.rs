@@ -6,7 +6,6 @@ use std::{collections::HashMap, sync::Arc};
 use common::{job::JobOptions, patterns::PatternSpec, trace::TraceContext};
 use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::{
@@ -102,7 +101,7 @@ impl AnalyzeApi {
     ) -> Result<AnalyzeResponse, Problems<{ ALWAYS | UNAUTHORIZED | BODY | CONFLICT }>> {
         let state = &self.state;
         let request = body.0;
-        let idempotency_key = idempotency_key.0.map(check_idempotency_key).transpose()?;
+        let idempotency_key = idempotency_key.0.map(jobs::check_idempotency_key).transpose()?;
         // A stream slot is taken before anything is accepted: refusing the stream after
         // queueing the job would invite the client to submit it twice.
         let wants_stream = accept.0.as_deref().is_some_and(|a| a.contains("text/event-stream"));
@@ -112,10 +111,7 @@ impl AnalyzeApi {
         let (pattern, spec) = validate(state, &request, models_allowed)?;
         jobs::check_models_can_run(state, &request.models).await?;
         // What the key vouches for: the request as parsed (so whitespace does not matter).
-        let idempotency = idempotency_key.as_deref().map(|key| Idempotency {
-            key,
-            request_hash: Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).to_vec(),
-        });
+        let idempotency = idempotency_key.as_deref().map(|key| Idempotency::new(key, &request));
         let traceparent = trace.0.to_string();
         let submission = Submission {
             principal: &auth.0,
@@ -123,6 +119,7 @@ impl AnalyzeApi {
             models: &request.models,
             pattern: (&pattern, &spec),
             options: request.options.clone().unwrap_or_default(),
+            chat: None,
             idempotency,
             traceparent: &traceparent,
         };
@@ -137,27 +134,6 @@ impl AnalyzeApi {
         let view = AnalyzeAccepted { id: job.id, status: "queued".to_owned(), links };
         Ok(AnalyzeResponse::Accepted(Json(view), location))
     }
-}
-
-/// 1 to 255 visible ASCII characters (a UUID is the usual choice).
-fn check_idempotency_key(key: String) -> Result<String, ApiError> {
-    let valid = (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
-    if valid {
-        Ok(key)
-    } else {
-        Err(ApiError::BadRequest("invalid header `Idempotency-Key`: 1 to 255 visible ASCII characters".into()))
-    }
-}
-
-/// White space as the document's prompt `pattern` lists it (ECMAScript's `\s`,
-/// spelled out so that every regex engine reads it alike), so the server refuses
-/// exactly the prompts the document calls invalid.
-fn is_blank(c: char) -> bool {
-    matches!(
-        c,
-        '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
-            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}' | '\u{feff}'
-    )
 }
 
 /// Checks everything at once, so the client can fix every field in one round trip.
@@ -177,7 +153,7 @@ fn validate(
     }
 
     let mut errors = Vec::new();
-    if request.prompt.chars().all(is_blank) {
+    if request.prompt.chars().all(jobs::is_blank) {
         errors.push(FieldError::new("prompt", "must not be empty"));
     } else if request.prompt.contains('\0') {
         errors.push(FieldError::new("prompt", "must not contain NUL characters"));
@@ -217,6 +193,9 @@ fn validate(
         }
     };
     if let Some(options) = &request.options {
+        for field in options.unknown.keys() {
+            errors.push(FieldError::new(format!("options.{field}"), format!("unknown field `{field}`")));
+        }
         if let Some(t) = options.temperature {
             if !(0.0..=2.0).contains(&t) {
                 errors.push(FieldError::new("options.temperature", "must be between 0 and 2"));

@@ -16,7 +16,7 @@ mod response;
 mod tokens;
 pub mod views;
 
-pub use response::{event_stream, stream_permit};
+pub use response::{event_stream, job_items, stream_permit};
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 

@@ -27,14 +27,7 @@ pub fn event_stream(
     after: i64,
     job_ended: bool,
 ) -> SseBody<StreamItemView> {
-    let sources = Sources {
-        pool: state.pool.clone(),
-        hub: state.hub.clone(),
-        partials: Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
-        shutdown: state.shutdown.clone(),
-        idle_limit: state.config.sse_idle(),
-    };
-    let stream = JobEventStream::new(sources, job_id, after, job_ended);
+    let stream = job_items(state, job_id, after, job_ended);
     let retry = futures::stream::once(async { frame::retry(RECONNECT_AFTER) });
     // The permit lives as long as the stream, which ends when it is done, idle, or its
     // client is found gone (at the next write).
@@ -46,6 +39,19 @@ pub fn event_stream(
         .boxed();
     let heartbeat = state.config.sse_heartbeat();
     SseBody::new(items, heartbeat)
+}
+
+/// A job's events after `after` (with its tokens and snapshots), as every stream
+/// reads them: until the terminal event, `ULTRA_SSE_IDLE_SECS` of quiet, or shutdown.
+pub fn job_items(state: &AppState, job_id: Uuid, after: i64, job_ended: bool) -> JobEventStream {
+    let sources = Sources {
+        pool: state.pool.clone(),
+        hub: state.hub.clone(),
+        partials: Partials { redis: state.redis.clone(), prefix: state.config.redis_prefix.clone() },
+        shutdown: state.shutdown.clone(),
+        idle_limit: state.config.sse_idle(),
+    };
+    JobEventStream::new(sources, job_id, after, job_ended)
 }
 
 /// A slot for one more open stream of this caller, within their tier's limit.

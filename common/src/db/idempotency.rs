@@ -75,7 +75,7 @@ pub async fn claim(
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => return Ok(Claim::Busy),
         Err(err) => return Err(err),
     };
-    sqlx::query("SET LOCAL lock_timeout = 0").execute(conn).await?;
+    sqlx::query("SET LOCAL lock_timeout TO DEFAULT").execute(conn).await?;
     Ok(claim)
 }
 

@@ -7,10 +7,10 @@ use uuid::Uuid;
 use crate::{
     domain::{EventKind, JobStatus},
     events::{JobEvent, StoredEvent},
-    job::{EventData, JobError, JobOptions, JobResult, QueuedData},
+    job::{ChatInput, EventData, JobError, JobOptions, JobResult, QueuedData},
 };
 
-const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, result, error, attempts, \
+const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, chat, result, error, attempts, \
                        created_at, started_at, finished_at, deadline_at, last_event_seq";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -23,6 +23,9 @@ pub struct Job {
     pub models: Vec<String>,
     #[sqlx(json)]
     pub options: JobOptions,
+    /// For a job submitted as a chat: its messages and sampling options.
+    #[sqlx(json(nullable))]
+    pub chat: Option<ChatInput>,
     #[sqlx(json(nullable))]
     pub result: Option<JobResult>,
     #[sqlx(json(nullable))]
@@ -46,6 +49,7 @@ pub struct NewJob<'a> {
     pub prompt: &'a str,
     pub models: &'a [String],
     pub options: &'a JobOptions,
+    pub chat: Option<&'a ChatInput>,
     /// Tokens reserved against the user's daily budget, and the day they count for.
     pub reserved_tokens: i64,
     pub reserved_day: Option<chrono::NaiveDate>,
@@ -53,7 +57,7 @@ pub struct NewJob<'a> {
     pub timeout_secs: u32,
 }
 
-/// Binds a new job's fields as `$1` to `$9`, in the order `submit` uses (tests that
+/// Binds a new job's fields as `$1` to `$10`, in the order `submit` uses (tests that
 /// write jobs in odd states bind them the same way).
 pub fn bind_new_job<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -69,6 +73,7 @@ pub fn bind_new_job<'q>(
         .bind(job.reserved_tokens)
         .bind(job.reserved_day)
         .bind(f64::from(job.timeout_secs))
+        .bind(job.chat.map(Json))
 }
 
 /// An accepted job as written: the job, its `queued` event and its outbox row.
@@ -96,15 +101,15 @@ pub async fn submit(
                SET reserved = usage_daily.reserved + EXCLUDED.reserved, jobs = usage_daily.jobs + 1
          ), job AS (
             INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day,
-                              deadline_at, last_event_seq)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), 1)
+                              deadline_at, chat, last_event_seq)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10, 1)
             RETURNING {COLUMNS}
          ), queued AS (
-            INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $10, $11)
+            INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $11, $12)
             RETURNING seq, kind, data, created_at
          ), outbox AS (
             -- Aged from the insert, not the transaction's start: see the relay.
-            INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $12, clock_timestamp())
+            INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $13, clock_timestamp())
             RETURNING id
          )
          SELECT job.*, queued.seq AS event_seq, queued.kind AS event_kind, queued.data AS event_data,

@@ -226,6 +226,13 @@ pub enum PipelineError {
     Database(#[from] sqlx::Error),
 }
 
+impl PipelineError {
+    /// A row that does not fit its type: no retry will read it.
+    pub fn is_undecodable(&self) -> bool {
+        matches!(self, PipelineError::Database(sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }))
+    }
+}
+
 /// How long a claim holds a job without renewal; renewed every third of it while the
 /// job runs here, and released at once if this worker stops running it unfinished. A
 /// worker gone for longer has its jobs returned to the queue by the reaper.

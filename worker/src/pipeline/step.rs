@@ -150,12 +150,17 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
         let message = format!("no provider `{}` configured", spec.provider);
         return Err(StepError::permanent(ErrorCode::NoProvider, message));
     };
+    let chat = job.chat.as_ref();
     let request = CompletionRequest {
         model: spec,
         prompt,
+        // A chat's first answers read its whole conversation; later stages read their templates.
+        messages: chat.filter(|_| stage == Stage::Initial).map_or(&[], |chat| &chat.messages),
         temperature: job.options.temperature,
+        top_p: chat.and_then(|chat| chat.top_p),
         // Never more than the model can write: the provider would refuse the call.
         max_tokens: job.options.max_tokens.map(|m| m.min(spec.max_output_tokens)),
+        stop: chat.map_or(&[], |chat| &chat.stop),
     };
     let use_cache = job.options.cache.unwrap_or(false);
     if use_cache {

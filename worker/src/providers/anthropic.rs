@@ -32,15 +32,27 @@ impl Provider for Anthropic {
     async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
         let endpoint = &self.endpoint;
         let key = endpoint.required_key()?;
+        let (system, dialogue) = request.system_and_dialogue();
+        let messages: Vec<_> =
+            dialogue.iter().map(|(role, content)| json!({ "role": role, "content": content })).collect();
         let mut body = json!({
             "model": request.model.upstream,
             // Required by the Messages API.
             "max_tokens": request.max_tokens.unwrap_or(request.model.max_output_tokens),
-            "messages": [{ "role": "user", "content": request.prompt }],
+            "messages": messages,
             "stream": true,
         });
+        if let Some(system) = system {
+            body["system"] = json!(system);
+        }
         if let Some(temperature) = request.temperature {
             body["temperature"] = json!(temperature.min(1.0)); // Anthropic's range is 0 to 1
+        }
+        if let Some(top_p) = request.top_p {
+            body["top_p"] = json!(top_p);
+        }
+        if !request.stop.is_empty() {
+            body["stop_sequences"] = json!(request.stop);
         }
         let http_request = endpoint
             .post("/messages")

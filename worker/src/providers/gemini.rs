@@ -7,7 +7,7 @@
 //! terminator: a stream that ends before a `finishReason` is truncated.
 
 use async_trait::async_trait;
-use common::{catalog::ProviderSpec, sse::SseMessage};
+use common::{catalog::ProviderSpec, domain::ChatRole, sse::SseMessage};
 use futures::{stream::BoxStream, StreamExt};
 use serde_json::{json, Value};
 
@@ -39,10 +39,24 @@ impl Provider for Gemini {
         if let Some(temperature) = request.temperature {
             config["temperature"] = json!(temperature);
         }
-        let body = json!({
-            "contents": [{ "role": "user", "parts": [{ "text": request.prompt }] }],
-            "generationConfig": config,
-        });
+        if let Some(top_p) = request.top_p {
+            config["topP"] = json!(top_p);
+        }
+        if !request.stop.is_empty() {
+            config["stopSequences"] = json!(request.stop);
+        }
+        let (system, dialogue) = request.system_and_dialogue();
+        let contents: Vec<_> = dialogue
+            .iter()
+            .map(|(role, text)| {
+                let role = if *role == ChatRole::Assistant { "model" } else { "user" };
+                json!({ "role": role, "parts": [{ "text": text }] })
+            })
+            .collect();
+        let mut body = json!({ "contents": contents, "generationConfig": config });
+        if let Some(system) = system {
+            body["systemInstruction"] = json!({ "parts": [{ "text": system }] });
+        }
         let model = &request.model.upstream;
         if !self.streaming {
             // One `GenerateContentResponse`: the same reading as one streamed chunk.

@@ -180,7 +180,7 @@ mod tests {
         let catalog = common::catalog::Catalog::builtin();
         let model = catalog.get("mock/alpha").expect("model");
         let mock = MockProvider::with_behaviour(MockBehaviour { tokens_per_second: 1000, ..MockBehaviour::default() });
-        let request = CompletionRequest { model, prompt: "hi there", temperature: None, max_tokens: None };
+        let request = CompletionRequest::new(model, "hi there");
         let mut deltas = 0;
         let completion =
             collect(mock.stream(&request).await.expect("stream"), |_| deltas += 1).await.expect("completes");
@@ -198,7 +198,7 @@ mod tests {
             failure: Some(ProviderError::Auth),
             ..MockBehaviour::default()
         });
-        let request = CompletionRequest { model, prompt: "hi", temperature: None, max_tokens: None };
+        let request = CompletionRequest::new(model, "hi");
         assert_eq!(mock.stream(&request).await.err(), Some(ProviderError::Auth));
     }
 }

@@ -16,8 +16,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use common::{
     catalog::{Catalog, ModelSpec, ProviderKind},
-    domain::ErrorCode,
-    job::StepError,
+    domain::{ChatRole, ErrorCode},
+    job::{ChatMessage, StepError},
 };
 use futures::{stream::BoxStream, StreamExt};
 
@@ -28,9 +28,50 @@ pub use mock::MockProvider;
 #[derive(Debug, Clone)]
 pub struct CompletionRequest<'a> {
     pub model: &'a ModelSpec,
+    /// The prompt as one text: what the model is asked, or, for a chat, its transcript
+    /// (the mock answers it; token estimates count it).
     pub prompt: &'a str,
+    /// A chat's messages, sent instead of `prompt` as one user message when not empty.
+    pub messages: &'a [ChatMessage],
     pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// Sequences that end the answer.
+    pub stop: &'a [String],
+}
+
+impl<'a> CompletionRequest<'a> {
+    /// `prompt` alone, with the provider's defaults.
+    pub fn new(model: &'a ModelSpec, prompt: &'a str) -> Self {
+        Self { model, prompt, messages: &[], temperature: None, top_p: None, max_tokens: None, stop: &[] }
+    }
+
+    /// What the model reads, as chat turns: the messages, or the prompt as the user's.
+    pub fn turns(&self) -> Vec<(ChatRole, &'a str)> {
+        if self.messages.is_empty() {
+            return vec![(ChatRole::User, self.prompt)];
+        }
+        self.messages.iter().map(|m| (m.role, m.content.as_str())).collect()
+    }
+
+    /// The turns as Anthropic's and Gemini's APIs take them: the system messages as one
+    /// instruction, and the rest with consecutive turns of one role merged (both
+    /// require user and assistant to alternate).
+    pub fn system_and_dialogue(&self) -> (Option<String>, Vec<(ChatRole, String)>) {
+        let mut system: Vec<&str> = Vec::new();
+        let mut dialogue: Vec<(ChatRole, String)> = Vec::new();
+        for (role, content) in self.turns() {
+            match (role, dialogue.last_mut()) {
+                (ChatRole::System, _) => system.push(content),
+                (role, Some((last, text))) if *last == role => {
+                    text.push_str("\n\n");
+                    text.push_str(content);
+                }
+                (role, _) => dialogue.push((role, content.to_owned())),
+            }
+        }
+        ((!system.is_empty()).then(|| system.join("\n\n")), dialogue)
+    }
 }
 
 /// Token usage as the provider reports it.

@@ -34,11 +34,9 @@ impl OpenAi {
 #[async_trait]
 impl Provider for OpenAi {
     async fn stream(&self, request: &CompletionRequest<'_>) -> Result<EventStream, ProviderError> {
-        let mut body = json!({
-            "model": request.model.upstream,
-            "messages": [{ "role": "user", "content": request.prompt }],
-            "stream": true,
-        });
+        let messages: Vec<_> =
+            request.turns().into_iter().map(|(role, content)| json!({ "role": role, "content": content })).collect();
+        let mut body = json!({ "model": request.model.upstream, "messages": messages, "stream": true });
         if self.stream_usage {
             body["stream_options"] = json!({ "include_usage": true });
         }
@@ -47,6 +45,12 @@ impl Provider for OpenAi {
         }
         if let Some(temperature) = request.temperature {
             body["temperature"] = json!(temperature);
+        }
+        if let Some(top_p) = request.top_p {
+            body["top_p"] = json!(top_p);
+        }
+        if !request.stop.is_empty() {
+            body["stop"] = json!(request.stop);
         }
         let endpoint = &self.endpoint;
         let mut http_request = endpoint.post("/chat/completions").json(&body);

@@ -47,7 +47,7 @@ async fn streams_a_message_with_usage() {
         .await;
     let spec = spec(ProviderKind::Anthropic, &format!("{}/v1", server.uri()), Some(KEY_ENV));
     let model = model("anthropic", "claude-test");
-    let request = CompletionRequest { model: &model, prompt: "Greet me", temperature: None, max_tokens: Some(64) };
+    let request = CompletionRequest { max_tokens: Some(64), ..CompletionRequest::new(&model, "Greet me") };
     let mut deltas = Vec::new();
     let completion = collect(client(&spec).stream(&request).await.expect("stream"), |d| deltas.push(d.to_owned()))
         .await
@@ -83,7 +83,7 @@ async fn input_tokens_sent_only_in_message_delta_are_counted() {
         .await;
     let spec = spec(ProviderKind::Anthropic, &format!("{}/v1", server.uri()), Some(KEY_ENV));
     let model = model("anthropic", "claude-test");
-    let request = CompletionRequest { model: &model, prompt: "Greet me", temperature: None, max_tokens: Some(64) };
+    let request = CompletionRequest { max_tokens: Some(64), ..CompletionRequest::new(&model, "Greet me") };
     let completion = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await.expect("complete");
     assert_eq!(completion.text, "Hello!");
     assert_eq!(
@@ -101,7 +101,7 @@ async fn a_stream_without_message_stop_or_with_an_error_event_fails() {
     let server = MockServer::start().await;
     let spec = spec(ProviderKind::Anthropic, &format!("{}/v1", server.uri()), Some(KEY_ENV));
     let model = model("anthropic", "claude-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "hi");
 
     Mock::given(method("POST")).respond_with(sse_response(stream(false))).mount(&server).await;
     let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;

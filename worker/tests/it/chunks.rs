@@ -71,7 +71,7 @@ async fn text_split_anywhere_is_reassembled_exactly() {
     let base = serve(parts, false).await;
     let spec = spec(ProviderKind::Openai, &base, None);
     let model = model("local", "llama");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "hi");
     let completion = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await.expect("complete");
     assert_eq!(completion.text, "caf\u{e9} \u{1f600} na\u{ef}ve");
     assert_eq!((completion.input_tokens, completion.output_tokens), (2, 4));
@@ -84,7 +84,7 @@ async fn a_stream_that_stalls_mid_answer_times_out() {
     let base = serve(vec![bytes[..half].to_vec()], true).await;
     let spec = spec(ProviderKind::Openai, &base, None); // one second of silence at most
     let model = model("local", "llama");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "hi");
     let started = std::time::Instant::now();
     let result = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await;
     assert_eq!(result.err(), Some(ProviderError::Timeout));

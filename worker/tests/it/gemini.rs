@@ -37,7 +37,7 @@ async fn streams_generate_content_with_the_key_in_a_header() {
         .await;
     let spec = spec(ProviderKind::Gemini, &format!("{}/v1beta", server.uri()), Some(KEY_ENV));
     let model = model("gemini", "gemini-test");
-    let request = CompletionRequest { model: &model, prompt: "Count", temperature: None, max_tokens: Some(20) };
+    let request = CompletionRequest { max_tokens: Some(20), ..CompletionRequest::new(&model, "Count") };
     let completion = collect(client(&spec).stream(&request).await.expect("stream"), |_| {}).await.expect("complete");
     assert_eq!(completion.text, "One, two.");
     assert_eq!((completion.input_tokens, completion.output_tokens), (4, 6));
@@ -52,7 +52,7 @@ async fn a_stream_without_a_finish_reason_is_truncated_and_safety_blocks_are_ref
     let server = MockServer::start().await;
     let spec = spec(ProviderKind::Gemini, &format!("{}/v1beta", server.uri()), Some(KEY_ENV));
     let model = model("gemini", "gemini-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "hi");
 
     Mock::given(method("POST"))
         .respond_with(sse_response(sse_body(&[(None, chunk("One, ", None))])))
@@ -88,7 +88,7 @@ async fn the_unary_generate_content_works_too() {
     let mut spec = spec(ProviderKind::Gemini, &format!("{}/v1beta", server.uri()), Some(KEY_ENV));
     spec.streaming = false;
     let model = model("gemini", "gemini-test");
-    let request = CompletionRequest { model: &model, prompt: "Count", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "Count");
     let completion = collect(client(&spec).stream(&request).await.expect("call"), |_| {}).await.expect("complete");
     assert_eq!((completion.text.as_str(), completion.output_tokens), ("One, two.", 6));
 }

@@ -10,7 +10,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_pr
     let server = MockServer::start().await;
     let model = model("local", "llama");
     let provider = guarded("local", &format!("{}/v1", server.uri()), &model);
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: Some(10) };
+    let request = CompletionRequest { max_tokens: Some(10), ..CompletionRequest::new(&model, "hi") };
 
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(502)).mount(&server).await;
     for _ in 0..2 {
@@ -44,7 +44,7 @@ async fn a_failed_probe_opens_the_circuit_again() {
     let server = MockServer::start().await;
     let model = model("local", "llama");
     let provider = guarded("local", &format!("{}/v1", server.uri()), &model);
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: Some(10) };
+    let request = CompletionRequest { max_tokens: Some(10), ..CompletionRequest::new(&model, "hi") };
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).mount(&server).await;
     for _ in 0..2 {
         assert!(provider.complete(&request, |_| {}).await.is_err());
@@ -67,7 +67,7 @@ async fn a_prompt_beyond_the_context_window_is_refused_before_calling() {
     let model = model("local", "llama"); // context window 1000 tokens
     let provider = guarded("local", &format!("{}/v1", server.uri()), &model);
     let prompt = "word ".repeat(1_000); // about 1250 tokens
-    let request = CompletionRequest { model: &model, prompt: &prompt, temperature: None, max_tokens: Some(10) };
+    let request = CompletionRequest { max_tokens: Some(10), ..CompletionRequest::new(&model, &prompt) };
     let error = provider.complete(&request, |_| {}).await.expect_err("refused");
     assert!(matches!(error, ProviderError::ContextTooLong(_)) && !error.is_retryable());
     assert_eq!(server.received_requests().await.map_or(0, |r| r.len()), 0, "no call was made");

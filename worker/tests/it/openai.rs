@@ -36,7 +36,7 @@ fn stream(with_done: bool) -> String {
 async fn say_hi(server: &MockServer) -> Result<EventStream, ProviderError> {
     let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
     let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "hi", temperature: None, max_tokens: None };
+    let request = CompletionRequest::new(&model, "hi");
     client(&spec).stream(&request).await
 }
 
@@ -65,7 +65,7 @@ async fn streams_a_chat_completion_and_reads_usage() {
         .await;
     let spec = spec(ProviderKind::Openai, &format!("{}/v1", server.uri()), Some(KEY_ENV));
     let model = model("openai", "gpt-test");
-    let request = CompletionRequest { model: &model, prompt: "Say hello", temperature: None, max_tokens: Some(50) };
+    let request = CompletionRequest { max_tokens: Some(50), ..CompletionRequest::new(&model, "Say hello") };
     let mut deltas = Vec::new();
     let completion = collect(client(&spec).stream(&request).await.expect("stream"), |d| deltas.push(d.to_owned()))
         .await

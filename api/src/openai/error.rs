@@ -1,0 +1,116 @@
+//! Errors on `/openai/v1` in OpenAI's shape: `{"error": {"message", "type", "param",
+//! "code"}}`, which the SDKs parse into their exception classes. Every error on the
+//! surface — a handler's, the gate's 401 and 429, the router's 404 and 405 — is first
+//! a problem document (`crate::error`); one middleware rewrites those under
+//! `/openai/`, so no path can answer in the other surface's shape.
+
+use poem::{http::StatusCode, Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use serde::Serialize;
+
+use crate::error::PROBLEM_CONTENT_TYPE;
+
+/// The paths the OpenAI-compatible surface serves.
+pub const PREFIX: &str = "/openai/";
+
+#[derive(Debug, Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+/// OpenAI's `type` and `code` for a problem type, and the status OpenAI would use.
+fn translate(slug: &str, status: StatusCode) -> (StatusCode, &'static str, Option<&'static str>) {
+    match slug {
+        // OpenAI answers every invalid request with a 400.
+        "validation-error" => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value")),
+        "malformed-request" | "unsupported-media-type" => (status, "invalid_request_error", None),
+        "payload-too-large" => (status, "invalid_request_error", Some("request_too_large")),
+        "unauthorized" => (status, "invalid_request_error", Some("invalid_api_key")),
+        "forbidden" => (status, "permission_error", None),
+        "not-found" => (status, "invalid_request_error", Some("not_found")),
+        "method-not-allowed" => (status, "invalid_request_error", Some("method_not_allowed")),
+        "conflict" => (status, "invalid_request_error", Some("conflict")),
+        "rate-limited" | "concurrency-limit" | "stream-limit" => (status, "requests", Some("rate_limit_exceeded")),
+        "budget-exceeded" => (status, "insufficient_quota", Some("insufficient_quota")),
+        "models-unavailable" | "service-unavailable" | "timeout" => (status, "server_error", Some("unavailable")),
+        _ => (status, "server_error", None),
+    }
+}
+
+/// An OpenAI-shaped error response.
+pub fn response(status: StatusCode, kind: &str, message: &str, param: Option<&str>, code: Option<&str>) -> Response {
+    let body = Envelope { error: Body { message, kind, param, code } };
+    Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// Rewrites problem documents under `/openai/` into OpenAI's error shape, keeping the
+/// status (a validation failure's 422 becomes OpenAI's 400) and every header
+/// (`Retry-After`, the rate-limit headers, `WWW-Authenticate`).
+pub struct OpenAiErrors;
+
+impl<E: Endpoint> Middleware<E> for OpenAiErrors {
+    type Output = OpenAiErrorsEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        OpenAiErrorsEndpoint { inner }
+    }
+}
+
+pub struct OpenAiErrorsEndpoint<E> {
+    inner: E,
+}
+
+impl<E: Endpoint> Endpoint for OpenAiErrorsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> Result<Response> {
+        let ours = req.uri().path().starts_with(PREFIX);
+        let answer = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(err) => crate::error::into_problem(err).await,
+        };
+        let is_problem = answer.content_type().is_some_and(|t| t.starts_with(PROBLEM_CONTENT_TYPE));
+        if !ours || !is_problem {
+            return Ok(answer);
+        }
+        let (parts, body) = answer.into_parts();
+        let problem: serde_json::Value = serde_json::from_slice(&body.into_vec().await.unwrap_or_default())
+            .unwrap_or_else(|_| serde_json::json!({}));
+        let slug = problem["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or_default();
+        let (status, kind, code) = translate(slug, parts.status);
+        let message = problem["detail"].as_str().unwrap_or("the request failed");
+        let param = problem["errors"][0]["field"].as_str();
+        let mut rewritten = response(status, kind, message, param, code);
+        for (name, value) in &parts.headers {
+            if name != poem::http::header::CONTENT_TYPE && name != poem::http::header::CONTENT_LENGTH {
+                rewritten.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        Ok(rewritten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_type_has_an_openai_type() {
+        let (status, kind, code) = translate("validation-error", StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!((status, kind, code), (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value")));
+        assert_eq!(translate("budget-exceeded", StatusCode::TOO_MANY_REQUESTS).1, "insufficient_quota");
+        assert_eq!(translate("internal-error", StatusCode::INTERNAL_SERVER_ERROR).1, "server_error");
+    }
+}
