@@ -46,6 +46,7 @@ pub async fn run(settings: Arc<Settings>, listener: TcpListener, shutdown: Cance
     tasks.spawn(state.hub.clone().run(redis_client, settings.config.redis_prefix.clone(), background.clone()));
     tasks.spawn(state.hub.clone().run_rechecks(state.pool.clone(), background.clone()));
     tasks.spawn(relay::run(state.clone(), background.clone()));
+    tasks.spawn(openai::feeder::run(state.clone(), background.clone()));
 
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%address, "api listening");
@@ -94,6 +95,12 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
         ("/openai/v1/models", "GET"),
         ("/openai/v1/models/{id}", "GET"),
         ("/openai/v1/chat/completions", "POST"),
+        ("/openai/v1/files", "GET, POST"),
+        ("/openai/v1/files/{id}", "DELETE, GET"),
+        ("/openai/v1/files/{id}/content", "GET"),
+        ("/openai/v1/batches", "GET, POST"),
+        ("/openai/v1/batches/{id}", "GET"),
+        ("/openai/v1/batches/{id}/cancel", "POST"),
     ];
     let routes = Arc::new(metrics::RouteTemplates::from_spec(&document, &undocumented));
     let app = Route::new()

@@ -146,6 +146,14 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DEFAULT_MODELS", value_delimiter = ',', global = true)]
     pub default_models: Vec<String>,
 
+    /// Largest file `POST /openai/v1/files` accepts, in bytes.
+    #[arg(long, env = "ULTRA_FILE_MAX_BYTES", default_value_t = 50 * 1024 * 1024, global = true)]
+    pub file_max_bytes: usize,
+
+    /// Most lines (requests) one batch input file may hold.
+    #[arg(long, env = "ULTRA_BATCH_MAX_LINES", default_value_t = 50_000, global = true)]
+    pub batch_max_lines: usize,
+
     /// Browser origins allowed by CORS, comma-separated (none by default).
     #[arg(long, env = "ULTRA_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,
@@ -356,6 +364,9 @@ impl Config {
         }
         if self.max_models_per_job == 0 {
             problems.push("ULTRA_MAX_MODELS_PER_JOB must be at least 1".to_owned());
+        }
+        if self.file_max_bytes == 0 || self.batch_max_lines == 0 {
+            problems.push("ULTRA_FILE_MAX_BYTES and ULTRA_BATCH_MAX_LINES must be at least 1".to_owned());
         }
         if self.db_pool_size == 0 {
             problems.push("ULTRA_DB_POOL_SIZE must be at least 1".to_owned());

@@ -8,8 +8,8 @@ use sqlx::{FromRow, PgConnection};
 pub async fn insert(conn: &mut PgConnection, job: &NewJob<'_>) -> Result<Job, sqlx::Error> {
     let insert = sqlx::query(
         "INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day, deadline_at,
-                           chat)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10) RETURNING *",
+                           chat, batch_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10, $11) RETURNING *",
     );
     let row = bind_new_job(insert, job).fetch_one(conn).await?;
     Job::from_row(&row)

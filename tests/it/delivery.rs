@@ -241,6 +241,7 @@ async fn insert_queued_job(tx: &mut sqlx::PgConnection, user_id: Uuid, prompt: &
         models: &models,
         options: &JobOptions::default(),
         chat: None,
+        batch_id: None,
         reserved_tokens: 0,
         reserved_day: None,
         timeout_secs: 600,

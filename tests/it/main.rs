@@ -3,6 +3,7 @@
 
 mod accounts;
 mod auth;
+mod batches;
 mod cancel;
 mod client_ip;
 mod connections;

@@ -45,6 +45,8 @@ pub struct Options {
     pub header_timeout_secs: Option<u64>,
     /// `ULTRA_MAX_CONNECTIONS` (the default when `None`).
     pub max_connections: Option<usize>,
+    /// `ULTRA_FILE_MAX_BYTES`.
+    pub file_max_bytes: Option<usize>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             trusted_proxies: Vec::new(),
             header_timeout_secs: None,
             max_connections: None,
+            file_max_bytes: None,
         }
     }
 }
@@ -130,6 +133,7 @@ impl TestApp {
         config.trusted_proxies = options.trusted_proxies.clone();
         config.header_timeout_secs = options.header_timeout_secs.unwrap_or(config.header_timeout_secs);
         config.max_connections = options.max_connections.unwrap_or(config.max_connections);
+        config.file_max_bytes = options.file_max_bytes.unwrap_or(config.file_max_bytes);
         if let Some(toml) = &options.config_toml {
             let path = std::env::temp_dir().join(format!("ultra-test-{db_name}.toml"));
             std::fs::write(&path, toml).expect("write config file");

@@ -9,16 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+source tests/support/venv.sh
 venv="${ULTRA_OPENAI_VENV:-${CARGO_TARGET_DIR:-target}/openai-venv}"
-requirements=tests/openai/requirements.txt
-constraints=tests/openai/constraints.txt
-# A venv is rebuilt when the pins change, and reused otherwise (CI stays fast).
-stamp="$venv/.pins"
-if ! cat "$requirements" "$constraints" | cmp -s - "$stamp" 2>/dev/null; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" -c "$constraints"
-  cat "$requirements" "$constraints" >"$stamp"
-fi
+pinned_venv "$venv" tests/openai/requirements.txt tests/openai/constraints.txt
 export ULTRA_BIN="${ULTRA_BIN:-${CARGO_TARGET_DIR:-target}/debug/ultra}"
 exec "$venv/bin/python" tests/openai/sdk_suite.py

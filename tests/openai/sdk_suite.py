@@ -19,11 +19,13 @@ is assumed.
 """
 
 import hashlib
+import json
 import os
 import secrets
 import string
 import sys
 import tempfile
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -266,6 +268,69 @@ def idempotency(client: OpenAI) -> str:
     return f"the same Idempotency-Key and body twice: one job, {first.id}"
 
 
+def batch_lines(count: int, prefix: str) -> bytes:
+    lines = [
+        json.dumps({
+            "custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "mock/alpha", "messages": [{"role": "user", "content": f"Question {i}"}]},
+        })
+        for i in range(count)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def wait_for_batch(client: OpenAI, batch_id: str, ends: tuple[str, ...]):
+    deadline = time.monotonic() + 120
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ends:
+            return batch
+        expect(time.monotonic() < deadline, f"batch {batch_id} still {batch.status} after 120 s")
+        time.sleep(0.2)
+
+
+def batch(client: OpenAI) -> str:
+    count = 12
+    uploaded = client.files.create(file=("questions.jsonl", batch_lines(count, "q")), purpose="batch")
+    expect(uploaded.object == "file" and uploaded.purpose == "batch", f"upload: {uploaded!r:.300}")
+    expect(client.files.retrieve(uploaded.id).bytes == uploaded.bytes, "files.retrieve disagrees with the upload")
+    expect(any(f.id == uploaded.id for f in client.files.list()), "files.list does not list the upload")
+    created = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"suite": "openai-sdk"},
+    )
+    done = wait_for_batch(client, created.id, ("completed", "failed", "cancelled", "expired"))
+    expect(done.status == "completed", f"batch ended {done.status}: {done.errors!r:.500}")
+    counts = done.request_counts
+    expect((counts.total, counts.completed, counts.failed) == (count, count, 0), f"request_counts {counts!r}")
+    expect(done.error_file_id is None, f"an error file for a batch without errors: {done.error_file_id}")
+    output = client.files.content(done.output_file_id).text
+    answered = {}
+    for raw in output.splitlines():
+        record = json.loads(raw)
+        expect(record["response"]["status_code"] == 200, f"a line failed: {raw[:300]}")
+        body = record["response"]["body"]
+        answered[record["custom_id"]] = body["choices"][0]["message"]["content"]
+    expect(sorted(answered) == sorted(f"q-{i}" for i in range(count)), f"custom ids back: {sorted(answered)}")
+    expect(all(text.startswith("[mock/alpha]") for text in answered.values()), "an answer is not the model's")
+    expect(any(b.id == created.id for b in client.batches.list(limit=10)), "batches.list does not list the batch")
+    client.files.delete(uploaded.id)
+    return f"batch {created.id}: {count} lines, each back once by custom_id in the output file"
+
+
+def batch_cancel(client: OpenAI) -> str:
+    uploaded = client.files.create(file=("many.jsonl", batch_lines(400, "c")), purpose="batch")
+    created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    cancelling = client.batches.cancel(created.id)
+    expect(cancelling.status in ("cancelling", "cancelled"), f"cancel answered {cancelling.status}")
+    done = wait_for_batch(client, created.id, ("completed", "failed", "cancelled", "expired"))
+    expect(done.status == "cancelled", f"the cancelled batch ended {done.status}")
+    counts = done.request_counts
+    expect(counts.completed + counts.failed == counts.total == 400, f"request_counts {counts!r}")
+    expect(counts.completed < 400, f"every line ran although the batch was cancelled: {counts!r}")
+    return f"batch {created.id} cancelled: {counts.completed} of 400 lines ran, {counts.failed} never will"
+
+
 CHECKS: list[tuple[str, Callable[[OpenAI], str]]] = [
     ("models.list", models_list),
     ("models.retrieve", models_retrieve),
@@ -276,6 +341,8 @@ CHECKS: list[tuple[str, Callable[[OpenAI], str]]] = [
     ("errors: unsupported field", unsupported_field),
     ("errors: bad API key", bad_key),
     ("idempotency", idempotency),
+    ("batch", batch),
+    ("batch cancel", batch_cancel),
 ]
 
 
@@ -359,7 +426,8 @@ def main() -> int:
         print(f"openai-sdk: FAILED {len(failed)} of {len(CHECKS)} checks through the official SDK "
               f"(openai=={openai.__version__}): {', '.join(failed)}")
         return 1
-    print("openai-sdk: models, chat, streaming, ultra/critique, errors and idempotency all passed through the "
+    print("openai-sdk: models, chat, streaming, ultra/critique, errors, idempotency, a batch and a cancelled batch "
+          "all passed through the "
           f"official SDK (openai=={openai.__version__})")
     return 0
 

@@ -15,11 +15,13 @@ use common::{
 use uuid::Uuid;
 
 pub use self::runnable::check_models_can_run;
-use crate::{auth::Principal, error::ApiError, relay, state::AppState};
+use crate::{error::ApiError, relay, state::AppState};
 
 /// A validated request for a job.
 pub struct Submission<'a> {
-    pub principal: &'a Principal,
+    /// Who submits: the job's owner, and the tier whose limits apply.
+    pub user_id: Uuid,
+    pub tier: &'a str,
     pub prompt: &'a str,
     pub models: &'a [String],
     /// The pattern's name and its stages.
@@ -27,6 +29,8 @@ pub struct Submission<'a> {
     pub options: JobOptions,
     /// For a chat: the whole conversation (`prompt` is its transcript).
     pub chat: Option<ChatInput>,
+    /// For a batch's line: the batch.
+    pub batch_id: Option<Uuid>,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency: Option<Idempotency<'a>>,
     /// The request's trace, carried by the job's messages.
@@ -73,10 +77,20 @@ const KEY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// Accepts a job, or finds the one its idempotency key already created. The job is
 /// durable when this returns, even while the broker is down.
 pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Accepted, ApiError> {
-    let Submission { principal, prompt, models, pattern: (pattern, spec), mut options, chat, idempotency, traceparent } =
-        submission;
+    let Submission {
+        user_id,
+        tier,
+        prompt,
+        models,
+        pattern: (pattern, spec),
+        mut options,
+        chat,
+        batch_id,
+        idempotency,
+        traceparent,
+    } = submission;
     let config = &state.config;
-    let tier = state.tiers.for_user(&principal.tier);
+    let tier = state.tiers.for_user(tier);
     // The effective `max_tokens` is stored with the job, so the reservation is a real
     // bound: what every call of every stage can read and write.
     let max_tokens = *options.max_tokens.get_or_insert(config.default_max_tokens);
@@ -87,29 +101,27 @@ pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Acce
 
     let retention = config.idempotency_retention();
     if let Some(key) = &idempotency {
-        if let Some(recorded) = db::idempotency::get(&state.pool, principal.user_id, key.key, retention).await? {
-            return replay(state, principal, recorded, key).await;
+        if let Some(recorded) = db::idempotency::get(&state.pool, user_id, key.key, retention).await? {
+            return replay(state, user_id, recorded, key).await;
         }
     }
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &idempotency {
-        let user = principal.user_id;
-        match db::idempotency::claim(&mut tx, user, key.key, &key.request_hash, id, retention, KEY_WAIT).await? {
+        match db::idempotency::claim(&mut tx, user_id, key.key, &key.request_hash, id, retention, KEY_WAIT).await? {
             Claim::Claimed => {}
             Claim::Taken => {
                 tx.rollback().await?;
-                let recorded = db::idempotency::get(&state.pool, user, key.key, retention).await?;
+                let recorded = db::idempotency::get(&state.pool, user_id, key.key, retention).await?;
                 let recorded = recorded.ok_or_else(|| ApiError::Conflict(IN_PROGRESS.into()))?;
-                return replay(state, principal, recorded, key).await;
+                return replay(state, user_id, recorded, key).await;
             }
             Claim::Busy => return Err(ApiError::Conflict(IN_PROGRESS.into())),
         }
     }
     // The user's row lock serialises their submissions, so the checks below and the
     // reservation are one atomic step: racing requests cannot overspend.
-    db::usage::lock_user(&mut tx, principal.user_id).await?;
-    let db::usage::Standing { day: today, usage, active_jobs: active } =
-        db::usage::standing(&mut *tx, principal.user_id).await?;
+    db::usage::lock_user(&mut tx, user_id).await?;
+    let db::usage::Standing { day: today, usage, active_jobs: active } = db::usage::standing(&mut *tx, user_id).await?;
     if active >= i64::from(tier.concurrent_jobs) {
         return Err(ApiError::TooManyJobs(format!(
             "{active} jobs in progress; your tier allows {} at once",
@@ -125,12 +137,13 @@ pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Acce
     }
     let new_job = db::jobs::NewJob {
         id,
-        user_id: principal.user_id,
+        user_id,
         pattern,
         prompt,
         models,
         options: &options,
         chat: chat.as_ref(),
+        batch_id,
         reserved_tokens: reserve,
         reserved_day: Some(today),
         timeout_secs,
@@ -148,14 +161,14 @@ pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Acce
 /// The job an earlier request with the same key created, if the request is the same.
 async fn replay(
     state: &AppState,
-    principal: &Principal,
+    user_id: Uuid,
     recorded: db::idempotency::Recorded,
     key: &Idempotency<'_>,
 ) -> Result<Accepted, ApiError> {
     if recorded.request_hash != key.request_hash {
         return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
     }
-    let job = db::jobs::get_owned(&state.pool, recorded.job_id, principal.user_id)
+    let job = db::jobs::get_owned(&state.pool, recorded.job_id, user_id)
         .await?
         .ok_or(ApiError::Conflict(IN_PROGRESS.into()))?;
     Ok(Accepted::Replayed(job))

@@ -64,17 +64,19 @@ async fn complete(req: &Request, body: Body, state: &Arc<AppState>, trace: &Trac
     };
     // A stream slot is taken before anything is accepted (as on `/v1/analyze`).
     let permit = if request.wants_stream() { Some(stream_permit(state, &principal)?) } else { None };
-    let planned = request.plan(state, &principal)?;
+    let planned = request.plan(state, &principal.tier)?;
     jobs::check_models_can_run(state, &planned.models).await?;
     let answering = Answering::of(&planned.spec, &planned.models, &request.model);
     let traceparent = trace.to_string();
     let submission = Submission {
-        principal: &principal,
+        user_id: principal.user_id,
+        tier: &principal.tier,
         prompt: &planned.prompt,
         models: &planned.models,
         pattern: (&planned.pattern, &planned.spec),
         options: planned.options,
         chat: Some(planned.chat),
+        batch_id: None,
         idempotency: key.as_deref().map(|key| Idempotency::new(key, &request)),
         traceparent: &traceparent,
     };
@@ -99,7 +101,7 @@ async fn complete(req: &Request, body: Body, state: &Arc<AppState>, trace: &Trac
 }
 
 /// Which step writes the answer a completion returns, and how to read it from a result.
-struct Answering {
+pub(super) struct Answering {
     /// The model the request named (`mock/alpha`, `ultra/critique`).
     model: String,
     stage: Stage,
@@ -111,7 +113,7 @@ struct Answering {
 }
 
 impl Answering {
-    fn of(spec: &PatternSpec, models: &[String], model: &str) -> Self {
+    pub(super) fn of(spec: &PatternSpec, models: &[String], model: &str) -> Self {
         let first = models.first().cloned().unwrap_or_default();
         let (stage, writer) = if spec.synthesis_template.is_some() {
             (Stage::Synthesis, None)
@@ -203,8 +205,13 @@ async fn whole(state: &Arc<AppState>, job: &Job, answering: &Answering) -> Resul
     let (Some(result), JobStatus::Succeeded) = (&ended.result, ended.status) else {
         return Ok(failure(ended.error.as_ref()));
     };
-    let usage = usage(state, job.id).await?;
-    let body = json!({
+    let (input, output) = usage(state, job.id).await?;
+    Ok(Json(completion_json(job, answering, result, input, output)).into_response())
+}
+
+/// OpenAI's `chat.completion` for a job that succeeded with `result`.
+pub(super) fn completion_json(job: &Job, answering: &Answering, result: &JobResult, input: i64, output: i64) -> Value {
+    json!({
         "id": job.id,
         "object": "chat.completion",
         "created": job.created_at.timestamp(),
@@ -215,25 +222,27 @@ async fn whole(state: &Arc<AppState>, job: &Job, answering: &Answering) -> Resul
             "logprobs": null,
             "finish_reason": "stop",
         }],
-        "usage": usage,
+        "usage": usage_json(input, output),
         "system_fingerprint": null,
-    });
-    Ok(Json(body).into_response())
+    })
 }
 
-/// OpenAI's `usage` for the job's calls (cached answers cost nothing and count nothing).
-async fn usage(state: &AppState, job_id: Uuid) -> Result<Value, ApiError> {
+fn usage_json(input: i64, output: i64) -> Value {
+    json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output })
+}
+
+/// The tokens of the job's paid calls (cached answers cost nothing and count nothing).
+async fn usage(state: &AppState, job_id: Uuid) -> Result<(i64, i64), ApiError> {
     let steps = db::steps::list(&state.pool, job_id).await?;
     let paid = steps.iter().filter(|s| !s.cached);
-    let (input, output) = paid.fold((0i64, 0i64), |(i, o), s| {
+    Ok(paid.fold((0i64, 0i64), |(i, o), s| {
         (i + i64::from(s.input_tokens.unwrap_or(0)), o + i64::from(s.output_tokens.unwrap_or(0)))
-    });
-    Ok(json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output }))
+    }))
 }
 
 /// Why a job did not answer, as OpenAI's error: the provider's throttling as a 429,
 /// a prompt too long for a model as a 400, anything else as a 502 from upstream.
-fn failure_parts(error: Option<&JobError>) -> (StatusCode, &'static str, String, String) {
+pub(super) fn failure_parts(error: Option<&JobError>) -> (StatusCode, &'static str, String, String) {
     let Some(error) = error else {
         return (StatusCode::BAD_GATEWAY, "server_error", "the job ended without an answer".into(), "failed".into());
     };
@@ -382,7 +391,7 @@ impl Streaming {
         self.pending.push_back(self.chunker.delta(json!({}), Some("stop")));
         if self.include_usage {
             match usage(&self.state, self.job_id).await {
-                Ok(usage) => self.pending.push_back(self.chunker.usage(usage)),
+                Ok((input, output)) => self.pending.push_back(self.chunker.usage(usage_json(input, output))),
                 Err(err) => tracing::warn!(job_id = %self.job_id, error = %err, "cannot read the job's usage"),
             }
         }

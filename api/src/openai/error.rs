@@ -46,6 +46,16 @@ fn translate(slug: &str, status: StatusCode) -> (StatusCode, &'static str, Optio
     }
 }
 
+/// An `ApiError` as OpenAI's status and error body (for a batch's error file).
+pub fn of_api_error(err: &crate::error::ApiError) -> (StatusCode, serde_json::Value) {
+    let problem = err.problem();
+    let slug = problem.kind.rsplit('/').next().unwrap_or_default();
+    let (status, kind, code) = translate(slug, err.status());
+    let param = problem.errors.as_ref().and_then(|errors| errors.first()).map(|e| e.field.as_str());
+    let body = Envelope { error: Body { message: &problem.detail, kind, param, code } };
+    (status, serde_json::to_value(body).unwrap_or_default())
+}
+
 /// An OpenAI-shaped error response.
 pub fn response(status: StatusCode, kind: &str, message: &str, param: Option<&str>, code: Option<&str>) -> Response {
     let body = Envelope { error: Body { message, kind, param, code } };

@@ -6,8 +6,11 @@
 //! Model ids contain `/` (`mock/alpha`, `ultra/critique`), sent as is by some SDKs and
 //! as `%2F` by others, so `models/{id}` takes the rest of the path, decoded.
 
+mod batches;
 mod chat;
 pub mod error;
+pub mod feeder;
+mod files;
 pub mod models;
 mod request;
 
@@ -22,6 +25,12 @@ pub fn routes() -> BoxEndpoint<'static, Response> {
         .at("/models", get(models::list))
         .at("/models/*id", get(models::retrieve))
         .at("/chat/completions", post(chat::completions))
+        .at("/files", get(files::list).post(files::upload))
+        .at("/files/:id", get(files::retrieve).delete(files::delete))
+        .at("/files/:id/content", get(files::download))
+        .at("/batches", get(batches::list).post(batches::create))
+        .at("/batches/:id", get(batches::retrieve))
+        .at("/batches/:id/cancel", post(batches::cancel))
         .around(|endpoint, req: Request| async move {
             if req.extensions().get::<Principal>().is_none() {
                 return Err(ApiError::Unauthorized.into());
@@ -29,6 +38,11 @@ pub fn routes() -> BoxEndpoint<'static, Response> {
             endpoint.call(req).await.map(IntoResponse::into_response)
         })
         .boxed()
+}
+
+/// The caller, whom the gate resolved (every route here requires one).
+fn principal(req: &Request) -> Result<Principal, ApiError> {
+    req.extensions().get::<Principal>().cloned().ok_or(ApiError::Unauthorized)
 }
 
 /// The chat completions path: it waits for its job, so the request timeout does not

@@ -58,6 +58,12 @@ pub async fn retrieve(Data(state): Data<&Arc<AppState>>, Path(id): Path<String>)
     }
 }
 
+/// Whether a chat completion may name `id`.
+pub fn exists(state: &AppState, id: &str) -> bool {
+    state.catalog.get(id).is_some()
+        || id.strip_prefix(PATTERN_PREFIX).is_some_and(|pattern| state.patterns.get(pattern).is_some())
+}
+
 /// OpenAI's answer for a model that does not exist.
 pub fn not_found(id: &str) -> Response {
     let message = format!("The model `{id}` does not exist or you do not have access to it.");

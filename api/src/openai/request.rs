@@ -16,7 +16,6 @@ use serde_json::Value;
 
 use super::models::PATTERN_PREFIX;
 use crate::{
-    auth::Principal,
     error::{ApiError, FieldError},
     jobs,
     state::AppState,
@@ -161,7 +160,7 @@ impl ChatRequest {
     }
 
     /// Checks everything at once and plans the job.
-    pub fn plan(&self, state: &AppState, principal: &Principal) -> Result<Planned, Refusal> {
+    pub fn plan(&self, state: &AppState, tier: &str) -> Result<Planned, Refusal> {
         let mut errors = Vec::new();
         for (name, _) in self.other.iter().filter(|(_, value)| !is_neutral(value)) {
             errors.push(FieldError::new(name, "is not supported by Ultra"));
@@ -191,7 +190,7 @@ impl ChatRequest {
         }
         let messages = self.messages(&mut errors);
 
-        let (pattern, spec, models) = self.target(state, principal, &mut errors)?;
+        let (pattern, spec, models) = self.target(state, tier, &mut errors)?;
         let chat = ChatInput { messages, top_p: self.top_p, stop };
         let prompt = chat.transcript();
         let limit = state.config.max_prompt_chars;
@@ -276,7 +275,7 @@ impl ChatRequest {
     fn target(
         &self,
         state: &AppState,
-        principal: &Principal,
+        tier: &str,
         errors: &mut Vec<FieldError>,
     ) -> Result<(String, PatternSpec, Vec<String>), Refusal> {
         let ultra_models = self.ultra.as_ref().and_then(|u| u.models.clone());
@@ -293,7 +292,7 @@ impl ChatRequest {
         else {
             return Err(Refusal::UnknownModel(self.model.clone()));
         };
-        let tier = state.tiers.for_user(&principal.tier);
+        let tier = state.tiers.for_user(tier);
         let allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let models = match ultra_models {
             Some(models) => {

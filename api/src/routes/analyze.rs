@@ -114,12 +114,14 @@ impl AnalyzeApi {
         let idempotency = idempotency_key.as_deref().map(|key| Idempotency::new(key, &request));
         let traceparent = trace.0.to_string();
         let submission = Submission {
-            principal: &auth.0,
+            user_id: auth.0.user_id,
+            tier: &auth.0.tier,
             prompt: &request.prompt,
             models: &request.models,
             pattern: (&pattern, &spec),
             options: request.options.clone().unwrap_or_default(),
             chat: None,
+            batch_id: None,
             idempotency,
             traceparent: &traceparent,
         };

@@ -50,6 +50,8 @@ pub struct NewJob<'a> {
     pub models: &'a [String],
     pub options: &'a JobOptions,
     pub chat: Option<&'a ChatInput>,
+    /// The batch the job is a line of.
+    pub batch_id: Option<Uuid>,
     /// Tokens reserved against the user's daily budget, and the day they count for.
     pub reserved_tokens: i64,
     pub reserved_day: Option<chrono::NaiveDate>,
@@ -57,7 +59,7 @@ pub struct NewJob<'a> {
     pub timeout_secs: u32,
 }
 
-/// Binds a new job's fields as `$1` to `$10`, in the order `submit` uses (tests that
+/// Binds a new job's fields as `$1` to `$11`, in the order `submit` uses (tests that
 /// write jobs in odd states bind them the same way).
 pub fn bind_new_job<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -74,6 +76,7 @@ pub fn bind_new_job<'q>(
         .bind(job.reserved_day)
         .bind(f64::from(job.timeout_secs))
         .bind(job.chat.map(Json))
+        .bind(job.batch_id)
 }
 
 /// An accepted job as written: the job, its `queued` event and its outbox row.
@@ -101,15 +104,15 @@ pub async fn submit(
                SET reserved = usage_daily.reserved + EXCLUDED.reserved, jobs = usage_daily.jobs + 1
          ), job AS (
             INSERT INTO jobs (id, user_id, pattern, prompt, models, options, reserved_tokens, reserved_day,
-                              deadline_at, chat, last_event_seq)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10, 1)
+                              deadline_at, chat, batch_id, last_event_seq)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10, $11, 1)
             RETURNING {COLUMNS}
          ), queued AS (
-            INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $11, $12)
+            INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $12, $13)
             RETURNING seq, kind, data, created_at
          ), outbox AS (
             -- Aged from the insert, not the transaction's start: see the relay.
-            INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $13, clock_timestamp())
+            INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $14, clock_timestamp())
             RETURNING id
          )
          SELECT job.*, queued.seq AS event_seq, queued.kind AS event_kind, queued.data AS event_data,
@@ -143,6 +146,11 @@ pub async fn get_owned(ex: impl PgExecutor<'_>, id: Uuid, user_id: Uuid) -> Resu
         .bind(user_id)
         .fetch_optional(ex)
         .await
+}
+
+/// A batch's jobs.
+pub async fn list_in_batch(ex: impl PgExecutor<'_>, batch_id: Uuid) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM jobs WHERE batch_id = $1")).bind(batch_id).fetch_all(ex).await
 }
 
 /// One page of a user's jobs, newest first; `before` is the last id of the previous page.

@@ -2,7 +2,9 @@
 //! (or a transaction) so the caller decides what commits together.
 
 pub mod api_keys;
+pub mod batches;
 pub mod events;
+pub mod files;
 pub mod idempotency;
 pub mod jobs;
 pub mod outbox;
