@@ -163,8 +163,14 @@ impl Harness {
 
     /// A user in the `bench` tier and its API key.
     pub async fn api_key(&self) -> anyhow::Result<String> {
+        self.api_key_in_tier(BENCH_TIER).await
+    }
+
+    /// A user in `tier` and its API key: for a benchmark that measures a tier's
+    /// limits at work (`batch`: the share of a user's job slots a batch may take).
+    pub async fn api_key_in_tier(&self, tier: &str) -> anyhow::Result<String> {
         let user = db::users::create(&self.pool, &format!("{}@bench.invalid", uuid::Uuid::new_v4()), "user").await?;
-        db::users::update_admin(&self.pool, user.id, Some("bench"), None).await?;
+        db::users::update_admin(&self.pool, user.id, Some(tier), None).await?;
         let key = apikey::generate();
         db::api_keys::insert(&self.pool, user.id, "bench", &key.prefix, &key.hash).await?;
         Ok(key.secret)
@@ -188,6 +194,9 @@ impl Harness {
 /// Limits far above anything a benchmark reaches (tier `bench`), and mock models
 /// whose concurrency caps do not bind.
 const BENCH_CONFIG: &str = include_str!("limitless.toml");
+
+/// The tier `limitless.toml` defines, besides the built-in ones.
+pub const BENCH_TIER: &str = "bench";
 
 /// A process's resident memory in MB: now, and its peak so far.
 #[derive(Debug, Clone, Copy, serde::Serialize)]

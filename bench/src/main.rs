@@ -7,6 +7,7 @@
 //! A binary of its own, so the release binary (and its `--help`) carries none of it;
 //! each subcommand takes only its own flags and the services it uses.
 
+mod batch;
 mod chaos;
 mod harness;
 mod idle;
@@ -88,6 +89,17 @@ enum Bench {
         #[command(flatten)]
         processes: Processes,
     },
+    /// An OpenAI Batch API batch of `--lines` chat completions: lines/s, RSS, and
+    /// interactive p50 while it runs against idle (exits non-zero unless every line
+    /// completed).
+    Batch {
+        #[command(flatten)]
+        args: batch::BatchBench,
+        #[command(flatten)]
+        services: Services,
+        #[command(flatten)]
+        processes: Processes,
+    },
 }
 
 #[tokio::main]
@@ -114,6 +126,7 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Idle { args, services, processes } => idle::run(&services, &processes, args).await,
         Bench::Chaos { args, services, processes } => chaos::run(&services, &processes, args).await,
         Bench::Sse { args, services, processes } => sse::run(&services, &processes, args).await,
+        Bench::Batch { args, services, processes } => batch::run(&services, &processes, args).await,
     }
 }
 

@@ -185,9 +185,10 @@ async fn measure(harness: &Harness, args: &ThroughputBench, models: &[&str]) -> 
     Ok(())
 }
 
-/// Submits jobs and follows each to its end over its own event stream.
+/// Submits jobs and follows each to its end over its own event stream (`batch`
+/// measures its interactive jobs with it too).
 #[derive(Clone)]
-struct Client {
+pub struct Client {
     http: reqwest::Client,
     url: String,
     /// Job `n` is submitted with key `n % keys.len()`.
@@ -196,7 +197,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(base: &str, keys: Vec<String>, models: &[&str]) -> anyhow::Result<Self> {
+    pub fn new(base: &str, keys: Vec<String>, models: &[&str]) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
         let body = analyze_body(models);
         Ok(Self { http, url: format!("{base}/v1/analyze"), keys, body })
@@ -204,7 +205,7 @@ impl Client {
 
     /// One job: when it was submitted, accepted (the answer's headers) and ended (its
     /// terminal event); an error if it did not succeed.
-    async fn job(&self, n: usize) -> anyhow::Result<[Instant; 3]> {
+    pub async fn job(&self, n: usize) -> anyhow::Result<[Instant; 3]> {
         let started = Instant::now();
         let response = self
             .http

@@ -222,6 +222,10 @@ pub struct Config {
     #[arg(long, env = "ULTRA_REFRESH_TOKEN_RETENTION_DAYS", default_value_t = 7, global = true)]
     pub refresh_token_retention_days: u32,
 
+    /// How long files (batch inputs and results) are kept.
+    #[arg(long, env = "ULTRA_FILE_RETENTION_DAYS", default_value_t = 30, global = true)]
+    pub file_retention_days: u32,
+
     /// How long daily usage rows are kept.
     #[arg(long, env = "ULTRA_USAGE_RETENTION_DAYS", default_value_t = 400, global = true)]
     pub usage_retention_days: u32,
@@ -308,6 +312,7 @@ impl Config {
             job_events: days(self.event_retention_days),
             refresh_tokens: days(self.refresh_token_retention_days),
             usage_days: days(self.usage_retention_days),
+            files: days(self.file_retention_days),
         }
     }
 

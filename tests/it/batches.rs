@@ -242,3 +242,44 @@ async fn a_batch_holds_at_most_half_its_users_job_slots_and_interactive_work_goe
     assert_eq!(app.wait_for_terminal(&key, interactive).await["status"], "succeeded");
     app.stop().await;
 }
+
+/// A batch's lines are jobs like any other: workers killed mid-batch lose none and run
+/// none twice.
+#[tokio::test]
+async fn a_batch_survives_workers_killed_mid_run() {
+    use crate::processes::{spawn_worker_with, terminate, wait_ready};
+
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let (_, key) = app.user_in_tier("enterprise").await;
+    let mut workers = vec![spawn_worker_with(&app, 8).await, spawn_worker_with(&app, 8).await];
+    for worker in &workers {
+        wait_ready(&app, worker).await;
+    }
+    let lines: Vec<String> = (0..60).map(|i| line(&format!("q{i}"), hello("mock/alpha", &format!("Q {i}")))).collect();
+    let file_id = upload_ok(&app, &key, &lines).await;
+    let batch = create_batch(&app, &key, &file_id).await;
+    let id = batch["id"].as_str().expect("id").to_owned();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let victim = workers.remove(0);
+        let pid = victim.child.id().expect("pid").to_string();
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+        drop(victim);
+        workers.push(spawn_worker_with(&app, 8).await);
+    }
+    let ended = wait_for_end(&app, &key, &id).await;
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(ended["request_counts"], json!({ "total": 60, "completed": 60, "failed": 0 }));
+    let output = lines_of(&app, &key, &ended["output_file_id"]).await;
+    let mut ids: Vec<&str> = output.iter().filter_map(|l| l["custom_id"].as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 60, "every line once in the output");
+    // One job per line, each answered by one recorded step.
+    let audit = testkit::audit::delivery(&app.pool).await.expect("audit");
+    assert_eq!(audit, testkit::audit::DeliveryAudit { jobs: 60, ..Default::default() });
+    for worker in workers {
+        assert!(terminate(worker).await.0.success());
+    }
+    app.stop().await;
+}

@@ -10,8 +10,8 @@ use tokio::{
 
 use crate::support::{Options, TestApp, PATIENCE};
 
-struct WorkerProcess {
-    child: Child,
+pub(crate) struct WorkerProcess {
+    pub(crate) child: Child,
     health: String,
     log: tokio::task::JoinHandle<Vec<String>>,
 }
@@ -46,7 +46,7 @@ fn ultra_command(app: &TestApp, args: &[&str]) -> Command {
     command
 }
 
-async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
+pub(crate) async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
     let port = free_port().await;
     let mut child = ultra_command(app, &["worker", "--concurrency", &concurrency.to_string()])
         .env("ULTRA_WORKER_LISTEN", format!("127.0.0.1:{port}"))
@@ -69,7 +69,7 @@ async fn spawn_worker_with(app: &TestApp, concurrency: u16) -> WorkerProcess {
     WorkerProcess { child, health: format!("http://127.0.0.1:{port}/health/ready"), log }
 }
 
-async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
+pub(crate) async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         if let Ok(response) = app.http.get(&worker.health).send().await {
@@ -84,7 +84,7 @@ async fn wait_ready(app: &TestApp, worker: &WorkerProcess) {
 }
 
 /// SIGTERM, then the exit status and the log lines.
-async fn terminate(mut worker: WorkerProcess) -> (std::process::ExitStatus, Vec<String>) {
+pub(crate) async fn terminate(mut worker: WorkerProcess) -> (std::process::ExitStatus, Vec<String>) {
     let pid = worker.child.id().expect("pid").to_string();
     let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
     assert!(sent.success());

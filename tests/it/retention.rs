@@ -30,8 +30,25 @@ async fn a_purge_deletes_what_is_past_retention_and_nothing_in_use() {
         .await
         .expect("age the job");
 
+    for age in ["31 days", "1 day"] {
+        sqlx::query(
+            "INSERT INTO files (id, user_id, purpose, filename, bytes, content, created_at)
+                     VALUES ($1, $2, 'batch', 'in.jsonl', 2, '{}', now() - $3::interval)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user_id)
+        .bind(age)
+        .execute(&app.pool)
+        .await
+        .expect("a file");
+    }
+
     let purged = purge(&app.pool, &app.config.retention()).await.expect("purge");
-    assert_eq!((purged.job_events, purged.refresh_tokens, purged.usage_days), (2, 1, 1), "{purged:?} for {email}");
+    assert_eq!(
+        (purged.job_events, purged.refresh_tokens, purged.usage_days, purged.files),
+        (2, 1, 1, 1),
+        "{purged:?} for {email}"
+    );
     let events = |id: Uuid| app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id);
     assert_eq!((events(ended).await, events(waiting).await), (0, 1), "only the ended job's events go");
     let today: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_daily WHERE user_id = $1 AND day = current_date")
@@ -43,8 +60,13 @@ async fn a_purge_deletes_what_is_past_retention_and_nothing_in_use() {
 
     // Within retention nothing goes.
     let week = Duration::from_secs(7 * 86_400);
-    let long =
-        Retention { idempotency_keys: week, job_events: week * 10, refresh_tokens: week * 2, usage_days: week * 100 };
+    let long = Retention {
+        idempotency_keys: week,
+        job_events: week * 10,
+        refresh_tokens: week * 2,
+        usage_days: week * 100,
+        files: week * 10,
+    };
     assert_eq!(purge(&app.pool, &long).await.expect("purge"), Default::default());
     app.stop().await;
 }

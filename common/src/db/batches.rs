@@ -185,9 +185,15 @@ pub async fn progress(ex: impl PgExecutor<'_>, batch_id: Uuid) -> Result<(i64, i
     .await
 }
 
-/// Interactive jobs (not batch lines) waiting for a worker, across every user.
-pub async fn interactive_backlog(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued' AND batch_id IS NULL").fetch_one(ex).await
+/// Across every user: interactive jobs waiting for a worker, and batch lines queued
+/// or running.
+pub async fn load(ex: impl PgExecutor<'_>) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE status = 'queued' AND batch_id IS NULL),
+                (SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND batch_id IS NOT NULL)",
+    )
+    .fetch_one(ex)
+    .await
 }
 
 /// A line waiting to be admitted.

@@ -20,6 +20,8 @@ pub struct Retention {
     pub refresh_tokens: Duration,
     /// Daily usage rows, from their day.
     pub usage_days: Duration,
+    /// Files (batch inputs and outputs), from their upload or writing.
+    pub files: Duration,
 }
 
 /// Rows deleted by one pass, by kind.
@@ -29,6 +31,7 @@ pub struct Purged {
     pub job_events: u64,
     pub refresh_tokens: u64,
     pub usage_days: u64,
+    pub files: u64,
 }
 
 /// One pass over every kind of row.
@@ -62,6 +65,14 @@ pub async fn purge(pool: &PgPool, retention: &Retention) -> Result<Purged, sqlx:
                  WHERE day < (now() AT TIME ZONE 'utc')::date - make_interval(secs => $1) AND reserved = 0
                  LIMIT $2)",
             retention.usage_days,
+        )
+        .await?,
+        // Files are large: a hundredth of a batch of rows per pass.
+        files: delete(
+            pool,
+            "DELETE FROM files WHERE id IN (
+                SELECT id FROM files WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2 / 100)",
+            retention.files,
         )
         .await?,
     })
