@@ -191,11 +191,9 @@ pub async fn list(
 ) -> poem::Result<Json<Value>> {
     let principal = principal(req)?;
     let (after, limit) = page_query.parse()?;
-    let mut batches =
+    let batches =
         db::batches::list_owned(&state.pool, principal.user_id, after, limit + 1).await.map_err(ApiError::from)?;
-    let has_more = batches.len() > limit as usize;
-    batches.truncate(limit as usize);
-    Ok(Json(page(batches.iter().map(batch_json).collect(), has_more)))
+    Ok(Json(page(batches, limit, batch_json)))
 }
 
 /// Cancels a batch: its lines not yet run never will; running ones finish. The batch

@@ -115,8 +115,12 @@ pub struct Page {
     limit: Option<i64>,
 }
 
-/// A page of a list, newest first, in OpenAI's cursor shape.
-pub fn page(data: Vec<Value>, has_more: bool) -> Value {
+/// A page of a list in OpenAI's cursor shape, from up to `limit + 1` rows (one more
+/// than the page says whether another page follows).
+pub fn page<T>(mut rows: Vec<T>, limit: i64, to_json: impl Fn(&T) -> Value) -> Value {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let data: Vec<Value> = rows.iter().map(to_json).collect();
     let first = data.first().map(|d| d["id"].clone());
     let last = data.last().map(|d| d["id"].clone());
     json!({ "object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more })
@@ -145,11 +149,9 @@ pub async fn list(
 ) -> poem::Result<Json<Value>> {
     let principal = principal(req)?;
     let (after, limit) = page_query.parse()?;
-    let mut files =
+    let files =
         db::files::list_owned(&state.pool, principal.user_id, after, limit + 1).await.map_err(ApiError::from)?;
-    let has_more = files.len() > limit as usize;
-    files.truncate(limit as usize);
-    Ok(Json(page(files.iter().map(file_json).collect(), has_more)))
+    Ok(Json(page(files, limit, file_json)))
 }
 
 #[handler]
