@@ -148,6 +148,13 @@ async fn what_ultra_cannot_do_is_refused_in_openais_error_shape() {
     let error = openai_error(chat(&app, &key, &image).await, StatusCode::BAD_REQUEST).await;
     assert_eq!(error["param"], "messages[0].content[1]");
 
+    // Ultra's own options are checked as `/v1/analyze` checks them.
+    let quorum = json!({ "model": "ultra/critique", "messages": hello(), "ultra": { "min_models": 0 } });
+    assert_eq!(
+        openai_error(chat(&app, &key, &quorum).await, StatusCode::BAD_REQUEST).await["param"],
+        "ultra.min_models"
+    );
+
     let two = json!({ "model": "mock/alpha", "messages": hello(), "n": 2 });
     assert_eq!(openai_error(chat(&app, &key, &two).await, StatusCode::BAD_REQUEST).await["param"], "n");
 

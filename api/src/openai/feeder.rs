@@ -115,7 +115,9 @@ async fn advance(state: &Arc<AppState>, locked: &mut PgConnection, batch: &Batch
     // next finds a slot, little ahead of it, and CPU to spare.
     let slots = i64::from(state.config.concurrency);
     let (interactive, batch_lines) = db::batches::load(&state.pool).await?;
-    let room = (share - in_flight).min((slots / BATCH_SLOT_SHARE).max(1) - batch_lines);
+    // The share is the user's, across all their batches.
+    let users_lines = db::batches::in_flight_of_user(&state.pool, batch.user_id).await?;
+    let room = (share - users_lines).min((slots / BATCH_SLOT_SHARE).max(1) - batch_lines);
     if room <= 0 || interactive >= slots {
         return Ok(0);
     }
@@ -214,10 +216,16 @@ async fn stop(state: &AppState, batch: &Batch, code: &str) -> Result<(), ApiErro
     let message = body["error"]["message"].as_str().unwrap_or_default().to_owned();
     db::batches::refuse_pending(&state.pool, batch.id, &json!({ "status_code": 400, "body": body })).await?;
     for job_id in db::batches::queued_jobs(&state.pool, batch.id).await? {
+        // Locked and read again: a worker may have claimed it since, and a running
+        // line finishes.
+        let mut tx = state.pool.begin().await?;
+        if db::jobs::lock_status(&mut tx, job_id).await? != Some(JobStatus::Queued) {
+            continue;
+        }
         let error = JobError::new(ErrorCode::Cancelled, message.as_str());
-        if let Some((finished, event)) =
-            db::jobs::finish(&state.pool, job_id, JobStatus::Cancelled, None, Some(error)).await?
-        {
+        let ended = db::jobs::finish(&mut *tx, job_id, JobStatus::Cancelled, None, Some(error)).await?;
+        tx.commit().await?;
+        if let Some((finished, event)) = ended {
             state.events.publish(&event).await;
             common::metrics::job_finished(&finished, JobStatus::Cancelled);
         }

@@ -191,6 +191,24 @@ impl ChatRequest {
         let messages = self.messages(&mut errors);
 
         let (pattern, spec, models) = self.target(state, tier, &mut errors)?;
+        let ultra = self.ultra.as_ref();
+        // As `/v1/analyze` checks its options.
+        if let Some(min) = ultra.and_then(|u| u.min_models) {
+            let most = state.config.max_models_per_job;
+            if min == 0 || min as usize > most {
+                errors.push(FieldError::new("ultra.min_models", format!("must be between 1 and {most}")));
+            }
+        }
+        if let Some(model) = ultra.and_then(|u| u.synthesis_model.as_deref()) {
+            match state.catalog.get(model) {
+                None => errors.push(FieldError::new("ultra.synthesis_model", format!("unknown model `{model}`"))),
+                Some(spec) if !state.catalog.has_key(&spec.provider) => errors.push(FieldError::new(
+                    "ultra.synthesis_model",
+                    format!("model `{model}` is not available: its provider `{}` has no API key", spec.provider),
+                )),
+                Some(_) => {}
+            }
+        }
         let chat = ChatInput { messages, top_p: self.top_p, stop };
         let prompt = chat.transcript();
         let limit = state.config.max_prompt_chars;
@@ -205,7 +223,6 @@ impl ChatRequest {
         if !errors.is_empty() {
             return Err(ApiError::validation(errors).into());
         }
-        let ultra = self.ultra.as_ref();
         let options = JobOptions {
             temperature: self.temperature,
             max_tokens,

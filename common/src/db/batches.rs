@@ -185,6 +185,16 @@ pub async fn progress(ex: impl PgExecutor<'_>, batch_id: Uuid) -> Result<(i64, i
     .await
 }
 
+/// A user's batch lines queued or running, across all their batches.
+pub async fn in_flight_of_user(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE user_id = $1 AND batch_id IS NOT NULL AND status IN ('queued', 'running')",
+    )
+    .bind(user_id)
+    .fetch_one(ex)
+    .await
+}
+
 /// Across every user: interactive jobs waiting for a worker, and batch lines queued
 /// or running.
 pub async fn load(ex: impl PgExecutor<'_>) -> Result<(i64, i64), sqlx::Error> {
