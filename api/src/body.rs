@@ -78,7 +78,12 @@ fn is_json(content_type: &str) -> bool {
 }
 
 /// Malformed JSON is a 400; well-formed JSON of the wrong shape is a 422 naming the field.
+/// Every request body is an object: serde would also take a struct from an array of
+/// its fields in order, which no client means.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::Validation(vec![FieldError::new("body", "must be a JSON object")]));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|err| {
         let path = err.path().to_string();
@@ -93,6 +98,21 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Trailing data after the document is malformed JSON, not a second request.
     de.end().map_err(|err| ApiError::BadRequest(format!("malformed JSON: {err}")))?;
     Ok(value)
+}
+
+/// For an optional field holding a struct (`#[serde(default, deserialize_with =
+/// "body::object")]`): an object or `null`, never the array serde would also take.
+pub fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error;
+    match <Option<serde_json::Value> as serde::Deserialize>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(value @ serde_json::Value::Object(_)) => serde_json::from_value(value).map(Some).map_err(D::Error::custom),
+        Some(_) => Err(D::Error::custom("invalid type: expected an object")),
+    }
 }
 
 /// serde_json appends " at line 1 column 42"; the field path already says where.
@@ -137,6 +157,22 @@ mod tests {
             Err(ApiError::Validation(_))
         ));
         assert!(matches!(parse::<Sample>(br#"{"name": "a"}"#), Err(ApiError::Validation(_))));
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Outer {
+        #[serde(default, deserialize_with = "object")]
+        inner: Option<Sample>,
+    }
+
+    #[test]
+    fn an_object_is_never_taken_from_an_array() {
+        // serde alone would read both as `Sample { name: "a", tags: [] }`.
+        assert_eq!(field_of(parse::<Sample>(br#" ["a", []]"#).expect_err("array body")), "body");
+        assert_eq!(field_of(parse::<Outer>(br#"{"inner": ["a", []]}"#).expect_err("array field")), "inner");
+        let inner = parse::<Outer>(br#"{"inner": {"name": "a", "tags": []}}"#).expect("object").inner;
+        assert_eq!(inner.map(|s| s.name).as_deref(), Some("a"));
+        assert!(parse::<Outer>(br#"{"inner": null}"#).expect("null").inner.is_none());
     }
 
     #[test]

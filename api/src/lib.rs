@@ -92,15 +92,7 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
         ("/docs/", "GET"),
         ("/openapi.json", "GET"),
         ("/metrics", "GET"),
-        ("/openai/v1/models", "GET"),
-        ("/openai/v1/models/{id}", "GET"),
-        ("/openai/v1/chat/completions", "POST"),
-        ("/openai/v1/files", "GET, POST"),
-        ("/openai/v1/files/{id}", "DELETE, GET"),
-        ("/openai/v1/files/{id}/content", "GET"),
-        ("/openai/v1/batches", "GET, POST"),
-        ("/openai/v1/batches/{id}", "GET"),
-        ("/openai/v1/batches/{id}/cancel", "POST"),
+        ("/openai/v1/models/{owner}/{rest}", "GET"),
     ];
     let routes = Arc::new(metrics::RouteTemplates::from_spec(&document, &undocumented));
     let app = Route::new()
@@ -114,7 +106,7 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
             })),
         )
         .at("/metrics", poem::get(metrics::endpoint))
-        .nest("/openai/v1", openai::routes())
+        .at(openai::MODEL_BY_UNENCODED_ID, poem::get(openai::models::retrieve_unencoded))
         .nest("/", service)
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate::new(client_ips))

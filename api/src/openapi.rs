@@ -35,10 +35,25 @@ pub struct Choices<'a> {
 /// means more; `jobs::is_blank` is the same list.
 pub const PROMPT_PATTERN: &str = "^[^\\u0000]*[^\\t\\n\\u000b\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\u0000][^\\u0000]*$";
 
+/// OpenAI's requests take fields Ultra does not know when they carry their neutral
+/// value (some clients send every field), so their schemas are not closed.
+const OPEN_SCHEMAS: [&str; 3] = ["ChatCompletionRequest", "ChatCompletionMessage", "ContentPart"];
+
+/// The roles a chat message may have (`developer` is OpenAI's newer `system`).
+const CHAT_ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
 /// The served document, from poem-openapi's JSON.
 pub fn finish(spec: &str, choices: &Choices<'_>) -> Result<String, serde_json::Error> {
     let mut doc: Value = serde_json::from_str(spec)?;
     let request_schemas = request_schemas(&doc);
+    // The OpenAI surface's models: catalog models, and `ultra/<pattern>` per pattern.
+    let prefix = crate::openai::models::PATTERN_PREFIX;
+    let chat_models: Vec<String> = choices
+        .models
+        .iter()
+        .map(|m| (*m).to_owned())
+        .chain(choices.patterns.iter().map(|p| format!("{prefix}{p}")))
+        .collect();
     if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
         let enums: BTreeSet<String> = schemas
             .iter()
@@ -51,8 +66,12 @@ pub fn finish(spec: &str, choices: &Choices<'_>) -> Result<String, serde_json::E
             .map(|(name, schema)| (format!("#/components/schemas/{name}"), schema.clone()))
             .collect();
         for (name, schema) in schemas.iter_mut() {
+            untyped_unions(schema);
             finish_object(schema, &enums, &enum_bodies);
-            if request_schemas.contains(name) && schema.get("properties").is_some() {
+            if request_schemas.contains(name)
+                && schema.get("properties").is_some()
+                && !OPEN_SCHEMAS.contains(&name.as_str())
+            {
                 schema["additionalProperties"] = Value::Bool(false);
             }
         }
@@ -69,7 +88,24 @@ pub fn finish(spec: &str, choices: &Choices<'_>) -> Result<String, serde_json::E
         set(schemas, "AnalyzeOptions", &["properties", "min_models", "maximum"], json!(choices.max_models));
         set(schemas, "UserUpdate", &["properties", "tier", "enum"], ids(&choices.tiers));
         set(schemas, "Credentials", &["properties", "email", "format"], json!("email"));
+        set(schemas, "ChatCompletionRequest", &["properties", "model", "enum"], json!(chat_models));
+        set(schemas, "ChatCompletionMessage", &["properties", "role", "enum"], json!(CHAT_ROLES));
+        set(schemas, "ContentPart", &["properties", "type", "enum"], json!(["text"]));
+        set(schemas, "MessageContent", &["oneOf", "0", "pattern"], json!(PROMPT_PATTERN));
+        set(schemas, "MessageContent", &["oneOf", "1", "minItems"], json!(1));
+        set(schemas, "StopSequences", &["oneOf", "1", "maxItems"], json!(crate::openai::MAX_STOP));
+        set(schemas, "UltraOptions", &["properties", "models", "minItems"], json!(1));
+        set(schemas, "UltraOptions", &["properties", "models", "maxItems"], json!(choices.max_models));
+        set(schemas, "UltraOptions", &["properties", "models", "uniqueItems"], json!(true));
+        set(schemas, "UltraOptions", &["properties", "models", "items", "enum"], ids(&choices.models));
+        set(schemas, "UltraOptions", &["properties", "synthesis_model", "enum"], ids(&choices.models));
+        set(schemas, "UltraOptions", &["properties", "min_models", "minimum"], json!(1));
+        set(schemas, "UltraOptions", &["properties", "min_models", "maximum"], json!(choices.max_models));
     }
+    if let Some(Value::Object(id)) = doc.pointer_mut("/paths/~1openai~1v1~1models~1{id}/get/parameters/0/schema") {
+        id.insert("enum".to_owned(), json!(chat_models));
+    }
+    inline_bodies_are_finished(&mut doc);
     event_streams_are_text(&mut doc);
     serde_json::to_string_pretty(&doc)
 }
@@ -98,6 +134,16 @@ fn finish_object(schema: &mut Value, enums: &BTreeSet<String>, enum_bodies: &Map
             Some(reference) => *property = json!({ "allOf": [{ "$ref": reference }], "nullable": true }),
             None => property["nullable"] = Value::Bool(true),
         }
+    }
+}
+
+/// poem-openapi types every union `object`, even one of a string and an array
+/// (`MessageContent`, `StopSequences`), which no value can satisfy.
+fn untyped_unions(schema: &mut Value) {
+    let Some(alternatives) = schema.get("oneOf").and_then(Value::as_array) else { return };
+    let not_objects = alternatives.iter().any(|a| a.get("type").is_some_and(|t| t != "object"));
+    if let (true, Some(object)) = (not_objects, schema.as_object_mut()) {
+        object.remove("type");
     }
 }
 
@@ -153,28 +199,62 @@ fn set(schemas: &mut Map<String, Value>, name: &str, path: &[&str], value: Value
     let Some((last, parents)) = path.split_last() else { return };
     let mut at = schemas.get_mut(name);
     for key in parents {
-        at = at.and_then(|v| v.get_mut(*key));
+        at = at.and_then(|v| match key.parse::<usize>() {
+            Ok(index) => v.get_mut(index),
+            Err(_) => v.get_mut(*key),
+        });
     }
     if let Some(Value::Object(parent)) = at {
         parent.insert((*last).to_owned(), value);
     }
 }
 
-/// poem-openapi describes an SSE body as a JSON array of its items; on the wire it is
-/// text. The items' schema stays in the description's reference.
-fn event_streams_are_text(doc: &mut Value) {
+/// A request body's schema written inline (a multipart form's) gets the same plain
+/// `$ref`s as the named ones.
+fn inline_bodies_are_finished(doc: &mut Value) {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
     for operation in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|ops| ops.values_mut()) {
-        let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) else { continue };
-        for response in responses.values_mut() {
-            if let Some(stream) = response.pointer_mut("/content/text~1event-stream") {
-                *stream = json!({
-                    "schema": {
-                        "type": "string",
-                        "description": "Server-Sent Events: `id:` the event's sequence number, `event:` its kind, \
-                                        `data:` the event as JSON (schema `StreamItemView`)."
-                    }
-                });
+        let Some(contents) = operation.pointer_mut("/requestBody/content").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for schema in contents.values_mut().filter_map(|c| c.get_mut("schema")) {
+            if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+                properties.values_mut().for_each(unwrap_described_ref);
+            }
+        }
+    }
+}
+
+/// poem-openapi describes an SSE body as a JSON array of its items; on the wire it is
+/// text, a series of events (`id`, `event`, `data`). The items' schema stays in the
+/// description's reference.
+fn event_streams_are_text(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
+    for (path, operations) in paths.iter_mut() {
+        let description = if path.starts_with("/openai/") {
+            "Server-Sent Events: `data:` frames, each a `ChatCompletionChunk` as JSON (or an `OpenAiError` if \
+             the job fails), then `data: [DONE]`."
+        } else {
+            "Server-Sent Events: `id:` the event's sequence number, `event:` its kind, `data:` the event as \
+             JSON (schema `StreamItemView`)."
+        };
+        let Some(operations) = operations.as_object_mut() else { continue };
+        for operation in operations.values_mut() {
+            let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+            for response in responses.values_mut() {
+                if let Some(stream) = response.pointer_mut("/content/text~1event-stream") {
+                    // Before OpenAPI 3.2 an event stream's `schema` describes one event.
+                    *stream = json!({ "schema": {
+                        "type": "object",
+                        "description": description,
+                        "required": ["data"],
+                        "properties": {
+                            "id": { "type": "string" },
+                            "event": { "type": "string" },
+                            "data": { "type": "string" },
+                        },
+                    } });
+                }
             }
         }
     }
@@ -245,6 +325,6 @@ mod tests {
         assert_eq!(schemas["AnalyzeRequest"]["properties"]["models"]["items"]["enum"], json!(["mock/alpha"]));
         assert_eq!(schemas["AnalyzeOptions"]["properties"]["synthesis_model"]["enum"], json!(["mock/alpha"]));
         let stream = &doc["paths"]["/v1/analyze"]["post"]["responses"]["200"]["content"]["text/event-stream"];
-        assert_eq!(stream["schema"]["type"], "string");
+        assert_eq!(stream["schema"]["properties"]["data"]["type"], "string", "one event");
     }
 }

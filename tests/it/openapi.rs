@@ -1,7 +1,7 @@
 //! The OpenAPI document as served says what the server does.
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::{Options, TestApp};
 
@@ -33,9 +33,31 @@ async fn the_document_says_what_the_server_sends_and_takes() {
     assert_eq!(responses("/v1/jobs/{id}", "get"), ["200", "401", "404", "429", "500", "503"]);
     assert!(responses("/v1/auth/register", "post").contains(&"409".to_owned()));
     assert!(!responses("/v1/auth/register", "post").contains(&"404".to_owned()));
-    // An event stream is text.
+    // An event stream is text: its schema is one event's.
     let stream = &doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"];
-    assert_eq!(stream["schema"]["type"], "string");
+    assert_eq!(stream["schema"]["properties"]["data"]["type"], "string");
+    // The OpenAI surface is documented too, with OpenAI's objects and error shape.
+    let chat = &doc["paths"]["/openai/v1/chat/completions"]["post"];
+    assert_eq!(chat["tags"], json!(["OpenAI"]));
+    let answers = &chat["responses"]["200"]["content"];
+    assert_eq!(answers["application/json"]["schema"]["$ref"], "#/components/schemas/ChatCompletion");
+    assert!(answers["text/event-stream"].is_object(), "the streamed answer");
+    assert!(chat["responses"]["200"]["headers"]["x-ultra-job-id"].is_object());
+    let refused = &chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(refused, "#/components/schemas/OpenAiError");
+    assert!(chat["responses"].get("422").is_none(), "OpenAI refuses an invalid request with 400");
+    for (path, method) in [
+        ("/openai/v1/models", "get"),
+        ("/openai/v1/models/{id}", "get"),
+        ("/openai/v1/files", "post"),
+        ("/openai/v1/files/{id}/content", "get"),
+        ("/openai/v1/batches", "post"),
+        ("/openai/v1/batches/{id}/cancel", "post"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is documented");
+    }
+    let model_ids = &doc["paths"]["/openai/v1/models/{id}"]["get"]["parameters"][0]["schema"]["enum"];
+    assert!(model_ids.as_array().is_some_and(|ids| ids.contains(&json!("ultra/critique"))), "{model_ids}");
     app.stop().await;
 }
 

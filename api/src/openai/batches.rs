@@ -3,24 +3,37 @@
 //! or an unknown model fails the batch with `errors.data[]` naming the line — and
 //! stores one row per request; the feeder (`feeder.rs`) turns them into jobs.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use common::db::{self, batches::WithCounts};
-use poem::{
-    handler,
-    web::{Data, Json, Path, Query},
-    Body, Request,
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    types::ParseFromJSON,
+    Object, OpenApi,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    files::{page, Page},
-    principal,
+    error::OpenAiProblems,
+    files::{page, Page, DEFAULT_PAGE},
+    objects::{Batch, BatchErrors, BatchList, BatchStatus, BatchTag, ListTag, RequestCounts},
     request::ChatRequest,
 };
-use crate::{body, error::ApiError, state::AppState};
+use crate::{
+    auth::BearerAuth,
+    body::JsonBody,
+    error::ApiError,
+    problems::{ALWAYS, BODY, CONFLICT, MALFORMED, NOT_FOUND, UNAUTHORIZED},
+    routes::ApiTags,
+    state::AppState,
+};
 
 /// The one endpoint a batch may run.
 pub const ENDPOINT: &str = "/v1/chat/completions";
@@ -29,44 +42,74 @@ const WINDOW: (&str, Duration) = ("24h", Duration::from_secs(24 * 3600));
 /// Most validation errors a failed batch lists.
 const MOST_ERRORS: usize = 100;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Object)]
 pub struct CreateBatch {
-    input_file_id: String,
-    endpoint: String,
-    completion_window: String,
+    /// A file uploaded with `purpose=batch`.
+    input_file_id: Uuid,
+    endpoint: BatchEndpoint,
+    completion_window: CompletionWindow,
+    /// Up to 16 pairs, kept on the batch.
     #[serde(default)]
-    metadata: Option<std::collections::BTreeMap<String, String>>,
+    #[oai(validator(max_properties = 16))]
+    metadata: Option<BTreeMap<String, String>>,
 }
 
-fn unix(at: Option<chrono::DateTime<chrono::Utc>>) -> Value {
-    at.map_or(Value::Null, |at| json!(at.timestamp()))
+#[derive(Debug, Deserialize, poem_openapi::Enum)]
+enum BatchEndpoint {
+    #[serde(rename = "/v1/chat/completions")]
+    #[oai(rename = "/v1/chat/completions")]
+    ChatCompletions,
+}
+
+#[derive(Debug, Deserialize, poem_openapi::Enum)]
+enum CompletionWindow {
+    #[serde(rename = "24h")]
+    #[oai(rename = "24h")]
+    Day,
+}
+
+fn unix(at: Option<chrono::DateTime<chrono::Utc>>) -> Option<i64> {
+    at.map(|at| at.timestamp())
+}
+
+fn status_of(stored: &str) -> BatchStatus {
+    match stored {
+        "validating" => BatchStatus::Validating,
+        "in_progress" => BatchStatus::InProgress,
+        "finalizing" => BatchStatus::Finalizing,
+        "completed" => BatchStatus::Completed,
+        "expired" => BatchStatus::Expired,
+        "cancelling" => BatchStatus::Cancelling,
+        "cancelled" => BatchStatus::Cancelled,
+        _ => BatchStatus::Failed,
+    }
 }
 
 /// OpenAI's batch object.
-pub fn batch_json(found: &WithCounts) -> Value {
+pub fn batch_object(found: &WithCounts) -> Batch {
     let b = &found.batch;
-    json!({
-        "id": b.id,
-        "object": "batch",
-        "endpoint": b.endpoint,
-        "errors": b.errors,
-        "input_file_id": b.input_file_id,
-        "completion_window": b.completion_window,
-        "status": b.status,
-        "output_file_id": b.output_file_id,
-        "error_file_id": b.error_file_id,
-        "created_at": b.created_at.timestamp(),
-        "in_progress_at": unix(b.in_progress_at),
-        "expires_at": b.expires_at.timestamp(),
-        "finalizing_at": unix(b.finalizing_at),
-        "completed_at": unix(b.completed_at),
-        "failed_at": unix(b.failed_at),
-        "expired_at": unix(b.expired_at),
-        "cancelling_at": unix(b.cancelling_at),
-        "cancelled_at": unix(b.cancelled_at),
-        "request_counts": { "total": b.total, "completed": found.completed, "failed": found.failed },
-        "metadata": b.metadata,
-    })
+    Batch {
+        id: b.id,
+        object: BatchTag::Batch,
+        endpoint: b.endpoint.clone(),
+        errors: b.errors.clone().and_then(|errors| BatchErrors::parse_from_json(Some(errors)).ok()),
+        input_file_id: b.input_file_id,
+        completion_window: b.completion_window.clone(),
+        status: status_of(&b.status),
+        output_file_id: b.output_file_id,
+        error_file_id: b.error_file_id,
+        created_at: b.created_at.timestamp(),
+        in_progress_at: unix(b.in_progress_at),
+        expires_at: b.expires_at.timestamp(),
+        finalizing_at: unix(b.finalizing_at),
+        completed_at: unix(b.completed_at),
+        failed_at: unix(b.failed_at),
+        expired_at: unix(b.expired_at),
+        cancelling_at: unix(b.cancelling_at),
+        cancelled_at: unix(b.cancelled_at),
+        request_counts: RequestCounts { total: i64::from(b.total), completed: found.completed, failed: found.failed },
+        metadata: b.metadata.clone().and_then(|m| BTreeMap::<String, String>::parse_from_json(Some(m)).ok()),
+    }
 }
 
 fn not_found() -> ApiError {
@@ -131,88 +174,104 @@ fn check_input(state: &AppState, text: &str) -> Result<Vec<Line>, Vec<Value>> {
     }
 }
 
-#[handler]
-pub async fn create(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> poem::Result<Json<Value>> {
-    let principal = principal(req)?;
-    let request: CreateBatch = body::read_json(req, body).await?;
-    if request.endpoint != ENDPOINT {
-        return Err(ApiError::field("endpoint", format!("only `{ENDPOINT}` is supported")).into());
-    }
-    if request.completion_window != WINDOW.0 {
-        return Err(ApiError::field("completion_window", "only `24h` is supported").into());
-    }
-    let not_a_file = || ApiError::field("input_file_id", "no such file");
-    let file_id: Uuid = request.input_file_id.parse().map_err(|_| not_a_file())?;
-    let content = db::files::content_owned(&state.pool, file_id, principal.user_id).await.map_err(ApiError::from)?;
-    let content = content.ok_or_else(not_a_file)?;
-    let text = String::from_utf8_lossy(&content);
-    let (lines, errors) = match check_input(state, &text) {
-        Ok(lines) => (lines, None),
-        Err(errors) => (Vec::new(), Some(json!({ "object": "list", "data": errors }))),
-    };
-    let metadata = request.metadata.map(|m| json!(m));
-    let new_batch = db::batches::NewBatch {
-        user_id: principal.user_id,
-        input_file_id: file_id,
-        endpoint: ENDPOINT,
-        completion_window: WINDOW.0,
-        window: WINDOW.1,
-        metadata: metadata.as_ref(),
-    };
-    let stored: Vec<db::batches::NewLine<'_>> =
-        lines.iter().map(|l| db::batches::NewLine { line: l.number, custom_id: &l.custom_id, body: &l.body }).collect();
-    let mut tx = state.pool.begin().await.map_err(ApiError::from)?;
-    let batch = db::batches::create(&mut tx, &new_batch, &stored, errors.as_ref()).await.map_err(ApiError::from)?;
-    tx.commit().await.map_err(ApiError::from)?;
-    tracing::info!(batch_id = %batch.id, lines = lines.len(), status = %batch.status, "batch created");
-    Ok(Json(batch_json(&WithCounts { batch, completed: 0, failed: 0 })))
+pub struct BatchesApi {
+    pub state: Arc<AppState>,
 }
 
-async fn owned(state: &AppState, req: &Request, id: &str) -> Result<WithCounts, ApiError> {
-    let principal = principal(req)?;
+#[OpenApi(prefix_path = "/openai/v1", tag = "ApiTags::OpenAi")]
+impl BatchesApi {
+    /// Create a batch (OpenAI)
+    ///
+    /// Checks the input file first: a bad line fails the batch (`failed`, with
+    /// `errors.data[]` naming each line), as OpenAI does; else every line becomes a
+    /// job, admitted at a lower priority than interactive work.
+    #[oai(path = "/batches", method = "post", operation_id = "openai_create_batch")]
+    async fn create(
+        &self,
+        auth: BearerAuth,
+        request: JsonBody<CreateBatch>,
+    ) -> Result<Json<Batch>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | BODY | NOT_FOUND }>> {
+        let (state, request) = (&self.state, request.0);
+        let file_id = request.input_file_id;
+        let content = db::files::content_owned(&state.pool, file_id, auth.0.user_id).await?;
+        let content = content.ok_or(ApiError::NotFound("no such input file"))?;
+        let text = String::from_utf8_lossy(&content);
+        let (lines, errors) = match check_input(state, &text) {
+            Ok(lines) => (lines, None),
+            Err(errors) => (Vec::new(), Some(json!({ "object": "list", "data": errors }))),
+        };
+        let metadata = request.metadata.map(|m| json!(m));
+        let new_batch = db::batches::NewBatch {
+            user_id: auth.0.user_id,
+            input_file_id: file_id,
+            endpoint: ENDPOINT,
+            completion_window: WINDOW.0,
+            window: WINDOW.1,
+            metadata: metadata.as_ref(),
+        };
+        let stored: Vec<db::batches::NewLine<'_>> = lines
+            .iter()
+            .map(|l| db::batches::NewLine { line: l.number, custom_id: &l.custom_id, body: &l.body })
+            .collect();
+        let mut tx = state.pool.begin().await?;
+        let batch = db::batches::create(&mut tx, &new_batch, &stored, errors.as_ref()).await?;
+        tx.commit().await?;
+        tracing::info!(batch_id = %batch.id, lines = lines.len(), status = %batch.status, "batch created");
+        Ok(Json(batch_object(&WithCounts { batch, completed: 0, failed: 0 })))
+    }
+
+    /// Retrieve a batch (OpenAI)
+    #[oai(path = "/batches/:id", method = "get", operation_id = "openai_retrieve_batch")]
+    async fn retrieve(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<Json<Batch>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
+        Ok(Json(batch_object(&owned(&self.state, auth.0.user_id, &id).await?)))
+    }
+
+    /// List batches (OpenAI)
+    ///
+    /// Newest first.
+    #[oai(path = "/batches", method = "get", operation_id = "openai_list_batches")]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        /// The `last_id` of the previous page.
+        after: Query<Option<Uuid>>,
+        /// 1 to 100 (default 20).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<i64>>,
+    ) -> Result<Json<BatchList>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | MALFORMED }>> {
+        let (after, limit) = (after.0, limit.0.unwrap_or(DEFAULT_PAGE));
+        let batches = db::batches::list_owned(&self.state.pool, auth.0.user_id, after, limit + 1).await?;
+        let Page { data, first_id, last_id, has_more } = page(batches, limit, batch_object, |b| b.id);
+        Ok(Json(BatchList { object: ListTag::List, data, first_id, last_id, has_more }))
+    }
+
+    /// Cancel a batch (OpenAI)
+    ///
+    /// Its lines not yet run never will; running ones finish. The batch is
+    /// `cancelling` until they have, then `cancelled` with their results.
+    #[oai(path = "/batches/:id/cancel", method = "post", operation_id = "openai_cancel_batch")]
+    async fn cancel(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<Json<Batch>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND | CONFLICT }>> {
+        let state = &self.state;
+        let found = owned(state, auth.0.user_id, &id).await?;
+        let batch = &found.batch;
+        if batch.status != "cancelling" && !db::batches::request_cancel(&state.pool, batch.id, batch.user_id).await? {
+            let message = format!("the batch is `{}`: it can no longer be cancelled", batch.status);
+            return Err(ApiError::Conflict(message).into());
+        }
+        tracing::info!(batch_id = %batch.id, "batch cancellation requested");
+        Ok(Json(batch_object(&owned(state, auth.0.user_id, &id).await?)))
+    }
+}
+
+async fn owned(state: &AppState, user_id: Uuid, id: &str) -> Result<WithCounts, ApiError> {
     let id: Uuid = id.parse().map_err(|_| not_found())?;
-    db::batches::get_owned(&state.pool, id, principal.user_id).await?.ok_or_else(not_found)
-}
-
-#[handler]
-pub async fn retrieve(
-    req: &Request,
-    Path(id): Path<String>,
-    Data(state): Data<&Arc<AppState>>,
-) -> poem::Result<Json<Value>> {
-    Ok(Json(batch_json(&owned(state, req, &id).await?)))
-}
-
-#[handler]
-pub async fn list(
-    req: &Request,
-    Query(page_query): Query<Page>,
-    Data(state): Data<&Arc<AppState>>,
-) -> poem::Result<Json<Value>> {
-    let principal = principal(req)?;
-    let (after, limit) = page_query.parse()?;
-    let batches =
-        db::batches::list_owned(&state.pool, principal.user_id, after, limit + 1).await.map_err(ApiError::from)?;
-    Ok(Json(page(batches, limit, batch_json)))
-}
-
-/// Cancels a batch: its lines not yet run never will; running ones finish. The batch
-/// is `cancelling` until they have, then `cancelled` with their results.
-#[handler]
-pub async fn cancel(
-    req: &Request,
-    Path(id): Path<String>,
-    Data(state): Data<&Arc<AppState>>,
-) -> poem::Result<Json<Value>> {
-    let found = owned(state, req, &id).await?;
-    let batch = &found.batch;
-    if batch.status != "cancelling"
-        && !db::batches::request_cancel(&state.pool, batch.id, batch.user_id).await.map_err(ApiError::from)?
-    {
-        return Err(
-            ApiError::Conflict(format!("the batch is `{}`: it can no longer be cancelled", batch.status)).into()
-        );
-    }
-    tracing::info!(batch_id = %batch.id, "batch cancellation requested");
-    Ok(Json(batch_json(&owned(state, req, &id).await?)))
+    db::batches::get_owned(&state.pool, id, user_id).await?.ok_or_else(not_found)
 }

@@ -15,25 +15,32 @@ use common::{
     trace::TraceContext,
 };
 use futures::{stream::BoxStream, StreamExt};
-use poem::{
-    error::ResponseError,
-    handler,
-    http::StatusCode,
-    web::{Data, Json},
-    Body, IntoResponse, Request, Response,
+use poem::{error::ResponseError, http::StatusCode, IntoResponse, Response};
+use poem_openapi::{
+    param::Header,
+    payload::Json,
+    registry::{MetaHeader, MetaMediaType, MetaResponse, MetaResponses, Registry},
+    types::{ToJSON, Type},
+    ApiResponse, OpenApi,
 };
-use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    error, models,
+    error::{self, OpenAiProblems},
+    models,
+    objects::{
+        AssistantMessage, AssistantRole, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, ChunkTag,
+        CompletionTag, CompletionUsage, Delta, ErrorResponse, FinishReason,
+    },
     request::{ChatRequest, Refusal},
 };
 use crate::{
-    auth::Principal,
-    body,
+    auth::{BearerAuth, Principal},
+    body::JsonBody,
     error::ApiError,
     jobs::{self, Accepted, Idempotency, Submission},
+    problems::{ALWAYS, BODY, NOT_FOUND, UNAUTHORIZED},
+    routes::ApiTags,
     state::AppState,
     stream::{frame::SseBody, job_items, stream_permit, StreamItem},
 };
@@ -41,29 +48,99 @@ use crate::{
 /// The header naming the job a completion is.
 const JOB_ID_HEADER: &str = "x-ultra-job-id";
 
-#[handler]
-pub async fn completions(
-    req: &Request,
-    body: Body,
-    Data(state): Data<&Arc<AppState>>,
-    Data(trace): Data<&TraceContext>,
-) -> Response {
-    match complete(req, body, state, trace).await {
-        Ok(response) => response,
-        Err(Refusal::UnknownModel(model)) => models::not_found(&model),
-        Err(Refusal::Invalid(err)) => err.as_response(),
+/// The refusals a completion request can meet before its job exists.
+type Refusals = OpenAiProblems<{ ALWAYS | UNAUTHORIZED | BODY | NOT_FOUND }>;
+
+pub struct ChatApi {
+    pub state: Arc<AppState>,
+}
+
+#[OpenApi(prefix_path = "/openai/v1", tag = "ApiTags::OpenAi")]
+impl ChatApi {
+    /// Create a chat completion (OpenAI)
+    ///
+    /// The request becomes a job like any other (listed in `GET /v1/jobs`, with its
+    /// event stream); the answer is read from the job. A client that goes away does
+    /// not cancel the job.
+    #[oai(path = "/chat/completions", method = "post", operation_id = "openai_create_chat_completion")]
+    async fn create(
+        &self,
+        auth: BearerAuth,
+        body: JsonBody<ChatRequest>,
+        /// Makes a retried request safe: the same key with the same body answers from
+        /// the original job; with another body, 400; while the first is in progress, 409.
+        #[oai(name = "Idempotency-Key", validator(max_length = 255, pattern = "^[ \t]*[!-~]+[ \t]*$"))]
+        idempotency_key: Header<Option<String>>,
+        trace: poem::web::Data<&TraceContext>,
+    ) -> ChatAnswer {
+        let answer = complete(&self.state, &auth.0, body.0, idempotency_key.0, trace.0).await;
+        ChatAnswer(match answer {
+            Ok(response) => response,
+            Err(Refusal::UnknownModel(model)) => models::not_found(&model),
+            Err(Refusal::Invalid(err)) => err.as_response(),
+        })
     }
 }
 
-async fn complete(req: &Request, body: Body, state: &Arc<AppState>, trace: &TraceContext) -> Result<Response, Refusal> {
-    let principal = req.extensions().get::<Principal>().cloned().ok_or(ApiError::Unauthorized)?;
-    let request: ChatRequest = body::read_json(req, body).await?;
-    let key = match req.headers().get("idempotency-key") {
-        Some(value) => Some(jobs::check_idempotency_key(value.to_str().unwrap_or_default().to_owned())?),
-        None => None,
-    };
+/// A completion's answer, whichever way it went: the completion, its stream, or an
+/// OpenAI error (a refusal, or the failure of the job).
+pub struct ChatAnswer(Response);
+
+impl IntoResponse for ChatAnswer {
+    fn into_response(self) -> Response {
+        self.0
+    }
+}
+
+impl ApiResponse for ChatAnswer {
+    fn meta() -> MetaResponses {
+        let job_id = || MetaHeader {
+            name: JOB_ID_HEADER.to_owned(),
+            description: Some("The job the completion is (`GET /v1/jobs/{id}`).".to_owned()),
+            required: true,
+            deprecated: false,
+            schema: Uuid::schema_ref(),
+        };
+        let error = |content| vec![MetaMediaType { content_type: "application/json", schema: content }];
+        let mut responses = vec![MetaResponse {
+            description: "The completion: whole, or with `stream: true` as server-sent events (`data:` frames \
+                          each a `ChatCompletionChunk`, or an `OpenAiError` if the job fails, then `data: [DONE]`).",
+            status: Some(200),
+            status_range: None,
+            content: vec![
+                MetaMediaType { content_type: "application/json", schema: ChatCompletion::schema_ref() },
+                MetaMediaType { content_type: "text/event-stream", schema: ChatCompletionChunk::schema_ref() },
+            ],
+            headers: vec![job_id()],
+        }];
+        responses.extend(Refusals::meta().responses);
+        responses.push(MetaResponse {
+            description: "The job ended without an answer: every model failed (the first one's reason is given).",
+            status: Some(502),
+            status_range: None,
+            content: error(ErrorResponse::schema_ref()),
+            headers: vec![job_id()],
+        });
+        MetaResponses { responses }
+    }
+
+    fn register(registry: &mut Registry) {
+        ChatCompletion::register(registry);
+        ChatCompletionChunk::register(registry);
+        Refusals::register(registry);
+    }
+}
+
+async fn complete(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    request: ChatRequest,
+    idempotency_key: Option<String>,
+    trace: &TraceContext,
+) -> Result<Response, Refusal> {
+    let key = idempotency_key.map(jobs::check_idempotency_key).transpose()?;
     // A stream slot is taken before anything is accepted (as on `/v1/analyze`).
-    let permit = if request.wants_stream() { Some(stream_permit(state, &principal)?) } else { None };
+    let permit = if request.wants_stream() { Some(stream_permit(state, principal)?) } else { None };
     let planned = request.plan(state, &principal.tier)?;
     jobs::check_models_can_run(state, &planned.models).await?;
     let answering = Answering::of(&planned.spec, &planned.models, &request.model);
@@ -203,48 +280,44 @@ async fn whole(state: &Arc<AppState>, job: &Job, answering: &Answering) -> Resul
         ended(state, job.id).await?
     };
     let (Some(result), JobStatus::Succeeded) = (&ended.result, ended.status) else {
-        return Ok(failure(ended.error.as_ref()));
+        let (status, body) = failure(ended.error.as_ref());
+        return Ok(error::response(status, &body));
     };
-    let (input, output) = usage(state, job.id).await?;
-    Ok(Json(completion_json(job, answering, result, input, output)).into_response())
+    let usage = usage(state, job.id).await?;
+    Ok(Json(completion(job, answering, result, usage)).into_response())
 }
 
 /// OpenAI's `chat.completion` for a job that succeeded with `result`.
-pub(super) fn completion_json(job: &Job, answering: &Answering, result: &JobResult, input: i64, output: i64) -> Value {
-    json!({
-        "id": job.id,
-        "object": "chat.completion",
-        "created": job.created_at.timestamp(),
-        "model": answering.model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": answering.answer(result), "refusal": null },
-            "logprobs": null,
-            "finish_reason": "stop",
-        }],
-        "usage": usage_json(input, output),
-        "system_fingerprint": null,
-    })
-}
-
-fn usage_json(input: i64, output: i64) -> Value {
-    json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output })
+pub(super) fn completion(
+    job: &Job,
+    answering: &Answering,
+    result: &JobResult,
+    usage: CompletionUsage,
+) -> ChatCompletion {
+    let message = AssistantMessage { role: AssistantRole::Assistant, content: answering.answer(result), refusal: None };
+    ChatCompletion {
+        id: job.id,
+        object: CompletionTag::Completion,
+        created: job.created_at.timestamp(),
+        model: answering.model.clone(),
+        choices: vec![Choice { index: 0, message, logprobs: None, finish_reason: FinishReason::Stop }],
+        usage,
+        system_fingerprint: None,
+    }
 }
 
 /// The tokens of the job's paid calls (cached answers cost nothing and count nothing).
-async fn usage(state: &AppState, job_id: Uuid) -> Result<(i64, i64), ApiError> {
-    let steps = db::steps::list(&state.pool, job_id).await?;
-    let paid = steps.iter().filter(|s| !s.cached);
-    Ok(paid.fold((0i64, 0i64), |(i, o), s| {
-        (i + i64::from(s.input_tokens.unwrap_or(0)), o + i64::from(s.output_tokens.unwrap_or(0)))
-    }))
+async fn usage(state: &AppState, job_id: Uuid) -> Result<CompletionUsage, ApiError> {
+    let (input, output) = db::steps::paid_usage(&state.pool, job_id).await?;
+    Ok(CompletionUsage::new(input, output))
 }
 
 /// Why a job did not answer, as OpenAI's error: the provider's throttling as a 429,
 /// a prompt too long for a model as a 400, anything else as a 502 from upstream.
-pub(super) fn failure_parts(error: Option<&JobError>) -> (StatusCode, &'static str, String, String) {
+pub(super) fn failure(error: Option<&JobError>) -> (StatusCode, ErrorResponse) {
     let Some(error) = error else {
-        return (StatusCode::BAD_GATEWAY, "server_error", "the job ended without an answer".into(), "failed".into());
+        let body = ErrorResponse::new("the job ended without an answer", "server_error", None, Some("failed"));
+        return (StatusCode::BAD_GATEWAY, body);
     };
     // The first model's reason says more than "too few models answered".
     let cause = error.failures.first().map(|f| format!(" ({}: {})", f.model, f.error.message)).unwrap_or_default();
@@ -255,20 +328,14 @@ pub(super) fn failure_parts(error: Option<&JobError>) -> (StatusCode, &'static s
         ErrorCode::ContextTooLong | ErrorCode::ContentFiltered => (StatusCode::BAD_REQUEST, "invalid_request_error"),
         _ => (StatusCode::BAD_GATEWAY, "server_error"),
     };
-    (status, kind, message, code.to_string())
-}
-
-fn failure(error: Option<&JobError>) -> Response {
-    let (status, kind, message, code) = failure_parts(error);
-    error::response(status, kind, &message, None, Some(&code))
+    (status, ErrorResponse::new(message, kind, None, Some(&code.to_string())))
 }
 
 /// The streamed answer: `data:` chunks as the answering step writes, the last with
 /// `finish_reason`, then the usage if asked, then `[DONE]`.
 fn chunks(state: Arc<AppState>, job: &Job, answering: Answering, include_usage: bool) -> BoxStream<'static, Bytes> {
-    let chunker =
-        Chunker { id: job.id.to_string(), created: job.created_at.timestamp(), model: answering.model.clone() };
-    let first = chunker.delta(json!({ "role": "assistant", "content": "" }), None);
+    let chunker = Chunker { id: job.id, created: job.created_at.timestamp(), model: answering.model.clone() };
+    let first = chunker.delta(Delta { role: Some(AssistantRole::Assistant), content: Some(String::new()) }, None);
     let streaming = Streaming {
         items: follow(state.clone(), job.id),
         state,
@@ -291,10 +358,11 @@ fn chunks(state: Arc<AppState>, job: &Job, answering: Answering, include_usage: 
             match s.items.next().await {
                 Some(item) => s.take(item).await,
                 None => {
-                    s.pending.push_back(data(&error_json(
+                    s.pending.push_back(data(&ErrorResponse::new(
                         "the server is shutting down; the job goes on (GET /v1/jobs/{id})",
                         "server_error",
-                        "unavailable",
+                        None,
+                        Some("unavailable"),
                     )));
                     s.done = true;
                 }
@@ -355,7 +423,8 @@ impl Streaming {
     fn send(&mut self, text: &str) {
         if !text.is_empty() {
             self.sent.push_str(text);
-            self.pending.push_back(self.chunker.delta(json!({ "content": text }), None));
+            let delta = Delta { role: None, content: Some(text.to_owned()) };
+            self.pending.push_back(self.chunker.delta(delta, None));
         }
     }
 
@@ -376,8 +445,7 @@ impl Streaming {
         let answer = match (&ended.result, ended.status) {
             (Some(result), JobStatus::Succeeded) => self.answering.answer(result),
             _ => {
-                let (_, kind, message, code) = failure_parts(ended.error.as_ref());
-                self.pending.push_back(data(&error_json(&message, kind, &code)));
+                self.pending.push_back(data(&failure(ended.error.as_ref()).1));
                 return;
             }
         };
@@ -385,13 +453,13 @@ impl Streaming {
             // The text streamed was a writer's that another replaced: say so rather
             // than leave the client with an answer that is not the job's.
             let message = "the streamed answer was superseded; read the job's result at GET /v1/jobs/{id}";
-            self.pending.push_back(data(&error_json(message, "server_error", "superseded")));
+            self.pending.push_back(data(&ErrorResponse::new(message, "server_error", None, Some("superseded"))));
             return;
         }
-        self.pending.push_back(self.chunker.delta(json!({}), Some("stop")));
+        self.pending.push_back(self.chunker.delta(Delta::default(), Some(FinishReason::Stop)));
         if self.include_usage {
             match usage(&self.state, self.job_id).await {
-                Ok((input, output)) => self.pending.push_back(self.chunker.usage(usage_json(input, output))),
+                Ok(usage) => self.pending.push_back(self.chunker.usage(usage)),
                 Err(err) => tracing::warn!(job_id = %self.job_id, error = %err, "cannot read the job's usage"),
             }
         }
@@ -401,41 +469,37 @@ impl Streaming {
 
 /// Builds `chat.completion.chunk` frames.
 struct Chunker {
-    id: String,
+    id: Uuid,
     created: i64,
     model: String,
 }
 
 impl Chunker {
-    fn chunk(&self, choices: Value, usage: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-            "usage": usage,
-        })
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id,
+            object: ChunkTag::Chunk,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+        }
     }
 
-    fn delta(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
-        let choices = json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }]);
-        data(&self.chunk(choices, Value::Null))
+    fn delta(&self, delta: Delta, finish_reason: Option<FinishReason>) -> Bytes {
+        let choice = ChunkChoice { index: 0, delta, logprobs: None, finish_reason };
+        data(&self.chunk(vec![choice], None))
     }
 
-    fn usage(&self, usage: Value) -> Bytes {
-        data(&self.chunk(json!([]), usage))
+    fn usage(&self, usage: CompletionUsage) -> Bytes {
+        data(&self.chunk(Vec::new(), Some(usage)))
     }
 }
 
-fn error_json(message: &str, kind: &str, code: &str) -> Value {
-    json!({ "error": { "message": message, "type": kind, "param": null, "code": code } })
-}
-
-/// One SSE `data:` frame (JSON from serde holds no newline).
-fn data(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
+/// One SSE `data:` frame (JSON holds no newline).
+fn data(value: &impl ToJSON) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", value.to_json_string()))
 }
 
 #[cfg(test)]

@@ -5,27 +5,20 @@
 //! `/openai/`, so no path can answer in the other surface's shape.
 
 use poem::{http::StatusCode, Endpoint, IntoResponse, Middleware, Request, Response, Result};
-use serde::Serialize;
+use poem_openapi::{
+    registry::{MetaMediaType, MetaResponses, Registry},
+    types::{ToJSON, Type},
+    ApiResponse,
+};
 
-use crate::error::PROBLEM_CONTENT_TYPE;
+use super::objects::ErrorResponse;
+use crate::{
+    error::{ApiError, PROBLEM_CONTENT_TYPE},
+    problems::Problems,
+};
 
 /// The paths the OpenAI-compatible surface serves.
 pub const PREFIX: &str = "/openai/";
-
-#[derive(Debug, Serialize)]
-struct Envelope<'a> {
-    error: Body<'a>,
-}
-
-/// OpenAI's error object.
-#[derive(Debug, Serialize)]
-struct Body<'a> {
-    message: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    param: Option<&'a str>,
-    code: Option<&'a str>,
-}
 
 /// OpenAI's `type` and `code` for a problem type, and the status OpenAI would use.
 fn translate(slug: &str, status: StatusCode) -> (StatusCode, &'static str, Option<&'static str>) {
@@ -47,22 +40,56 @@ fn translate(slug: &str, status: StatusCode) -> (StatusCode, &'static str, Optio
 }
 
 /// An `ApiError` as OpenAI's status and error body (for a batch's error file).
-pub fn of_api_error(err: &crate::error::ApiError) -> (StatusCode, serde_json::Value) {
+pub fn of_api_error(err: &ApiError) -> (StatusCode, ErrorResponse) {
     let problem = err.problem();
     let slug = problem.kind.rsplit('/').next().unwrap_or_default();
     let (status, kind, code) = translate(slug, err.status());
     let param = problem.errors.as_ref().and_then(|errors| errors.first()).map(|e| e.field.as_str());
-    let body = Envelope { error: Body { message: &problem.detail, kind, param, code } };
-    (status, serde_json::to_value(body).unwrap_or_default())
+    (status, ErrorResponse::new(problem.detail.as_str(), kind, param, code))
 }
 
 /// An OpenAI-shaped error response.
-pub fn response(status: StatusCode, kind: &str, message: &str, param: Option<&str>, code: Option<&str>) -> Response {
-    let body = Envelope { error: Body { message, kind, param, code } };
-    Response::builder()
-        .status(status)
-        .content_type("application/json")
-        .body(serde_json::to_string(&body).unwrap_or_default())
+pub fn response(status: StatusCode, body: &ErrorResponse) -> Response {
+    Response::builder().status(status).content_type("application/json").body(body.to_json_string())
+}
+
+/// An operation's errors on `/openai/v1`, documented as OpenAI's: the statuses of
+/// `Problems<CAN>` after `translate` (a 422 is OpenAI's 400), each with OpenAI's
+/// error body, which the middleware below writes from the problem document.
+#[derive(Debug)]
+pub struct OpenAiProblems<const CAN: u32>(pub ApiError);
+
+impl<const CAN: u32, E: Into<ApiError>> From<E> for OpenAiProblems<CAN> {
+    fn from(err: E) -> Self {
+        Self(err.into())
+    }
+}
+
+impl<const CAN: u32> From<OpenAiProblems<CAN>> for poem::Error {
+    fn from(problems: OpenAiProblems<CAN>) -> Self {
+        problems.0.into()
+    }
+}
+
+impl<const CAN: u32> ApiResponse for OpenAiProblems<CAN> {
+    fn meta() -> MetaResponses {
+        let mut meta = Problems::<CAN>::meta();
+        for response in &mut meta.responses {
+            if response.status == Some(422) {
+                response.status = Some(400);
+            }
+            response.content =
+                vec![MetaMediaType { content_type: "application/json", schema: ErrorResponse::schema_ref() }];
+        }
+        // Two 400s (malformed, invalid) are one in OpenAI's statuses.
+        let mut seen = std::collections::BTreeSet::new();
+        meta.responses.retain(|response| seen.insert(response.status));
+        meta
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorResponse::register(registry);
+    }
 }
 
 /// Rewrites problem documents under `/openai/` into OpenAI's error shape, keeping the
@@ -102,7 +129,7 @@ impl<E: Endpoint> Endpoint for OpenAiErrorsEndpoint<E> {
         let (status, kind, code) = translate(slug, parts.status);
         let message = problem["detail"].as_str().unwrap_or("the request failed");
         let param = problem["errors"][0]["field"].as_str();
-        let mut rewritten = response(status, kind, message, param, code);
+        let mut rewritten = response(status, &ErrorResponse::new(message, kind, param, code));
         for (name, value) in &parts.headers {
             if name != poem::http::header::CONTENT_TYPE && name != poem::http::header::CONTENT_LENGTH {
                 rewritten.headers_mut().append(name.clone(), value.clone());

@@ -27,14 +27,16 @@ use common::{
     job::JobError,
 };
 use futures::StreamExt;
+use poem_openapi::types::ToJSON;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    chat::{completion_json, failure_parts, Answering},
+    chat::{completion, failure, Answering},
     error,
+    objects::{CompletionUsage, ErrorResponse},
     request::ChatRequest,
 };
 use crate::{
@@ -158,7 +160,7 @@ async fn admit(
     let refuse = |err: &ApiError| {
         tracing::info!(batch_id = %batch.id, line = line.line, error = %err, "batch line refused");
         let (status, body) = error::of_api_error(err);
-        json!({ "status_code": status.as_u16(), "body": body })
+        json!({ "status_code": status.as_u16(), "body": body.to_value() })
     };
     let request: ChatRequest = match serde_json::from_value(line.body.clone()) {
         Ok(request) => request,
@@ -213,8 +215,8 @@ async fn admit(
 /// cancelled; running ones finish.
 async fn stop(state: &AppState, batch: &Batch, code: &str) -> Result<(), ApiError> {
     let body = stopped(code);
-    let message = body["error"]["message"].as_str().unwrap_or_default().to_owned();
-    db::batches::refuse_pending(&state.pool, batch.id, &json!({ "status_code": 400, "body": body })).await?;
+    let message = body.error.message.clone();
+    db::batches::refuse_pending(&state.pool, batch.id, &json!({ "status_code": 400, "body": body.to_value() })).await?;
     for job_id in db::batches::queued_jobs(&state.pool, batch.id).await? {
         // Locked and read again: a worker may have claimed it since, and a running
         // line finishes.
@@ -235,13 +237,13 @@ async fn stop(state: &AppState, batch: &Batch, code: &str) -> Result<(), ApiErro
 
 /// The error a request gets when its batch ended before it ran (`code`:
 /// `batch_cancelled` or `batch_expired`).
-fn stopped(code: &str) -> Value {
+fn stopped(code: &str) -> ErrorResponse {
     let message = if code == "batch_expired" {
         "the batch expired before this request ran"
     } else {
         "the batch was cancelled before this request ran"
     };
-    json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": code } })
+    ErrorResponse::new(message, "invalid_request_error", None, Some(code))
 }
 
 /// The code of a batch that ends with `status` before all its requests ran.
@@ -268,15 +270,17 @@ async fn finalize(state: &AppState, locked: &mut PgConnection, batch: &Batch, st
                     let model = line.body["model"].as_str().unwrap_or_default();
                     let spec = state.patterns.get(&job.pattern).cloned().unwrap_or_default();
                     let answering = Answering::of(&spec, &job.models, model);
-                    (200, completion_json(job, &answering, result, line.input_tokens, line.output_tokens), Some(job.id))
+                    let usage = CompletionUsage::new(line.input_tokens, line.output_tokens);
+                    (200, completion(job, &answering, result, usage).to_json().unwrap_or_default(), Some(job.id))
                 }
                 // Cancelled by the batch's end while it waited: said as for the lines
                 // that never became jobs.
-                (_, JobStatus::Cancelled) if status != "completed" => (400, stopped(stop_code(status)), Some(job.id)),
+                (_, JobStatus::Cancelled) if status != "completed" => {
+                    (400, stopped(stop_code(status)).to_value(), Some(job.id))
+                }
                 _ => {
-                    let (status, kind, message, code) = failure_parts(job.error.as_ref());
-                    let body = json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
-                    (status.as_u16(), body, Some(job.id))
+                    let (status, body) = failure(job.error.as_ref());
+                    (status.as_u16(), body.to_value(), Some(job.id))
                 }
             },
             (None, Some(error)) => (error["status_code"].as_u64().unwrap_or(400) as u16, error["body"].clone(), None),

@@ -3,8 +3,8 @@
 //! — queued, checkpointed, budgeted, rate-limited, listed in `GET /v1/jobs` with its
 //! event stream — answered in OpenAI's wire format, errors included.
 //!
-//! Model ids contain `/` (`mock/alpha`, `ultra/critique`), sent as is by some SDKs and
-//! as `%2F` by others, so `models/{id}` takes the rest of the path, decoded.
+//! The operations are documented in `/openapi.json` (tag `OpenAI`) beside `/v1`'s,
+//! with OpenAI's objects (`objects.rs`) and error shape (`error.rs`).
 
 mod batches;
 mod chat;
@@ -12,38 +12,29 @@ pub mod error;
 pub mod feeder;
 mod files;
 pub mod models;
+mod objects;
 mod request;
 
-use poem::{endpoint::BoxEndpoint, get, post, Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
+use std::sync::Arc;
 
-use crate::{auth::Principal, error::ApiError};
+pub use request::MAX_STOP;
 
-/// The routes, to nest at `/openai/v1`: every one for authenticated callers only (the
-/// gate has resolved the bearer token, if any, to a principal).
-pub fn routes() -> BoxEndpoint<'static, Response> {
-    Route::new()
-        .at("/models", get(models::list))
-        .at("/models/*id", get(models::retrieve))
-        .at("/chat/completions", post(chat::completions))
-        .at("/files", get(files::list).post(files::upload))
-        .at("/files/:id", get(files::retrieve).delete(files::delete))
-        .at("/files/:id/content", get(files::download))
-        .at("/batches", get(batches::list).post(batches::create))
-        .at("/batches/:id", get(batches::retrieve))
-        .at("/batches/:id/cancel", post(batches::cancel))
-        .around(|endpoint, req: Request| async move {
-            if req.extensions().get::<Principal>().is_none() {
-                return Err(ApiError::Unauthorized.into());
-            }
-            endpoint.call(req).await.map(IntoResponse::into_response)
-        })
-        .boxed()
+use crate::state::AppState;
+
+pub type Apis = (models::ModelsApi, chat::ChatApi, files::FilesApi, batches::BatchesApi);
+
+pub fn apis(state: &Arc<AppState>) -> Apis {
+    (
+        models::ModelsApi { state: state.clone() },
+        chat::ChatApi { state: state.clone() },
+        files::FilesApi { state: state.clone() },
+        batches::BatchesApi { state: state.clone() },
+    )
 }
 
-/// The caller, whom the gate resolved (every route here requires one).
-fn principal(req: &Request) -> Result<Principal, ApiError> {
-    req.extensions().get::<Principal>().cloned().ok_or(ApiError::Unauthorized)
-}
+/// Model ids contain `/`: the document's `models/{id}` takes it encoded (`%2F`), and
+/// this route the SDKs' unencoded form.
+pub const MODEL_BY_UNENCODED_ID: &str = "/openai/v1/models/:owner/*rest";
 
 /// The chat completions path: it waits for its job, so the request timeout does not
 /// bound it (the job's deadline does).

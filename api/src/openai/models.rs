@@ -3,38 +3,26 @@
 
 use std::sync::Arc;
 
-use poem::{
-    handler,
-    http::StatusCode,
-    web::{Data, Json, Path},
-    IntoResponse, Response,
-};
-use serde::Serialize;
+use poem::{handler, http::StatusCode, web::Data, Response};
+use poem_openapi::{param::Path, payload::Json, ApiResponse, OpenApi};
 
-use super::error;
-use crate::state::AppState;
+use super::{
+    error::{self, OpenAiProblems},
+    objects::{ErrorResponse, ListTag, Model, ModelList, ModelTag},
+};
+use crate::{
+    auth::BearerAuth,
+    error::ApiError,
+    problems::{ALWAYS, UNAUTHORIZED},
+    routes::ApiTags,
+    state::AppState,
+};
 
 /// The prefix of the virtual models that run a pattern.
 pub const PATTERN_PREFIX: &str = "ultra/";
 
-/// OpenAI's model object.
-#[derive(Debug, Serialize)]
-pub struct Model {
-    pub id: String,
-    pub object: &'static str,
-    /// When the model was made: unknown here, so the epoch.
-    pub created: u64,
-    pub owned_by: String,
-}
-
-#[derive(Debug, Serialize)]
-struct ModelList {
-    object: &'static str,
-    data: Vec<Model>,
-}
-
 fn model(id: impl Into<String>, owned_by: impl Into<String>) -> Model {
-    Model { id: id.into(), object: "model", created: 0, owned_by: owned_by.into() }
+    Model { id: id.into(), object: ModelTag::Model, created: 0, owned_by: owned_by.into() }
 }
 
 /// Every model a chat completion may name, catalog models first.
@@ -44,18 +32,66 @@ fn all(state: &AppState) -> Vec<Model> {
     catalog.chain(patterns).collect()
 }
 
-#[handler]
-pub async fn list(Data(state): Data<&Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(serde_json::to_value(ModelList { object: "list", data: all(state) }).unwrap_or_default())
+fn find(state: &AppState, id: &str) -> Option<Model> {
+    all(state).into_iter().find(|m| m.id == id)
 }
 
-/// The id is the rest of the path: model ids contain `/`, which some SDKs send as is.
-#[handler]
-pub async fn retrieve(Data(state): Data<&Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match all(state).into_iter().find(|m| m.id == id) {
-        Some(found) => Json(serde_json::to_value(found).unwrap_or_default()).into_response(),
-        None => not_found(&id),
+pub struct ModelsApi {
+    pub state: Arc<AppState>,
+}
+
+#[OpenApi(prefix_path = "/openai/v1", tag = "ApiTags::OpenAi")]
+impl ModelsApi {
+    /// List models (OpenAI)
+    ///
+    /// Every catalog model and one `ultra/<pattern>` model per pattern.
+    #[oai(path = "/models", method = "get", operation_id = "openai_list_models")]
+    async fn list(&self, _auth: BearerAuth) -> Result<Json<ModelList>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED }>> {
+        Ok(Json(ModelList { object: ListTag::List, data: all(&self.state) }))
     }
+
+    /// Retrieve a model (OpenAI)
+    ///
+    /// Model ids contain `/`: send it as `%2F` here; the SDKs' unencoded
+    /// `/openai/v1/models/mock/alpha` is served too.
+    #[oai(path = "/models/:id", method = "get", operation_id = "openai_retrieve_model")]
+    async fn retrieve(
+        &self,
+        _auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<Retrieved, OpenAiProblems<{ ALWAYS | UNAUTHORIZED }>> {
+        Ok(retrieved(&self.state, &id))
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum Retrieved {
+    #[oai(status = 200)]
+    Found(Json<Model>),
+    /// No model has that id (code `model_not_found`).
+    #[oai(status = 404)]
+    Missing(Json<ErrorResponse>),
+}
+
+fn retrieved(state: &AppState, id: &str) -> Retrieved {
+    match find(state, id) {
+        Some(found) => Retrieved::Found(Json(found)),
+        None => Retrieved::Missing(Json(missing(id))),
+    }
+}
+
+/// `GET /openai/v1/models/{owner}/{rest}`: a model id sent with its `/` unencoded, as
+/// some SDKs send it; the same answer as the documented operation.
+#[handler]
+pub async fn retrieve_unencoded(
+    req: &poem::Request,
+    Data(state): Data<&Arc<AppState>>,
+    poem::web::Path((owner, rest)): poem::web::Path<(String, String)>,
+) -> poem::Result<Retrieved> {
+    if req.extensions().get::<crate::auth::Principal>().is_none() {
+        return Err(ApiError::Unauthorized.into());
+    }
+    Ok(retrieved(state, &format!("{owner}/{rest}")))
 }
 
 /// Whether a chat completion may name `id`.
@@ -64,8 +100,13 @@ pub fn exists(state: &AppState, id: &str) -> bool {
         || id.strip_prefix(PATTERN_PREFIX).is_some_and(|pattern| state.patterns.get(pattern).is_some())
 }
 
+/// OpenAI's error for a model that does not exist.
+fn missing(id: &str) -> ErrorResponse {
+    let message = format!("The model `{id}` does not exist or you do not have access to it.");
+    ErrorResponse::new(message, "invalid_request_error", Some("model"), Some("model_not_found"))
+}
+
 /// OpenAI's answer for a model that does not exist.
 pub fn not_found(id: &str) -> Response {
-    let message = format!("The model `{id}` does not exist or you do not have access to it.");
-    error::response(StatusCode::NOT_FOUND, "invalid_request_error", &message, Some("model"), Some("model_not_found"))
+    error::response(StatusCode::NOT_FOUND, &missing(id))
 }

@@ -11,6 +11,7 @@ use common::{
     job::{ChatInput, ChatMessage, JobOptions},
     patterns::PatternSpec,
 };
+use poem_openapi::{Object, Union};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -21,25 +22,39 @@ use crate::{
     state::AppState,
 };
 
-#[derive(Debug, Serialize, Deserialize)]
+/// A chat completion request. Fields Ultra does not know are taken when sent at their
+/// neutral value and refused by name otherwise (`other`), so the schema stays open.
+#[derive(Debug, Serialize, Deserialize, Object)]
+#[oai(rename = "ChatCompletionRequest")]
 pub struct ChatRequest {
+    /// A catalog model (`mock/alpha`), or `ultra/<pattern>` to run a pattern over
+    /// several models and answer with its synthesis.
     pub model: String,
+    #[oai(validator(min_items = 1))]
     pub messages: Vec<Message>,
+    /// Stream the answer as server-sent events.
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::object")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
+    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
     pub max_tokens: Option<u32>,
+    /// Wins over `max_tokens`.
     #[serde(default)]
+    #[oai(validator(minimum(value = "1"), maximum(value = "32768")))]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
+    #[oai(validator(minimum(value = "0"), maximum(value = "2")))]
     pub temperature: Option<f64>,
     #[serde(default)]
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub top_p: Option<f64>,
     #[serde(default)]
     pub stop: Option<Stop>,
+    /// Choices to return: only 1.
     #[serde(default)]
+    #[oai(validator(minimum(value = "1"), maximum(value = "1")))]
     pub n: Option<u32>,
     /// The caller's end user: accepted, as OpenAI does, for the caller's own records.
     #[serde(default)]
@@ -47,31 +62,38 @@ pub struct ChatRequest {
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
     /// Ultra's own options (the SDKs' `extra_body`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::object")]
     pub ultra: Option<UltraOptions>,
     /// Everything else: refused unless neutral.
     #[serde(flatten)]
+    #[oai(skip)]
     pub other: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, Object)]
 pub struct StreamOptions {
+    /// Send the usage in a last chunk before `[DONE]`.
     #[serde(default)]
+    #[oai(default)]
     pub include_usage: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Up to 4 sequences at which the models stop.
+#[derive(Debug, Serialize, Deserialize, Union)]
 #[serde(untagged)]
+#[oai(one_of, rename = "StopSequences")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 /// `{"ultra": {…}}`: how a `ultra/<pattern>` model runs.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, Object)]
 #[serde(deny_unknown_fields)]
+#[oai(deny_unknown_fields)]
 pub struct UltraOptions {
-    /// The models the pattern runs over (default `ULTRA_DEFAULT_MODELS`).
+    /// The models the pattern runs over (default `ULTRA_DEFAULT_MODELS`); only with
+    /// an `ultra/<pattern>` model.
     #[serde(default)]
     pub models: Option<Vec<String>>,
     #[serde(default)]
@@ -82,32 +104,40 @@ pub struct UltraOptions {
     pub cache: Option<bool>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Object)]
+#[oai(rename = "ChatCompletionMessage")]
 pub struct Message {
+    /// `system`, `developer`, `user` or `assistant` (tools are not supported).
     pub role: String,
-    #[serde(default)]
-    pub content: Option<Content>,
+    pub content: Content,
     /// A participant's name: accepted and not used.
     #[serde(default)]
     pub name: Option<String>,
     #[serde(flatten)]
+    #[oai(skip)]
     pub other: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Text, or text parts (other kinds of part are refused).
+#[derive(Debug, Serialize, Deserialize, Union)]
 #[serde(untagged)]
+#[oai(one_of, rename = "MessageContent")]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Object)]
+#[oai(rename = "ContentPart")]
 pub struct Part {
+    /// `text`.
     #[serde(rename = "type")]
+    #[oai(rename = "type")]
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
     #[serde(flatten)]
+    #[oai(skip)]
     pub other: BTreeMap<String, Value>,
 }
 
@@ -148,7 +178,7 @@ fn is_neutral(value: &Value) -> bool {
 }
 
 /// Most stop sequences OpenAI takes.
-const MAX_STOP: usize = 4;
+pub const MAX_STOP: usize = 4;
 
 impl ChatRequest {
     pub fn wants_stream(&self) -> bool {
@@ -174,20 +204,21 @@ impl ChatRequest {
         if self.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
             errors.push(FieldError::new("top_p", "must be between 0 and 1"));
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if max_tokens.is_some_and(|m| !(1..=32_768).contains(&m)) {
-            let field = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-            errors.push(FieldError::new(field, "must be between 1 and 32768"));
+        for (field, value) in [("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens)] {
+            if value.is_some_and(|m| !(1..=32_768).contains(&m)) {
+                errors.push(FieldError::new(field, "must be between 1 and 32768"));
+            }
         }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(one)) => vec![one.clone()],
             Some(Stop::Many(many)) => many.clone(),
         };
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
         if stop.len() > MAX_STOP {
             errors.push(FieldError::new("stop", format!("at most {MAX_STOP} sequences")));
         }
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
         let messages = self.messages(&mut errors);
 
         let (pattern, spec, models) = self.target(state, tier, &mut errors)?;
@@ -257,8 +288,8 @@ impl ChatRequest {
                 errors.push(FieldError::new(at(name), "is not supported by Ultra"));
             }
             let content = match &message.content {
-                Some(Content::Text(text)) => text.clone(),
-                Some(Content::Parts(parts)) => {
+                Content::Text(text) => text.clone(),
+                Content::Parts(parts) => {
                     let mut text = String::new();
                     for (part_index, part) in parts.iter().enumerate() {
                         match (part.kind.as_str(), &part.text) {
@@ -271,18 +302,14 @@ impl ChatRequest {
                     }
                     text
                 }
-                None => {
-                    errors.push(FieldError::new(at("content"), "is required"));
-                    continue;
-                }
             };
+            // As a `/v1` prompt: some providers refuse an empty message outright.
             if content.contains('\0') {
                 errors.push(FieldError::new(at("content"), "must not contain NUL characters"));
+            } else if content.chars().all(jobs::is_blank) {
+                errors.push(FieldError::new(at("content"), "must not be blank"));
             }
             messages.push(ChatMessage { role, content });
-        }
-        if !messages.is_empty() && messages.iter().all(|m| m.content.chars().all(jobs::is_blank)) {
-            errors.push(FieldError::new("messages", "every message is empty"));
         }
         messages
     }

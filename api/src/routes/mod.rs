@@ -27,6 +27,10 @@ pub enum ApiTags {
     Admin,
     /// Liveness and readiness probes.
     Health,
+    /// The OpenAI-compatible surface: set an OpenAI SDK's base URL to
+    /// `http://host:8080/openai/v1`. Errors here are OpenAI's `{"error": {…}}`.
+    #[oai(rename = "OpenAI")]
+    OpenAi,
 }
 
 pub type Apis = (
@@ -38,6 +42,7 @@ pub type Apis = (
     api_keys::ApiKeysApi,
     admin::AdminApi,
     health::HealthApi,
+    crate::openai::Apis,
 );
 
 /// The OpenAPI service: every route, documented.
@@ -50,7 +55,8 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         auth::AuthApi { state: state.clone() },
         api_keys::ApiKeysApi { state: state.clone() },
         admin::AdminApi { state: state.clone() },
-        health::HealthApi { state },
+        health::HealthApi { state: state.clone() },
+        crate::openai::apis(&state),
     );
     OpenApiService::new(apis, "Ultra", env!("CARGO_PKG_VERSION")).description(
         "Ultra runs one prompt across several LLMs in the background and streams every step back. \

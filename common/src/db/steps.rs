@@ -57,6 +57,18 @@ impl StepOutcome<'_> {
     }
 }
 
+/// The input and output tokens of a job's paid calls (a cached answer cost nothing
+/// and counts nothing): what a chat completion reports as its `usage`.
+pub async fn paid_usage(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint
+           FROM job_steps WHERE job_id = $1 AND NOT cached",
+    )
+    .bind(job_id)
+    .fetch_one(ex)
+    .await
+}
+
 /// A job's steps in pipeline order, and within a stage in the order the job names its models.
 pub async fn list(ex: impl PgExecutor<'_>, job_id: Uuid) -> Result<Vec<Step>, sqlx::Error> {
     sqlx::query_as(
