@@ -82,7 +82,10 @@ fn is_json(content_type: &str) -> bool {
 /// its fields in order, which no client means.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(ApiError::Validation(vec![FieldError::new("body", "must be a JSON object")]));
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => ApiError::Validation(vec![FieldError::new("body", "must be a JSON object")]),
+            Err(err) => ApiError::BadRequest(format!("malformed JSON: {err}")),
+        });
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|err| {
@@ -110,7 +113,12 @@ where
     use serde::de::Error;
     match <Option<serde_json::Value> as serde::Deserialize>::deserialize(deserializer)? {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(value @ serde_json::Value::Object(_)) => serde_json::from_value(value).map(Some).map_err(D::Error::custom),
+        Some(value @ serde_json::Value::Object(_)) => {
+            serde_path_to_error::deserialize(value).map(Some).map_err(|err| {
+                // The outer path names this field; the message names the field inside it.
+                D::Error::custom(format!("{}: {}", err.path(), err.inner()))
+            })
+        }
         Some(_) => Err(D::Error::custom("invalid type: expected an object")),
     }
 }
@@ -170,6 +178,8 @@ mod tests {
         // serde alone would read both as `Sample { name: "a", tags: [] }`.
         assert_eq!(field_of(parse::<Sample>(br#" ["a", []]"#).expect_err("array body")), "body");
         assert_eq!(field_of(parse::<Outer>(br#"{"inner": ["a", []]}"#).expect_err("array field")), "inner");
+        let err = parse::<Outer>(br#"{"inner": {"name": "a", "tags": [5]}}"#).expect_err("wrong type inside");
+        assert!(err.to_string().contains("tags[0]") || format!("{err:?}").contains("tags[0]"), "{err:?}");
         let inner = parse::<Outer>(br#"{"inner": {"name": "a", "tags": []}}"#).expect("object").inner;
         assert_eq!(inner.map(|s| s.name).as_deref(), Some("a"));
         assert!(parse::<Outer>(br#"{"inner": null}"#).expect("null").inner.is_none());
@@ -180,6 +190,7 @@ mod tests {
         assert!(matches!(parse::<Sample>(br#"{"name": "a""#), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse::<Sample>(br#"{"name": "a", "tags": []} trailing"#), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse::<Sample>(b""), Err(ApiError::BadRequest(_))));
+        assert!(matches!(parse::<Sample>(b"[1,"), Err(ApiError::BadRequest(_))), "malformed, array or not");
     }
 
     #[test]

@@ -37,7 +37,10 @@ pub const PROMPT_PATTERN: &str = "^[^\\u0000]*[^\\t\\n\\u000b\\f\\r \\u00a0\\u16
 
 /// OpenAI's requests take fields Ultra does not know when they carry their neutral
 /// value (some clients send every field), so their schemas are not closed.
-const OPEN_SCHEMAS: [&str; 3] = ["ChatCompletionRequest", "ChatCompletionMessage", "ContentPart"];
+/// `StreamOptions` and `CreateBatch` ignore fields they do not know, as OpenAI adds
+/// options over time.
+const OPEN_SCHEMAS: [&str; 5] =
+    ["ChatCompletionRequest", "ChatCompletionMessage", "ContentPart", "StreamOptions", "CreateBatch"];
 
 /// The roles a chat message may have (`developer` is OpenAI's newer `system`).
 const CHAT_ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];

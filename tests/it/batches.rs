@@ -152,6 +152,18 @@ async fn files_and_batches_are_their_owners_alone_and_size_is_bounded() {
     }
     let listed: Value = app.get(&other, "/openai/v1/batches").await.json().await.expect("JSON");
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(0));
+    // Someone else's file is no input for a batch either; metadata is bounded as OpenAI's.
+    let create = |body: Value, key: String| {
+        let request = app.http.post(app.url("/openai/v1/batches")).bearer_auth(key).json(&body);
+        async move { request.send().await.expect("create").status() }
+    };
+    let body = |metadata: Value| {
+        json!({ "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                "metadata": metadata })
+    };
+    assert_eq!(create(body(Value::Null), other.clone()).await, StatusCode::NOT_FOUND);
+    let seventeen: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    assert_eq!(create(body(Value::Object(seventeen)), key.clone()).await, StatusCode::BAD_REQUEST);
 
     let too_big = upload(&app, &key, line("a", hello("mock/alpha", &"x".repeat(3_000)))).await;
     assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);

@@ -155,6 +155,23 @@ async fn what_ultra_cannot_do_is_refused_in_openais_error_shape() {
         "ultra.min_models"
     );
 
+    // Found by schemathesis: each limit holds whatever else the request sends.
+    let five_stops = json!({ "model": "mock/alpha", "messages": hello(), "stop": ["", "", "", "", ""] });
+    assert_eq!(openai_error(chat(&app, &key, &five_stops).await, StatusCode::BAD_REQUEST).await["param"], "stop");
+    let zero = json!({ "model": "mock/alpha", "messages": hello(), "max_tokens": 0, "max_completion_tokens": 5 });
+    assert_eq!(openai_error(chat(&app, &key, &zero).await, StatusCode::BAD_REQUEST).await["param"], "max_tokens");
+    let positional = json!({ "model": "ultra/critique", "messages": hello(), "ultra": [null, null] });
+    assert_eq!(openai_error(chat(&app, &key, &positional).await, StatusCode::BAD_REQUEST).await["param"], "ultra");
+    let blank = json!({ "model": "mock/alpha", "messages": [{ "role": "user", "content": " " }] });
+    let error = openai_error(chat(&app, &key, &blank).await, StatusCode::BAD_REQUEST).await;
+    assert_eq!(error["param"], "messages[0].content");
+    // A long list of bogus model names is one error, as on `/v1/analyze`.
+    let names: Vec<String> = (0..2_000).map(|i| format!("nope/{i}")).collect();
+    let many = json!({ "model": "ultra/critique", "messages": hello(), "ultra": { "models": names } });
+    let response = chat(&app, &key, &many).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.expect("body").len() < 1_000, "one error, not one per name");
+
     let two = json!({ "model": "mock/alpha", "messages": hello(), "n": 2 });
     assert_eq!(openai_error(chat(&app, &key, &two).await, StatusCode::BAD_REQUEST).await["param"], "n");
 

@@ -14,7 +14,7 @@ use common::{
 };
 use uuid::Uuid;
 
-pub use self::runnable::check_models_can_run;
+pub use self::runnable::{check_model_names, check_models_can_run};
 use crate::{error::ApiError, relay, state::AppState};
 
 /// A validated request for a job.

@@ -1,5 +1,7 @@
-//! Whether a job's models can run now: each has a key, and not all are behind an open
-//! circuit breaker.
+//! Whether a job's models are a list it may name (`check_model_names`), and whether
+//! they can run now: each has a key, and not all are behind an open circuit breaker.
+
+use std::collections::HashMap;
 
 use common::catalog::ModelSpec;
 
@@ -8,6 +10,32 @@ use crate::{
     routes::models::availability,
     state::AppState,
 };
+
+/// The errors of a job's model list, reported at `field` (`models`, `ultra.models`):
+/// none, too many for the caller's tier (`allowed`), a duplicate, an unknown id. Past
+/// the count limit the names are not looked at: a long list of bogus names gets one
+/// error, not one per name.
+pub fn check_model_names(state: &AppState, field: &str, models: &[String], allowed: usize) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if models.is_empty() {
+        errors.push(FieldError::new(field, "name at least one model"));
+    } else if models.len() > allowed {
+        errors.push(FieldError::new(field, format!("{} models named; at most {allowed} per job", models.len())));
+        return errors;
+    }
+    let mut seen = HashMap::new();
+    for (index, model) in models.iter().enumerate() {
+        if let Some(first) = seen.insert(model.as_str(), index) {
+            errors.push(FieldError::new(format!("{field}[{index}]"), format!("duplicate of {field}[{first}]")));
+        } else if state.catalog.get(model).is_none() {
+            errors.push(FieldError::new(
+                format!("{field}[{index}]"),
+                format!("unknown model `{model}`; see GET /v1/models"),
+            ));
+        }
+    }
+    errors
+}
 
 /// Refuses what cannot run rather than accepting a job bound to fail: a model whose
 /// provider has no key is a `422` naming it; a job whose every model is behind an

@@ -39,6 +39,8 @@ use crate::{
 pub const ENDPOINT: &str = "/v1/chat/completions";
 /// The one completion window OpenAI offers.
 const WINDOW: (&str, Duration) = ("24h", Duration::from_secs(24 * 3600));
+/// Most metadata pairs a batch keeps (OpenAI's limit).
+const MOST_METADATA: usize = 16;
 /// Most validation errors a failed batch lists.
 const MOST_ERRORS: usize = 100;
 
@@ -50,7 +52,7 @@ pub struct CreateBatch {
     completion_window: CompletionWindow,
     /// Up to 16 pairs, kept on the batch.
     #[serde(default)]
-    #[oai(validator(max_properties = 16))]
+    #[oai(validator(max_properties = 16))] // MOST_METADATA
     metadata: Option<BTreeMap<String, String>>,
 }
 
@@ -81,8 +83,18 @@ fn status_of(stored: &str) -> BatchStatus {
         "expired" => BatchStatus::Expired,
         "cancelling" => BatchStatus::Cancelling,
         "cancelled" => BatchStatus::Cancelled,
-        _ => BatchStatus::Failed,
+        "failed" => BatchStatus::Failed,
+        other => {
+            tracing::error!(status = other, "unknown batch status");
+            BatchStatus::Failed
+        }
     }
+}
+
+/// A stored JSON column, decoded: one Ultra wrote, so a failure is a bug, logged and
+/// shown as absent rather than failing every read of the batch.
+fn stored<T: std::fmt::Debug>(batch_id: Uuid, column: &str, parsed: poem_openapi::types::ParseResult<T>) -> Option<T> {
+    parsed.map_err(|err| tracing::error!(%batch_id, column, error = ?err, "undecodable batch column")).ok()
 }
 
 /// OpenAI's batch object.
@@ -92,7 +104,7 @@ pub fn batch_object(found: &WithCounts) -> Batch {
         id: b.id,
         object: BatchTag::Batch,
         endpoint: b.endpoint.clone(),
-        errors: b.errors.clone().and_then(|errors| BatchErrors::parse_from_json(Some(errors)).ok()),
+        errors: b.errors.clone().and_then(|errors| stored(b.id, "errors", BatchErrors::parse_from_json(Some(errors)))),
         input_file_id: b.input_file_id,
         completion_window: b.completion_window.clone(),
         status: status_of(&b.status),
@@ -108,7 +120,7 @@ pub fn batch_object(found: &WithCounts) -> Batch {
         cancelling_at: unix(b.cancelling_at),
         cancelled_at: unix(b.cancelled_at),
         request_counts: RequestCounts { total: i64::from(b.total), completed: found.completed, failed: found.failed },
-        metadata: b.metadata.clone().and_then(|m| BTreeMap::<String, String>::parse_from_json(Some(m)).ok()),
+        metadata: b.metadata.clone().and_then(|m| stored(b.id, "metadata", BTreeMap::parse_from_json(Some(m)))),
     }
 }
 
@@ -192,6 +204,9 @@ impl BatchesApi {
         request: JsonBody<CreateBatch>,
     ) -> Result<Json<Batch>, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | BODY | NOT_FOUND }>> {
         let (state, request) = (&self.state, request.0);
+        if request.metadata.as_ref().is_some_and(|m| m.len() > MOST_METADATA) {
+            return Err(ApiError::field("metadata", format!("at most {MOST_METADATA} pairs")).into());
+        }
         let file_id = request.input_file_id;
         let content = db::files::content_owned(&state.pool, file_id, auth.0.user_id).await?;
         let content = content.ok_or(ApiError::NotFound("no such input file"))?;

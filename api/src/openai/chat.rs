@@ -39,7 +39,7 @@ use crate::{
     body::JsonBody,
     error::ApiError,
     jobs::{self, Accepted, Idempotency, Submission},
-    problems::{ALWAYS, BODY, NOT_FOUND, UNAUTHORIZED},
+    problems::{ALWAYS, BODY, CONFLICT, NOT_FOUND, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
     stream::{frame::SseBody, job_items, stream_permit, StreamItem},
@@ -49,7 +49,7 @@ use crate::{
 const JOB_ID_HEADER: &str = "x-ultra-job-id";
 
 /// The refusals a completion request can meet before its job exists.
-type Refusals = OpenAiProblems<{ ALWAYS | UNAUTHORIZED | BODY | NOT_FOUND }>;
+type Refusals = OpenAiProblems<{ ALWAYS | UNAUTHORIZED | BODY | NOT_FOUND | CONFLICT }>;
 
 pub struct ChatApi {
     pub state: Arc<AppState>,

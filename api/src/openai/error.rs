@@ -75,8 +75,9 @@ impl<const CAN: u32> ApiResponse for OpenAiProblems<CAN> {
     fn meta() -> MetaResponses {
         let mut meta = Problems::<CAN>::meta();
         for response in &mut meta.responses {
-            if response.status == Some(422) {
+            if response.status == Some(400) || response.status == Some(422) {
                 response.status = Some(400);
+                response.description = "Malformed or invalid request: `param` names the field at fault.";
             }
             response.content =
                 vec![MetaMediaType { content_type: "application/json", schema: ErrorResponse::schema_ref() }];

@@ -5,8 +5,9 @@
 //! **Decision — batch lines yield at admission, not in the broker.** A line becomes a
 //! job only while (a) fewer interactive jobs wait in the queue than one worker's
 //! slots (`ULTRA_WORKER_CONCURRENCY`), and batch lines (queued or running, every
-//! batch together) hold at most a quarter of those slots, so a 50,000-line batch never stands
-//! in front of interactive work or takes its workers, and (b) the user's
+//! batch together) hold at most `ULTRA_BATCH_SLOTS_PERCENT` of those slots (20: 3 of
+//! 16), so a 50,000-line batch never stands in front of interactive work or takes its
+//! workers, and (b) the user's
 //! batch jobs in flight stay within half their tier's `concurrent_jobs` (at least
 //! one), so one user's batch cannot hold the worker slots while others' wait, and
 //! leaves the user room for interactive work. The
@@ -113,13 +114,13 @@ async fn advance(state: &Arc<AppState>, locked: &mut PgConnection, batch: &Batch
     let tier = state.tiers.for_user(&user.tier);
     let share = i64::from((tier.concurrent_jobs / 2).max(1));
     // Interactive work first: no line is admitted while it waits, and batch lines
-    // hold at most a quarter of one worker's slots, so an interactive job that comes
-    // next finds a slot, little ahead of it, and CPU to spare.
+    // hold at most `ULTRA_BATCH_SLOTS_PERCENT` of one worker's slots, so an
+    // interactive job that comes next finds a slot, little ahead of it, and CPU to spare.
     let slots = i64::from(state.config.concurrency);
     let (interactive, batch_lines) = db::batches::load(&state.pool).await?;
     // The share is the user's, across all their batches.
     let users_lines = db::batches::in_flight_of_user(&state.pool, batch.user_id).await?;
-    let room = (share - users_lines).min((slots / BATCH_SLOT_SHARE).max(1) - batch_lines);
+    let room = (share - users_lines).min(state.config.batch_slots() - batch_lines);
     if room <= 0 || interactive >= slots {
         return Ok(0);
     }
@@ -139,12 +140,6 @@ async fn advance(state: &Arc<AppState>, locked: &mut PgConnection, batch: &Batch
     }
     Ok(admitted)
 }
-
-/// Batch lines (queued or running, every batch together) hold at most this fraction
-/// of one worker's slots (`ULTRA_WORKER_CONCURRENCY`). Measured on 2 cores (10,000
-/// lines, `ultra-bench batch`): a half ran 115 lines/s with interactive p50 at 2.9×
-/// idle, a quarter 96 lines/s at 1.2×; see docs/BENCHMARKS.md.
-const BATCH_SLOT_SHARE: i64 = 4;
 
 /// Lines submitted at once by one feeder pass.
 const ADMISSIONS_AT_ONCE: usize = 8;

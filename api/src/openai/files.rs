@@ -96,9 +96,16 @@ impl<'a> ApiExtractor<'a> for Uploaded {
     ) -> poem::Result<Self> {
         let state = req.data::<Arc<AppState>>().ok_or_else(|| ApiError::Internal("no state".into()))?;
         let limit = state.config.file_max_bytes;
-        let mut multipart = <poem::web::Multipart as poem::FromRequest>::from_request(req, body)
-            .await
-            .map_err(|err| ApiError::UnsupportedMediaType(format!("{err}; send multipart/form-data")))?;
+        let mut multipart =
+            <poem::web::Multipart as poem::FromRequest>::from_request(req, body).await.map_err(|err| {
+                use poem::error::ParseMultipartError::{ContentTypeRequired, InvalidContentType};
+                match err.downcast_ref() {
+                    Some(ContentTypeRequired | InvalidContentType(_)) => {
+                        ApiError::UnsupportedMediaType(format!("{err}; send multipart/form-data"))
+                    }
+                    _ => ApiError::BadRequest(format!("malformed upload: {err}")),
+                }
+            })?;
         let malformed =
             |err: poem::error::ParseMultipartError| ApiError::BadRequest(format!("malformed upload: {err}"));
         let mut uploaded = Uploaded { purpose: None, file: None };
@@ -197,7 +204,7 @@ pub struct Page<T> {
 
 /// A file's content.
 #[derive(ApiResponse)]
-enum Content {
+enum FileContent {
     /// The file as uploaded, or a batch's results: JSONL, sent as bytes (as OpenAI
     /// sends files).
     #[oai(status = 200, content_type = "application/octet-stream")]
@@ -260,9 +267,9 @@ impl FilesApi {
         &self,
         auth: BearerAuth,
         id: Path<String>,
-    ) -> Result<Content, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
+    ) -> Result<FileContent, OpenAiProblems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND }>> {
         let content = db::files::content_owned(&self.state.pool, file_id(&id)?, auth.0.user_id).await?;
-        Ok(Content::Ok(Binary(content.ok_or_else(not_found)?)))
+        Ok(FileContent::Ok(Binary(content.ok_or_else(not_found)?)))
     }
 
     /// Delete a file (OpenAI)

@@ -74,8 +74,7 @@ pub struct ChatRequest {
 pub struct StreamOptions {
     /// Send the usage in a last chunk before `[DONE]`.
     #[serde(default)]
-    #[oai(default)]
-    pub include_usage: bool,
+    pub include_usage: Option<bool>,
 }
 
 /// Up to 4 sequences at which the models stop.
@@ -186,7 +185,7 @@ impl ChatRequest {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage == Some(true))
     }
 
     /// Checks everything at once and plans the job.
@@ -294,6 +293,10 @@ impl ChatRequest {
                     for (part_index, part) in parts.iter().enumerate() {
                         match (part.kind.as_str(), &part.text) {
                             ("text", Some(part_text)) => text.push_str(part_text),
+                            ("text", None) => errors.push(FieldError::new(
+                                format!("messages[{index}].content[{part_index}].text"),
+                                "is required",
+                            )),
                             (kind, _) => errors.push(FieldError::new(
                                 format!("messages[{index}].content[{part_index}]"),
                                 format!("content of type `{kind}` is not supported; send text"),
@@ -340,21 +343,7 @@ impl ChatRequest {
         let allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let models = match ultra_models {
             Some(models) => {
-                if models.is_empty() {
-                    errors.push(FieldError::new("ultra.models", "name at least one model"));
-                } else if models.len() > allowed {
-                    errors.push(FieldError::new("ultra.models", format!("at most {allowed} models per job")));
-                }
-                for (index, model) in models.iter().enumerate() {
-                    if state.catalog.get(model).is_none() {
-                        errors.push(FieldError::new(
-                            format!("ultra.models[{index}]"),
-                            format!("unknown model `{model}`"),
-                        ));
-                    } else if models[..index].contains(model) {
-                        errors.push(FieldError::new(format!("ultra.models[{index}]"), "a duplicate"));
-                    }
-                }
+                errors.extend(jobs::check_model_names(state, "ultra.models", &models, allowed));
                 models
             }
             None => default_models(state, allowed),

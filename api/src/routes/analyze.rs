@@ -1,7 +1,7 @@
 //! `POST /v1/analyze`: validate the request, hand it to the submit service
 //! (`crate::jobs`), and answer 202 — or stream the job's events at once.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use common::{job::JobOptions, patterns::PatternSpec, trace::TraceContext};
 use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
@@ -160,28 +160,7 @@ fn validate(
     } else if request.prompt.contains('\0') {
         errors.push(FieldError::new("prompt", "must not contain NUL characters"));
     }
-    if request.models.is_empty() {
-        errors.push(FieldError::new("models", "name at least one model"));
-    } else if request.models.len() > models_allowed {
-        errors.push(FieldError::new(
-            "models",
-            format!("{} models named; at most {models_allowed} per job", request.models.len()),
-        ));
-    }
-    let mut seen = HashMap::new();
-    // Past the count limit each model is not looked at: a long list of bogus names
-    // gets one error, not one per name.
-    let named = if request.models.len() > models_allowed { &[][..] } else { &request.models[..] };
-    for (index, model) in named.iter().enumerate() {
-        if let Some(first) = seen.insert(model.as_str(), index) {
-            errors.push(FieldError::new(format!("models[{index}]"), format!("duplicate of models[{first}]")));
-        } else if state.catalog.get(model).is_none() {
-            errors.push(FieldError::new(
-                format!("models[{index}]"),
-                format!("unknown model `{model}`; see GET /v1/models"),
-            ));
-        }
-    }
+    errors.extend(jobs::check_model_names(state, "models", &request.models, models_allowed));
     let name = request.pattern.as_deref().unwrap_or("direct");
     let pattern = match state.patterns.get(name) {
         Some(spec) => Some((name.to_owned(), spec.clone())),
