@@ -154,6 +154,13 @@ pub struct Config {
     #[arg(long, env = "ULTRA_BATCH_MAX_LINES", default_value_t = 50_000, global = true)]
     pub batch_max_lines: usize,
 
+    /// The share of one worker's slots (`ULTRA_WORKER_CONCURRENCY`) that batch lines,
+    /// every batch together, may hold at once, in percent (at least one slot).
+    /// Lower keeps interactive latency nearer idle on a busy machine; higher runs
+    /// batches faster (docs/BENCHMARKS.md, `ultra-bench batch`).
+    #[arg(long, env = "ULTRA_BATCH_SLOTS_PERCENT", default_value_t = 20, global = true)]
+    pub batch_slots_percent: u32,
+
     /// Browser origins allowed by CORS, comma-separated (none by default).
     #[arg(long, env = "ULTRA_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,
@@ -362,6 +369,11 @@ impl Config {
     /// Everything wrong with these settings on their own, each naming its variable:
     /// values out of range, and in production every unsafe setting. `Settings::load`
     /// adds the configuration file's problems and reports them all at once.
+    /// How many of one worker's slots batch lines may hold at once (at least one).
+    pub fn batch_slots(&self) -> i64 {
+        (i64::from(self.concurrency) * i64::from(self.batch_slots_percent) / 100).max(1)
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.concurrency == 0 {
@@ -372,6 +384,9 @@ impl Config {
         }
         if self.file_max_bytes == 0 || self.batch_max_lines == 0 {
             problems.push("ULTRA_FILE_MAX_BYTES and ULTRA_BATCH_MAX_LINES must be at least 1".to_owned());
+        }
+        if !(1..=100).contains(&self.batch_slots_percent) {
+            problems.push("ULTRA_BATCH_SLOTS_PERCENT must be between 1 and 100".to_owned());
         }
         if self.db_pool_size == 0 {
             problems.push("ULTRA_DB_POOL_SIZE must be at least 1".to_owned());
@@ -524,5 +539,17 @@ mod tests {
             config.problems(),
             ["ULTRA_SSE_IDLE_SECS must be at least 1", "ULTRA_RELAY_INTERVAL_MS must be at least 10"]
         );
+    }
+
+    #[test]
+    fn batch_lines_hold_their_share_of_a_worker_and_at_least_one_slot() {
+        let mut config = Config::from_env().expect("defaults parse");
+        config.concurrency = 16;
+        config.batch_slots_percent = 25;
+        assert_eq!(config.batch_slots(), 4);
+        config.concurrency = 2;
+        assert_eq!(config.batch_slots(), 1, "never none");
+        config.batch_slots_percent = 0;
+        assert_eq!(config.problems(), ["ULTRA_BATCH_SLOTS_PERCENT must be between 1 and 100"]);
     }
 }
