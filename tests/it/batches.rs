@@ -224,7 +224,8 @@ async fn a_cancelled_batch_runs_no_more_lines_and_reports_what_ran() {
 
 #[tokio::test]
 async fn a_batch_holds_at_most_half_its_users_job_slots_and_interactive_work_goes_on() {
-    let app = TestApp::spawn_with(Options { mock_latency_ms: 300, ..Default::default() }).await;
+    // 16 slots: batch lines may hold 3 of them, so the user's share is what binds.
+    let app = TestApp::spawn_with(Options { mock_latency_ms: 300, concurrency: 16, ..Default::default() }).await;
     // `basic` allows 5 jobs at once: its batches get 2.
     let (_, key) = app.user_in_tier("basic").await;
     let lines: Vec<String> = (0..8).map(|i| line(&format!("q{i}"), hello("mock/alpha", &format!("Q {i}")))).collect();
@@ -250,8 +251,17 @@ async fn a_batch_holds_at_most_half_its_users_job_slots_and_interactive_work_goe
     };
     assert_eq!(ended["status"], "completed");
     assert_eq!(ended["request_counts"]["completed"], 8);
-    assert!((1..=2).contains(&most), "at most 2 lines at once, saw {most}");
+    assert_eq!(most, 2, "the user's share of lines at once, no more");
     assert_eq!(app.wait_for_terminal(&key, interactive).await["status"], "succeeded");
+    let before_the_batch: bool = sqlx::query_scalar(
+        "SELECT (SELECT finished_at FROM jobs WHERE id = $1) < (SELECT max(finished_at) FROM jobs WHERE batch_id = $2)",
+    )
+    .bind(interactive)
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .expect("ends");
+    assert!(before_the_batch, "the interactive job did not wait for the batch to end");
     app.stop().await;
 }
 
@@ -261,7 +271,10 @@ async fn a_batch_holds_at_most_half_its_users_job_slots_and_interactive_work_goe
 async fn a_batch_survives_workers_killed_mid_run() {
     use crate::processes::{spawn_worker_with, terminate, wait_ready};
 
-    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    // 16 slots: 3 batch lines at once; each takes 200 ms, so lines are running when
+    // the workers die.
+    let options = Options { worker: false, concurrency: 16, mock_latency_ms: 200, ..Default::default() };
+    let app = TestApp::spawn_with(options).await;
     let (_, key) = app.user_in_tier("enterprise").await;
     let mut workers = vec![spawn_worker_with(&app, 8).await, spawn_worker_with(&app, 8).await];
     for worker in &workers {
@@ -271,13 +284,23 @@ async fn a_batch_survives_workers_killed_mid_run() {
     let file_id = upload_ok(&app, &key, &lines).await;
     let batch = create_batch(&app, &key, &file_id).await;
     let id = batch["id"].as_str().expect("id").to_owned();
+    let batch_id: uuid::Uuid = id.parse().expect("uuid");
+    let running = || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE batch_id = $1 AND status = 'running'")
+            .bind(batch_id)
+            .fetch_one(&app.pool)
+    };
     for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let victim = workers.remove(0);
-        let pid = victim.child.id().expect("pid").to_string();
-        let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
-        drop(victim);
-        workers.push(spawn_worker_with(&app, 8).await);
+        // Every worker dies while a line runs, so that line is surely on a dead one.
+        while running().await.expect("count") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for victim in workers.drain(..) {
+            let pid = victim.child.id().expect("pid").to_string();
+            let killed = std::process::Command::new("kill").args(["-KILL", &pid]).status().expect("kill");
+            assert!(killed.success(), "worker {pid} killed");
+        }
+        workers = vec![spawn_worker_with(&app, 8).await, spawn_worker_with(&app, 8).await];
     }
     let ended = wait_for_end(&app, &key, &id).await;
     assert_eq!(ended["status"], "completed", "{ended}");
@@ -290,6 +313,12 @@ async fn a_batch_survives_workers_killed_mid_run() {
     // One job per line, each answered by one recorded step.
     let audit = testkit::audit::delivery(&app.pool).await.expect("audit");
     assert_eq!(audit, testkit::audit::DeliveryAudit { jobs: 60, ..Default::default() });
+    let rerun: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE batch_id = $1 AND attempts > 1")
+        .bind(batch_id)
+        .fetch_one(&app.pool)
+        .await
+        .expect("attempts");
+    assert!(rerun >= 1, "a line cut off by a kill ran again on another worker");
     for worker in workers {
         assert!(terminate(worker).await.0.success());
     }

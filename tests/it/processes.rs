@@ -323,6 +323,7 @@ async fn a_worker_process_continues_the_trace_and_serves_its_metrics() {
         assert!(line.contains(trace_id), "a line of the job's work without its trace id: {line}");
     }
     assert!(!log.iter().any(|l| l.contains("a secret prompt text")), "prompts stay out of logs");
+    app.stop().await;
 }
 
 /// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans go to that collector over OTLP/HTTP,
