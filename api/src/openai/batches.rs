@@ -146,18 +146,18 @@ fn check_input(state: &AppState, text: &str) -> Result<Vec<Line>, Vec<Value>> {
     };
     for (index, raw) in text.lines().enumerate().filter(|(_, raw)| !raw.trim().is_empty()) {
         let number = index + 1;
-        let request: Value = match serde_json::from_str(raw) {
+        let mut request: Value = match serde_json::from_str(raw) {
             Ok(request) => request,
             Err(err) => {
                 fail(number, "invalid_json_line", None, format!("line {number} is not JSON: {err}"));
                 continue;
             }
         };
-        let Some(custom_id) = request["custom_id"].as_str().filter(|id| !id.is_empty()) else {
+        let Some(custom_id) = request["custom_id"].as_str().filter(|id| !id.is_empty()).map(str::to_owned) else {
             fail(number, "missing_required_parameter", Some("custom_id"), format!("line {number} has no `custom_id`"));
             continue;
         };
-        if !seen.insert(custom_id.to_owned()) {
+        if !seen.insert(custom_id.clone()) {
             let message = format!("line {number} repeats the `custom_id` `{custom_id}`");
             fail(number, "duplicate_custom_id", Some("custom_id"), message);
         }
@@ -168,14 +168,14 @@ fn check_input(state: &AppState, text: &str) -> Result<Vec<Line>, Vec<Value>> {
             let message = format!("line {number}: `url` must be `{ENDPOINT}`, the batch's endpoint");
             fail(number, "invalid_url", Some("url"), message);
         }
-        let body = request["body"].clone();
-        match serde_json::from_value::<ChatRequest>(body.clone()) {
+        let body = request["body"].take();
+        match ChatRequest::deserialize(&body) {
             Err(err) => fail(number, "invalid_request", Some("body"), format!("line {number}: `body` {err}")),
             Ok(chat) if !super::models::exists(state, &chat.model) => {
                 let message = format!("line {number}: the model `{}` does not exist", chat.model);
                 fail(number, "model_not_found", Some("body.model"), message);
             }
-            Ok(_) => lines.push(Line { number: number as i32, custom_id: custom_id.to_owned(), body }),
+            Ok(_) => lines.push(Line { number: number as i32, custom_id, body }),
         }
     }
     if errors.is_empty() {

@@ -26,9 +26,11 @@ use common::{
     db::{self, batches::Batch},
     domain::{ErrorCode, JobStatus},
     job::JobError,
+    patterns::PatternSpec,
 };
 use futures::StreamExt;
 use poem_openapi::types::ToJSON;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -117,11 +119,10 @@ async fn advance(state: &Arc<AppState>, locked: &mut PgConnection, batch: &Batch
     // hold at most `ULTRA_BATCH_SLOTS_PERCENT` of one worker's slots, so an
     // interactive job that comes next finds a slot, little ahead of it, and CPU to spare.
     let slots = i64::from(state.config.concurrency);
-    let (interactive, batch_lines) = db::batches::load(&state.pool).await?;
     // The share is the user's, across all their batches.
-    let users_lines = db::batches::in_flight_of_user(&state.pool, batch.user_id).await?;
-    let room = (share - users_lines).min(state.config.batch_slots() - batch_lines);
-    if room <= 0 || interactive >= slots {
+    let load = db::batches::load(&state.pool, batch.user_id).await?;
+    let room = (share - load.users_lines).min(state.config.batch_slots() - load.batch_lines);
+    if room <= 0 || load.interactive_queued >= slots {
         return Ok(0);
     }
     // A few at once: each submission waits on the user's row lock for only part of
@@ -157,7 +158,7 @@ async fn admit(
         let (status, body) = error::of_api_error(err);
         json!({ "status_code": status.as_u16(), "body": body.to_value() })
     };
-    let request: ChatRequest = match serde_json::from_value(line.body.clone()) {
+    let request = match ChatRequest::deserialize(&line.body) {
         Ok(request) => request,
         Err(err) => {
             let error = refuse(&ApiError::field("body", err.to_string()));
@@ -257,14 +258,15 @@ async fn finalize(state: &AppState, locked: &mut PgConnection, batch: &Batch, st
     let jobs: HashMap<Uuid, db::jobs::Job> =
         db::jobs::list_in_batch(&state.pool, batch.id).await?.into_iter().map(|j| (j.id, j)).collect();
     let (mut output, mut errors) = (String::new(), String::new());
+    let no_pattern = PatternSpec::default();
     for line in &lines {
         let job = line.job_id.and_then(|id| jobs.get(&id));
         let (status_code, body, request_id) = match (job, &line.error) {
             (Some(job), _) => match (&job.result, job.status) {
                 (Some(result), JobStatus::Succeeded) => {
                     let model = line.body["model"].as_str().unwrap_or_default();
-                    let spec = state.patterns.get(&job.pattern).cloned().unwrap_or_default();
-                    let answering = Answering::of(&spec, &job.models, model);
+                    let spec = state.patterns.get(&job.pattern).unwrap_or(&no_pattern);
+                    let answering = Answering::of(spec, &job.models, model);
                     let usage = CompletionUsage::new(line.input_tokens, line.output_tokens);
                     (200, completion(job, &answering, result, usage).to_json().unwrap_or_default(), Some(job.id))
                 }

@@ -104,11 +104,12 @@ pub async fn create(
     Ok(created)
 }
 
-const COUNTS: &str = "(SELECT count(*) FROM batch_lines bl JOIN jobs j ON j.id = bl.job_id
-                        WHERE bl.batch_id = b.id AND j.status = 'succeeded') AS completed,
-                      (SELECT count(*) FROM batch_lines bl LEFT JOIN jobs j ON j.id = bl.job_id
-                        WHERE bl.batch_id = b.id AND (bl.error IS NOT NULL OR j.status IN ('failed', 'cancelled')))
-                        AS failed";
+/// Each batch's `completed` and `failed` lines, in one pass over its lines.
+const COUNTS: &str = "LEFT JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.status = 'succeeded') AS completed,
+           count(*) FILTER (WHERE bl.error IS NOT NULL OR j.status IN ('failed', 'cancelled')) AS failed
+      FROM batch_lines bl LEFT JOIN jobs j ON j.id = bl.job_id
+     WHERE bl.batch_id = b.id) c ON true";
 
 fn with_counts(row: &sqlx::postgres::PgRow) -> Result<WithCounts, sqlx::Error> {
     use sqlx::{FromRow, Row};
@@ -121,11 +122,13 @@ fn with_counts(row: &sqlx::postgres::PgRow) -> Result<WithCounts, sqlx::Error> {
 
 /// The batch if `user_id` owns it.
 pub async fn get_owned(ex: impl PgExecutor<'_>, id: Uuid, user_id: Uuid) -> Result<Option<WithCounts>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT b.*, {COUNTS} FROM batches b WHERE b.id = $1 AND b.user_id = $2"))
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(ex)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT b.*, c.completed, c.failed FROM batches b {COUNTS} WHERE b.id = $1 AND b.user_id = $2"
+    ))
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(ex)
+    .await?;
     row.as_ref().map(with_counts).transpose()
 }
 
@@ -137,7 +140,7 @@ pub async fn list_owned(
     limit: i64,
 ) -> Result<Vec<WithCounts>, sqlx::Error> {
     let rows = sqlx::query(&format!(
-        "SELECT b.*, {COUNTS} FROM batches b WHERE b.user_id = $1 AND ($2::uuid IS NULL OR b.id < $2)
+        "SELECT b.*, c.completed, c.failed FROM batches b {COUNTS} WHERE b.user_id = $1 AND ($2::uuid IS NULL OR b.id < $2)
           ORDER BY b.id DESC LIMIT $3"
     ))
     .bind(user_id)
@@ -185,23 +188,26 @@ pub async fn progress(ex: impl PgExecutor<'_>, batch_id: Uuid) -> Result<(i64, i
     .await
 }
 
-/// A user's batch lines queued or running, across all their batches.
-pub async fn in_flight_of_user(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE user_id = $1 AND batch_id IS NOT NULL AND status IN ('queued', 'running')",
-    )
-    .bind(user_id)
-    .fetch_one(ex)
-    .await
+/// What admission weighs, in one snapshot.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct Load {
+    /// Interactive jobs waiting for a worker, every user's.
+    pub interactive_queued: i64,
+    /// Batch lines queued or running, every batch's.
+    pub batch_lines: i64,
+    /// The user's batch lines queued or running, across all their batches.
+    pub users_lines: i64,
 }
 
-/// Across every user: interactive jobs waiting for a worker, and batch lines queued
-/// or running.
-pub async fn load(ex: impl PgExecutor<'_>) -> Result<(i64, i64), sqlx::Error> {
+pub async fn load(ex: impl PgExecutor<'_>, user_id: Uuid) -> Result<Load, sqlx::Error> {
     sqlx::query_as(
-        "SELECT (SELECT count(*) FROM jobs WHERE status = 'queued' AND batch_id IS NULL),
-                (SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND batch_id IS NOT NULL)",
+        "SELECT (SELECT count(*) FROM jobs WHERE status = 'queued' AND batch_id IS NULL) AS interactive_queued,
+                (SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND batch_id IS NOT NULL)
+                  AS batch_lines,
+                (SELECT count(*) FROM jobs
+                  WHERE user_id = $1 AND batch_id IS NOT NULL AND status IN ('queued', 'running')) AS users_lines",
     )
+    .bind(user_id)
     .fetch_one(ex)
     .await
 }
