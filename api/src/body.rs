@@ -53,7 +53,7 @@ where
 
 /// Reads a JSON request body within the request's size limit and parses it: the one
 /// reading every JSON endpoint shares, documented (`JsonBody`) or not.
-pub async fn read_json<T: DeserializeOwned>(request: &Request, body: poem::Body) -> Result<T, ApiError> {
+async fn read_json<T: DeserializeOwned>(request: &Request, body: poem::Body) -> Result<T, ApiError> {
     let content_type = request.content_type().unwrap_or_default();
     if !is_json(content_type) {
         let shown = if content_type.is_empty() { "none".to_owned() } else { format!("`{content_type}`") };

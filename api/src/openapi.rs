@@ -234,7 +234,7 @@ fn inline_bodies_are_finished(doc: &mut Value) {
 fn event_streams_are_text(doc: &mut Value) {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
     for (path, operations) in paths.iter_mut() {
-        let description = if path.starts_with("/openai/") {
+        let description = if path.starts_with(crate::openai::error::PREFIX) {
             "Server-Sent Events: `data:` frames, each a `ChatCompletionChunk` as JSON (or an `OpenAiError` if \
              the job fails), then `data: [DONE]`."
         } else {

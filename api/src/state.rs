@@ -39,6 +39,9 @@ pub struct AppState {
     pub catalog: Catalog,
     pub tiers: Tiers,
     pub patterns: common::patterns::Patterns,
+    /// What a `ultra/<pattern>` chat completion runs over when it names no models:
+    /// `ULTRA_DEFAULT_MODELS`, else the catalog's models that have a key.
+    pub default_models: Vec<String>,
     pub jwt: JwtService,
     pub passwords: Passwords,
     pub limiter: RateLimiter,
@@ -57,8 +60,17 @@ impl AppState {
         let jwt_keys = config.jwt_keys().map_err(anyhow::Error::msg)?;
         let redis = RedisHandle::new(&config.redis_url).context("invalid REDIS_URL")?;
         let pool = common::db::connect_and_prepare(&config.database_url, config.db_pool_size, &shutdown).await?;
+        let configured: Vec<String> =
+            config.default_models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
+        let catalog = &settings.catalog;
+        let default_models = if configured.is_empty() {
+            catalog.models().filter(|m| catalog.has_key(&m.provider)).map(|m| m.id.clone()).collect()
+        } else {
+            configured
+        };
         Ok(Self {
             pool,
+            default_models,
             publisher: Publisher::new(config.amqp_url.clone(), Topology::new(&config.queue_prefix)),
             events: EventPublisher::new(redis.clone(), config.redis_prefix.clone()),
             hub: Arc::new(EventHub::default()),

@@ -14,7 +14,7 @@ use common::{
 };
 use uuid::Uuid;
 
-pub use self::runnable::{check_model_names, check_models_can_run};
+pub use self::runnable::{check_min_models, check_model_names, check_models_can_run, check_synthesis_model};
 use crate::{error::ApiError, relay, state::AppState};
 
 /// A validated request for a job.
@@ -52,31 +52,16 @@ impl<'a> Idempotency<'a> {
     }
 }
 
-/// The job a submission stands for.
-pub enum Accepted {
-    /// Accepted now.
-    New(Job),
-    /// The job an earlier request with the same idempotency key created.
-    Replayed(Job),
-}
-
-impl Accepted {
-    pub fn job(&self) -> &Job {
-        match self {
-            Accepted::New(job) | Accepted::Replayed(job) => job,
-        }
-    }
-}
-
 /// What a request with a key that is still being used answers.
 const IN_PROGRESS: &str = "a request with this Idempotency-Key is still being processed; retry shortly";
 
 /// How long a request waits for a concurrent one holding the same key before a 409.
 const KEY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Accepts a job, or finds the one its idempotency key already created. The job is
-/// durable when this returns, even while the broker is down.
-pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Accepted, ApiError> {
+/// Accepts a job, or finds the one its idempotency key already created (a replay
+/// answers as the first request did). The job is durable when this returns, even
+/// while the broker is down.
+pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Job, ApiError> {
     let Submission {
         user_id,
         tier,
@@ -155,7 +140,7 @@ pub async fn submit(state: &AppState, submission: Submission<'_>) -> Result<Acce
 
     state.events.publish(&queued).await;
     relay::publish_now(state, outbox_id, &JobMessage::new(id, 1), Some(traceparent)).await;
-    Ok(Accepted::New(job))
+    Ok(job)
 }
 
 /// The job an earlier request with the same key created, if the request is the same.
@@ -164,14 +149,14 @@ async fn replay(
     user_id: Uuid,
     recorded: db::idempotency::Recorded,
     key: &Idempotency<'_>,
-) -> Result<Accepted, ApiError> {
+) -> Result<Job, ApiError> {
     if recorded.request_hash != key.request_hash {
         return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
     }
     let job = db::jobs::get_owned(&state.pool, recorded.job_id, user_id)
         .await?
         .ok_or(ApiError::Conflict(IN_PROGRESS.into()))?;
-    Ok(Accepted::Replayed(job))
+    Ok(job)
 }
 
 /// 1 to 255 visible ASCII characters (a UUID is the usual choice).

@@ -37,6 +37,27 @@ pub fn check_model_names(state: &AppState, field: &str, models: &[String], allow
     errors
 }
 
+/// The error of a synthesis model named at `field`, if it is unknown or its provider
+/// has no key. One outside the job's models makes one call, the synthesis (so it is
+/// not counted in the tier's models per job); if it cannot, the job's models take over.
+pub fn check_synthesis_model(state: &AppState, field: &str, model: &str) -> Option<FieldError> {
+    match state.catalog.get(model) {
+        None => Some(FieldError::new(field, format!("unknown model `{model}`; see GET /v1/models"))),
+        Some(spec) if !state.catalog.has_key(&spec.provider) => Some(FieldError::new(
+            field,
+            format!("model `{model}` is not available: its provider `{}` has no API key configured", spec.provider),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The error of a quorum named at `field`, if it is not between 1 and
+/// `ULTRA_MAX_MODELS_PER_JOB`.
+pub fn check_min_models(state: &AppState, field: &str, min: u32) -> Option<FieldError> {
+    let most = state.config.max_models_per_job;
+    (min == 0 || min as usize > most).then(|| FieldError::new(field, format!("must be between 1 and {most}")))
+}
+
 /// Refuses what cannot run rather than accepting a job bound to fail: a model whose
 /// provider has no key is a `422` naming it; a job whose every model is behind an
 /// open circuit is a `503` with `Retry-After` (the soonest circuit's cool-down).

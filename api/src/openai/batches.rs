@@ -22,9 +22,10 @@ use uuid::Uuid;
 
 use super::{
     error::OpenAiProblems,
-    files::{page, Page, DEFAULT_PAGE},
     objects::{Batch, BatchErrors, BatchList, BatchStatus, BatchTag, ListTag, RequestCounts},
+    page,
     request::ChatRequest,
+    Page, DEFAULT_PAGE,
 };
 use crate::{
     auth::BearerAuth,

@@ -38,7 +38,7 @@ use crate::{
     auth::{BearerAuth, Principal},
     body::JsonBody,
     error::ApiError,
-    jobs::{self, Accepted, Idempotency, Submission},
+    jobs::{self, Idempotency, Submission},
     problems::{ALWAYS, BODY, CONFLICT, NOT_FOUND, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
@@ -157,9 +157,7 @@ async fn complete(
         idempotency: key.as_deref().map(|key| Idempotency::new(key, &request)),
         traceparent: &traceparent,
     };
-    let job = match jobs::submit(state, submission).await? {
-        Accepted::New(job) | Accepted::Replayed(job) => job,
-    };
+    let job = jobs::submit(state, submission).await?;
     let mut response = match permit {
         Some(permit) => {
             let chunks = chunks(state.clone(), &job, answering, request.include_usage());

@@ -7,13 +7,13 @@
 use poem::{http::StatusCode, Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use poem_openapi::{
     registry::{MetaMediaType, MetaResponses, Registry},
-    types::{ToJSON, Type},
+    types::{ParseFromJSON, ToJSON, Type},
     ApiResponse,
 };
 
 use super::objects::ErrorResponse;
 use crate::{
-    error::{ApiError, PROBLEM_CONTENT_TYPE},
+    error::{ApiError, Problem, PROBLEM_CONTENT_TYPE},
     problems::Problems,
 };
 
@@ -41,9 +41,13 @@ fn translate(slug: &str, status: StatusCode) -> (StatusCode, &'static str, Optio
 
 /// An `ApiError` as OpenAI's status and error body (for a batch's error file).
 pub fn of_api_error(err: &ApiError) -> (StatusCode, ErrorResponse) {
-    let problem = err.problem();
+    of_problem(&err.problem(), err.status())
+}
+
+/// A problem document, answered with `status`, as OpenAI's status and error body.
+fn of_problem(problem: &Problem, status: StatusCode) -> (StatusCode, ErrorResponse) {
     let slug = problem.kind.rsplit('/').next().unwrap_or_default();
-    let (status, kind, code) = translate(slug, err.status());
+    let (status, kind, code) = translate(slug, status);
     let param = problem.errors.as_ref().and_then(|errors| errors.first()).map(|e| e.field.as_str());
     (status, ErrorResponse::new(problem.detail.as_str(), kind, param, code))
 }
@@ -124,13 +128,16 @@ impl<E: Endpoint> Endpoint for OpenAiErrorsEndpoint<E> {
             return Ok(answer);
         }
         let (parts, body) = answer.into_parts();
-        let problem: serde_json::Value = serde_json::from_slice(&body.into_vec().await.unwrap_or_default())
-            .unwrap_or_else(|_| serde_json::json!({}));
-        let slug = problem["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or_default();
-        let (status, kind, code) = translate(slug, parts.status);
-        let message = problem["detail"].as_str().unwrap_or("the request failed");
-        let param = problem["errors"][0]["field"].as_str();
-        let mut rewritten = response(status, &ErrorResponse::new(message, kind, param, code));
+        let json = serde_json::from_slice(&body.into_vec().await.unwrap_or_default()).ok();
+        let (status, body) = match Problem::parse_from_json(json) {
+            Ok(problem) => of_problem(&problem, parts.status),
+            // Not ours to read: its status stands, in OpenAI's shape.
+            Err(_) => {
+                let (status, kind, code) = translate("", parts.status);
+                (status, ErrorResponse::new("the request failed", kind, None, code))
+            }
+        };
+        let mut rewritten = response(status, &body);
         for (name, value) in &parts.headers {
             if name != poem::http::header::CONTENT_TYPE && name != poem::http::header::CONTENT_LENGTH {
                 rewritten.headers_mut().append(name.clone(), value.clone());

@@ -44,7 +44,7 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    jobs::{self, Accepted, Idempotency, Submission},
+    jobs::{self, Idempotency, Submission},
     state::AppState,
 };
 
@@ -193,7 +193,7 @@ async fn admit(
         traceparent: &common::trace::TraceContext::root().to_string(),
     };
     match jobs::submit(state, submission).await {
-        Ok(Accepted::New(job) | Accepted::Replayed(job)) => {
+        Ok(job) => {
             db::batches::admitted(&state.pool, batch.id, line.line, job.id).await?;
             Ok(true)
         }

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::{
     error::OpenAiProblems,
     objects::{File, FileDeleted, FileList, FilePurpose, FileStatus, FileTag, ListTag},
+    page, Page, DEFAULT_PAGE,
 };
 use crate::{
     auth::BearerAuth,
@@ -180,26 +181,6 @@ impl Uploaded {
             Err(ApiError::validation(errors))
         }
     }
-}
-
-/// A list's page size when the request names none.
-pub const DEFAULT_PAGE: i64 = 20;
-
-/// A page in OpenAI's cursor shape from up to `limit + 1` rows (one more than the
-/// page says whether another page follows): the items, the first and last ids, and
-/// whether more follow.
-pub fn page<R, T>(mut rows: Vec<R>, limit: i64, to: impl Fn(&R) -> T, id: impl Fn(&T) -> Uuid) -> Page<T> {
-    let has_more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let data: Vec<T> = rows.iter().map(to).collect();
-    Page { first_id: data.first().map(&id), last_id: data.last().map(&id), data, has_more }
-}
-
-pub struct Page<T> {
-    pub data: Vec<T>,
-    pub first_id: Option<Uuid>,
-    pub last_id: Option<Uuid>,
-    pub has_more: bool,
 }
 
 /// A file's content.

@@ -18,6 +18,7 @@ mod request;
 use std::sync::Arc;
 
 pub use request::MAX_STOP;
+use uuid::Uuid;
 
 use crate::state::AppState;
 
@@ -39,3 +40,23 @@ pub const MODEL_BY_UNENCODED_ID: &str = "/openai/v1/models/:owner/*rest";
 /// The chat completions path: it waits for its job, so the request timeout does not
 /// bound it (the job's deadline does).
 pub const CHAT_COMPLETIONS: &str = "/openai/v1/chat/completions";
+
+/// A list's page size when the request names none.
+pub const DEFAULT_PAGE: i64 = 20;
+
+/// A page in OpenAI's cursor shape from up to `limit + 1` rows (one more than the
+/// page says whether another page follows): the items, the first and last ids, and
+/// whether more follow.
+pub fn page<R, T>(mut rows: Vec<R>, limit: i64, to: impl Fn(&R) -> T, id: impl Fn(&T) -> Uuid) -> Page<T> {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let data: Vec<T> = rows.iter().map(to).collect();
+    Page { first_id: data.first().map(&id), last_id: data.last().map(&id), data, has_more }
+}
+
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub first_id: Option<Uuid>,
+    pub last_id: Option<Uuid>,
+    pub has_more: bool,
+}

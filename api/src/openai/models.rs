@@ -33,7 +33,11 @@ fn all(state: &AppState) -> Vec<Model> {
 }
 
 fn find(state: &AppState, id: &str) -> Option<Model> {
-    all(state).into_iter().find(|m| m.id == id)
+    if let Some(spec) = state.catalog.get(id) {
+        return Some(model(&spec.id, &spec.provider));
+    }
+    let pattern = id.strip_prefix(PATTERN_PREFIX)?;
+    state.patterns.get(pattern).map(|_| model(id, "ultra"))
 }
 
 pub struct ModelsApi {
@@ -96,8 +100,7 @@ pub async fn retrieve_unencoded(
 
 /// Whether a chat completion may name `id`.
 pub fn exists(state: &AppState, id: &str) -> bool {
-    state.catalog.get(id).is_some()
-        || id.strip_prefix(PATTERN_PREFIX).is_some_and(|pattern| state.patterns.get(pattern).is_some())
+    find(state, id).is_some()
 }
 
 /// OpenAI's error for a model that does not exist.

@@ -223,21 +223,11 @@ impl ChatRequest {
         let (pattern, spec, models) = self.target(state, tier, &mut errors)?;
         let ultra = self.ultra.as_ref();
         // As `/v1/analyze` checks its options.
-        if let Some(min) = ultra.and_then(|u| u.min_models) {
-            let most = state.config.max_models_per_job;
-            if min == 0 || min as usize > most {
-                errors.push(FieldError::new("ultra.min_models", format!("must be between 1 and {most}")));
-            }
-        }
         if let Some(model) = ultra.and_then(|u| u.synthesis_model.as_deref()) {
-            match state.catalog.get(model) {
-                None => errors.push(FieldError::new("ultra.synthesis_model", format!("unknown model `{model}`"))),
-                Some(spec) if !state.catalog.has_key(&spec.provider) => errors.push(FieldError::new(
-                    "ultra.synthesis_model",
-                    format!("model `{model}` is not available: its provider `{}` has no API key", spec.provider),
-                )),
-                Some(_) => {}
-            }
+            errors.extend(jobs::check_synthesis_model(state, "ultra.synthesis_model", model));
+        }
+        if let Some(min) = ultra.and_then(|u| u.min_models) {
+            errors.extend(jobs::check_min_models(state, "ultra.min_models", min));
         }
         let chat = ChatInput { messages, top_p: self.top_p, stop };
         let prompt = chat.transcript();
@@ -346,20 +336,9 @@ impl ChatRequest {
                 errors.extend(jobs::check_model_names(state, "ultra.models", &models, allowed));
                 models
             }
-            None => default_models(state, allowed),
+            // The default set, as many as the tier allows.
+            None => state.default_models.iter().take(allowed).cloned().collect(),
         };
         Ok((name.to_owned(), spec, models))
     }
-}
-
-/// `ULTRA_DEFAULT_MODELS`, or else the catalog's models that have a key; at most `allowed`.
-fn default_models(state: &AppState, allowed: usize) -> Vec<String> {
-    let configured: Vec<String> =
-        state.config.default_models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
-    let models = if configured.is_empty() {
-        state.catalog.models().filter(|m| state.catalog.has_key(&m.provider)).map(|m| m.id.clone()).collect()
-    } else {
-        configured
-    };
-    models.into_iter().take(allowed).collect()
 }

@@ -125,8 +125,7 @@ impl AnalyzeApi {
             idempotency,
             traceparent: &traceparent,
         };
-        let accepted = jobs::submit(state, submission).await?;
-        let job = accepted.job();
+        let job = jobs::submit(state, submission).await?;
         let links = JobLinks::for_job(job.id);
         let location = links.self_.clone();
         if let Some(permit) = stream_slot {
@@ -190,26 +189,11 @@ fn validate(
         if options.timeout_s == Some(0) {
             errors.push(FieldError::new("options.timeout_s", "must be at least 1 second"));
         }
-        // One outside `models` makes one call, the synthesis (so it is not counted in
-        // the tier's models per job); if it cannot, the job's models take over.
-        match options.synthesis_model.as_deref().map(|model| (model, state.catalog.get(model))) {
-            Some((model, None)) => errors.push(FieldError::new(
-                "options.synthesis_model",
-                format!("unknown model `{model}`; see GET /v1/models"),
-            )),
-            Some((model, Some(spec))) if !state.catalog.has_key(&spec.provider) => errors.push(FieldError::new(
-                "options.synthesis_model",
-                format!("model `{model}` is not available: its provider `{}` has no API key configured", spec.provider),
-            )),
-            _ => {}
+        if let Some(model) = options.synthesis_model.as_deref() {
+            errors.extend(jobs::check_synthesis_model(state, "options.synthesis_model", model));
         }
         if let Some(min) = options.min_models {
-            if min == 0 || min as usize > config.max_models_per_job {
-                errors.push(FieldError::new(
-                    "options.min_models",
-                    format!("must be between 1 and {}", config.max_models_per_job),
-                ));
-            }
+            errors.extend(jobs::check_min_models(state, "options.min_models", min));
         }
     }
     match pattern {
