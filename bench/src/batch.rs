@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Args;
+use common::config::{DEFAULT_BATCH_MAX_LINES, DEFAULT_FILE_MAX_BYTES};
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
@@ -73,10 +74,6 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 const MOST_POLL_ERRORS: u32 = 10;
 /// The statuses a batch ends in.
 const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
-/// The api's own limits on an input file (`ULTRA_BATCH_MAX_LINES`, `ULTRA_FILE_MAX_BYTES`);
-/// raised for a run that needs more.
-const DEFAULT_MAX_LINES: usize = 50_000;
-const DEFAULT_MAX_BYTES: usize = 50 * 1024 * 1024;
 
 /// One phase of interactive jobs.
 #[derive(Debug, serde::Serialize)]
@@ -103,8 +100,8 @@ pub async fn run(services: &Services, processes: &Processes, args: BatchBench) -
 async fn measure(harness: &Harness, args: &BatchBench) -> anyhow::Result<()> {
     let jsonl = input_file(args.lines);
     let concurrency = args.concurrency.to_string();
-    let max_lines = args.lines.max(DEFAULT_MAX_LINES).to_string();
-    let max_bytes = jsonl.len().max(DEFAULT_MAX_BYTES).to_string();
+    let max_lines = args.lines.max(DEFAULT_BATCH_MAX_LINES).to_string();
+    let max_bytes = jsonl.len().max(DEFAULT_FILE_MAX_BYTES).to_string();
     let env = [
         ("ULTRA_WORKER_CONCURRENCY", concurrency.as_str()),
         ("ULTRA_BATCH_MAX_LINES", max_lines.as_str()),

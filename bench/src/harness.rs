@@ -107,9 +107,10 @@ impl Harness {
         let ultra = processes.map(Ultra::new).transpose()?;
         let run = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let database_url = with_database(&services.database_url, &format!("ultra_{run}"))?;
-        let pool = db::connect_and_prepare(&database_url, 20, &CancellationToken::new())
-            .await
-            .context("cannot prepare the benchmark database")?;
+        let pool =
+            db::connect_and_prepare(&database_url, common::config::DEFAULT_DB_POOL_SIZE, &CancellationToken::new())
+                .await
+                .context("cannot prepare the benchmark database")?;
         let config_file = std::env::temp_dir().join(format!("ultra-{run}.toml"));
         std::fs::write(&config_file, BENCH_CONFIG).context("write the benchmark's configuration file")?;
         Ok(Self { run, pool, database_url, amqp_url: services.amqp_url.clone(), config_file, mock_latency_ms, ultra })

@@ -24,6 +24,12 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Defaults a benchmark or tool needs too (`ultra-bench` raises the file limits for
+/// large runs and sizes its own pool like a process's).
+pub const DEFAULT_FILE_MAX_BYTES: usize = 50 * 1024 * 1024;
+pub const DEFAULT_BATCH_MAX_LINES: usize = 50_000;
+pub const DEFAULT_DB_POOL_SIZE: u32 = 20;
+
 /// Deliberately not `Debug`: the URLs carry passwords, and nothing should print them.
 #[derive(Clone, Args)]
 pub struct Config {
@@ -147,11 +153,11 @@ pub struct Config {
     pub default_models: Vec<String>,
 
     /// Largest file `POST /openai/v1/files` accepts, in bytes.
-    #[arg(long, env = "ULTRA_FILE_MAX_BYTES", default_value_t = 50 * 1024 * 1024, global = true)]
+    #[arg(long, env = "ULTRA_FILE_MAX_BYTES", default_value_t = DEFAULT_FILE_MAX_BYTES, global = true)]
     pub file_max_bytes: usize,
 
     /// Most lines (requests) one batch input file may hold.
-    #[arg(long, env = "ULTRA_BATCH_MAX_LINES", default_value_t = 50_000, global = true)]
+    #[arg(long, env = "ULTRA_BATCH_MAX_LINES", default_value_t = DEFAULT_BATCH_MAX_LINES, global = true)]
     pub batch_max_lines: usize,
 
     /// The share of one worker's slots (`ULTRA_WORKER_CONCURRENCY`) that batch lines,
@@ -242,7 +248,7 @@ pub struct Config {
     pub cache_ttl_secs: u64,
 
     /// PostgreSQL connections one pool holds at most (`ultra all` has two pools).
-    #[arg(long, env = "ULTRA_DB_POOL_SIZE", default_value_t = 20, global = true)]
+    #[arg(long, env = "ULTRA_DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE, global = true)]
     pub db_pool_size: u32,
 
     /// Optional TOML file: `[tiers.<name>]`, `[providers.<name>]`, `[[models]]` and

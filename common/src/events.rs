@@ -27,6 +27,13 @@ pub struct JobEvent {
     pub created_at: DateTime<Utc>,
 }
 
+impl JobEvent {
+    /// The event just written with `data`, numbered `seq`.
+    pub fn new(job_id: Uuid, seq: i64, data: EventData, created_at: DateTime<Utc>) -> Self {
+        Self { job_id, seq, kind: data.kind(), data, created_at }
+    }
+}
+
 /// An event as a row or a bus message has it: the payload still untyped, since only
 /// its kind says which type it is.
 #[derive(Deserialize, sqlx::FromRow)]

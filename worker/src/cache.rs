@@ -51,8 +51,10 @@ impl ResponseCache {
         format!("{}{hex}", self.prefix)
     }
 
-    pub async fn get(&self, user_id: Uuid, request: &CompletionRequest<'_>) -> Option<Completion> {
-        let raw = self.redis.get_string(&self.key(user_id, request)).await.ok()??;
+    /// The answer stored under `key` (from `key`: computed once per call, for the
+    /// lookup and the store after it).
+    pub async fn get(&self, key: &str) -> Option<Completion> {
+        let raw = self.redis.get_string(key).await.ok()??;
         let stored: Stored = serde_json::from_str(&raw).ok()?;
         Some(Completion {
             text: stored.text,
@@ -62,7 +64,7 @@ impl ResponseCache {
         })
     }
 
-    pub async fn put(&self, user_id: Uuid, request: &CompletionRequest<'_>, completion: &Completion) {
+    pub async fn put(&self, key: &str, completion: &Completion) {
         let stored = Stored {
             text: completion.text.clone(),
             input_tokens: completion.input_tokens,
@@ -70,7 +72,7 @@ impl ResponseCache {
             finish_reason: completion.finish_reason.clone(),
         };
         let Ok(raw) = serde_json::to_string(&stored) else { return };
-        if let Err(err) = self.redis.set_string(&self.key(user_id, request), &raw, self.ttl).await {
+        if let Err(err) = self.redis.set_string(key, &raw, self.ttl).await {
             tracing::debug!(error = %err, "answer not cached (redis unavailable)");
         }
     }

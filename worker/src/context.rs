@@ -28,7 +28,8 @@ impl JobContext {
             patterns: settings.patterns.clone(),
             worker_id: Uuid::new_v4(),
             max_attempts: config.max_attempts.max(1),
-            default_min_models: config.min_models.max(1),
+            // At least 1: `JobOptions::quorum` sees to it.
+            default_min_models: config.min_models,
             running: RunningJobs::default(),
             log_prompts: config.log_prompts,
         }

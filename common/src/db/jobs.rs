@@ -109,14 +109,13 @@ pub async fn submit(
             RETURNING {COLUMNS}
          ), queued AS (
             INSERT INTO job_events (job_id, seq, kind, data) VALUES ($1, 1, $12, $13)
-            RETURNING seq, kind, data, created_at
+            RETURNING seq, created_at
          ), outbox AS (
             -- Aged from the insert, not the transaction's start: see the relay.
             INSERT INTO outbox (job_id, attempt, traceparent, created_at) VALUES ($1, 1, $14, clock_timestamp())
             RETURNING id
          )
-         SELECT job.*, queued.seq AS event_seq, queued.kind AS event_kind, queued.data AS event_data,
-                queued.created_at AS event_created_at, outbox.id AS outbox_id
+         SELECT job.*, queued.seq AS event_seq, queued.created_at AS event_created_at, outbox.id AS outbox_id
            FROM job, queued, outbox"
     );
     let row = bind_new_job(sqlx::query(&sql), job)
@@ -125,13 +124,7 @@ pub async fn submit(
         .bind(traceparent)
         .fetch_one(conn)
         .await?;
-    let queued = JobEvent {
-        job_id: job.id,
-        seq: row.try_get("event_seq")?,
-        kind: EventKind::Queued,
-        data: event,
-        created_at: row.try_get("event_created_at")?,
-    };
+    let queued = JobEvent::new(job.id, row.try_get("event_seq")?, event, row.try_get("event_created_at")?);
     Ok(Submitted { job: Job::from_row(&row)?, queued, outbox_id: row.try_get("outbox_id")? })
 }
 

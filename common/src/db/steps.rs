@@ -103,7 +103,8 @@ pub async fn start(
         super::events::append_if_written(4, 5)
     );
     let query = sqlx::query_as(&sql).bind(job_id).bind(stage).bind(model);
-    super::events::bind_event(query, &event).fetch_optional(ex).await
+    let written = super::events::bind_event(query, &event).fetch_optional(ex).await?;
+    Ok(written.map(|(seq, created_at)| JobEvent::new(job_id, seq, event, created_at)))
 }
 
 /// Records a finished provider call with its event, in one statement. A step that
@@ -155,5 +156,6 @@ pub async fn finish(
         .bind(error)
         .bind(cost_micros)
         .bind(cached);
-    super::events::bind_event(query, &event).fetch_optional(ex).await
+    let written = super::events::bind_event(query, &event).fetch_optional(ex).await?;
+    Ok(written.map(|(seq, created_at)| JobEvent::new(job_id, seq, event, created_at)))
 }

@@ -77,7 +77,7 @@ impl Stages<'_> {
             if revised.len() < min_models {
                 return Ok(too_few(Stage::Meta, revised.len(), min_models, failures));
             }
-            meta = Some(answers(&revised));
+            meta = Some(answers(revised.clone()));
             current = revised;
         }
 
@@ -114,7 +114,7 @@ impl Stages<'_> {
         }
 
         Ok(StagesOutcome::Succeeded(JobResult {
-            answers: answers(&initial),
+            answers: answers(initial),
             meta,
             output: synthesis.as_ref().map(|s| s.output.clone()),
             synthesis,
@@ -195,8 +195,8 @@ fn listing<'a>(answers: impl Iterator<Item = &'a (String, String)>) -> String {
     answers.map(|(model, text)| format!("- {model}: {text}")).collect::<Vec<_>>().join("\n")
 }
 
-fn answers(answers: &[(String, String)]) -> Vec<Answer> {
-    answers.iter().map(|(model, output)| Answer { model: model.clone(), output: output.clone() }).collect()
+fn answers(answers: Vec<(String, String)>) -> Vec<Answer> {
+    answers.into_iter().map(|(model, output)| Answer { model, output }).collect()
 }
 
 fn too_few(stage: Stage, answered: usize, needed: usize, failures: Vec<Failure>) -> StagesOutcome {

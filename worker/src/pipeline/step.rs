@@ -162,9 +162,9 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
         max_tokens: job.options.max_tokens.map(|m| m.min(spec.max_output_tokens)),
         stop: chat.map_or(&[], |chat| &chat.stop),
     };
-    let use_cache = job.options.cache.unwrap_or(false);
-    if use_cache {
-        if let Some(completion) = ctx.cache.get(job.user_id, &request).await {
+    let cache_key = job.options.cache.unwrap_or(false).then(|| ctx.cache.key(job.user_id, &request));
+    if let Some(key) = &cache_key {
+        if let Some(completion) = ctx.cache.get(key).await {
             return Ok(Answer { completion, cost_micros: 0, cached: true });
         }
     }
@@ -181,8 +181,8 @@ async fn call(ctx: &JobContext, job: &Job, stage: Stage, model: &str, prompt: &s
         meter.failed(&err);
         err.to_step_error()
     })?;
-    if use_cache {
-        ctx.cache.put(job.user_id, &request, &completion).await; // answers only: errors are never cached
+    if let Some(key) = &cache_key {
+        ctx.cache.put(key, &completion).await; // answers only: errors are never cached
     }
     let cost_micros = spec.cost_micros(i64::from(completion.input_tokens), i64::from(completion.output_tokens));
     meter.succeeded(&completion, cost_micros);
