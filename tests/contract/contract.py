@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
-from ultra_process import Ultra, run_id  # noqa: E402  (tests/support, shared with tests/openai)
+from ultra_process import Ultra, run_id, stop_on_sigterm  # noqa: E402  (tests/support, shared with tests/openai)
 
 ULTRA = os.environ["ULTRA_BIN"]
 VENV_BIN = Path(sys.executable).parent
@@ -120,6 +120,7 @@ def fuzz(work: Path, base: str, key: str) -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="ultra-contract-") as work:
         ultra = Ultra(ULTRA, Path(work), run=RUN, database=DATABASE, tier="contract")
         try:

@@ -36,7 +36,7 @@ import openai
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
-from ultra_process import Ultra, run_id  # noqa: E402  (tests/support, shared with tests/contract)
+from ultra_process import Ultra, run_id, stop_on_sigterm  # noqa: E402  (tests/support, shared with tests/contract)
 
 RUN = run_id()
 # `ultra_contract_…` and `k<8 hex>.` so that .ci/run clears what an interrupted run leaves.
@@ -433,4 +433,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

@@ -13,12 +13,24 @@ gives. Redis keys are under `ultra-k<run>:`.
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
+
+
+# A helper command that hangs must not hang CI with the server still running.
+CALL_TIMEOUT = 120
+
+
+def stop_on_sigterm() -> None:
+    """A CI job that is cancelled sends SIGTERM: exit through the suite's `finally`
+    blocks, which stop the server by pid and drop what the run made."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def run_id() -> str:
@@ -63,29 +75,31 @@ def drop_database(name: str) -> None:
     subprocess.run(
         ["psql", "-h", "127.0.0.1", "-U", "postgres", "-X", "-q", "-c",
          f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
-        check=False, capture_output=True,
+        check=False, capture_output=True, timeout=CALL_TIMEOUT,
     )
 
 
 def forget_topology(prefix: str) -> None:
     """Deletes the run's queues from the shared broker (its few exchanges hold nothing;
     rabbitmqctl of RabbitMQ 3.10 cannot delete an exchange)."""
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True)
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True,
+                            timeout=CALL_TIMEOUT)
     for name in listed.stdout.split():
         if name.startswith(prefix):
-            subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True)
+            subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True, timeout=CALL_TIMEOUT)
 
 
 def forget_redis(prefix: str, url: Optional[str] = None) -> None:
     """Deletes the run's Redis keys (cached API-key lookups live a day otherwise)."""
     cli = ["redis-cli", *(["-u", url] if url else [])]
     try:
-        listed = subprocess.run([*cli, "--scan", "--pattern", f"{prefix}*"], capture_output=True, text=True)
+        listed = subprocess.run([*cli, "--scan", "--pattern", f"{prefix}*"], capture_output=True, text=True,
+                                timeout=CALL_TIMEOUT)
     except OSError:
         return  # no redis-cli: the keys expire on their own
     keys = listed.stdout.split()
     for start in range(0, len(keys), 500):
-        subprocess.run([*cli, "del", *keys[start:start + 500]], capture_output=True)
+        subprocess.run([*cli, "del", *keys[start:start + 500]], capture_output=True, timeout=CALL_TIMEOUT)
 
 
 class Ultra:
@@ -122,7 +136,8 @@ class Ultra:
 
     def admin(self, *args: str) -> str:
         """`ultra admin …` against the run's database; its standard output."""
-        done = subprocess.run([self.binary, "admin", *args], env=self.env, capture_output=True, text=True)
+        done = subprocess.run([self.binary, "admin", *args], env=self.env, capture_output=True, text=True,
+                              timeout=CALL_TIMEOUT)
         if done.returncode != 0:
             raise SystemExit(f"`ultra admin {' '.join(args)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
         return done.stdout
