@@ -251,6 +251,38 @@ pub struct Config {
     #[arg(long, env = "ULTRA_DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE, global = true)]
     pub db_pool_size: u32,
 
+    /// Deliver webhooks to private, loopback and link-local addresses too (a receiver on
+    /// this machine or its network). Production refuses it: see docs/OPERATIONS.md.
+    #[arg(long, env = "ULTRA_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, global = true)]
+    pub webhook_allow_private: bool,
+
+    /// The waits between a webhook delivery's attempts (`5s,5m,…`; units ms, s, m, h);
+    /// after the last one it has failed. The default is the spec's, about a day.
+    #[arg(long, env = "ULTRA_WEBHOOK_RETRY_SCHEDULE", default_value = crate::webhooks::schedule::DEFAULT, global = true)]
+    pub webhook_retry_schedule: String,
+
+    /// Longest a webhook attempt may take, connection included, before it counts as failed.
+    #[arg(long, env = "ULTRA_WEBHOOK_TIMEOUT_SECS", default_value_t = 15, global = true)]
+    pub webhook_timeout_secs: u64,
+
+    /// Deliveries in flight to one endpoint at once, across every worker: a slow
+    /// receiver holds this many, never the others'.
+    #[arg(long, env = "ULTRA_WEBHOOK_ENDPOINT_CONCURRENCY", default_value_t = 8, global = true)]
+    pub webhook_endpoint_concurrency: u32,
+
+    /// Deliveries in flight in one worker process at once.
+    #[arg(long, env = "ULTRA_WEBHOOK_CONCURRENCY", default_value_t = 64, global = true)]
+    pub webhook_concurrency: u32,
+
+    /// An endpoint whose every attempt has failed for this long is disabled (its
+    /// owner re-enables it with PATCH). Five days by default.
+    #[arg(long, env = "ULTRA_WEBHOOK_DISABLE_AFTER_SECS", default_value_t = 432_000, global = true)]
+    pub webhook_disable_after_secs: u64,
+
+    /// After `rotate-secret`, how long the previous secret still signs beside the new.
+    #[arg(long, env = "ULTRA_WEBHOOK_ROTATION_GRACE_SECS", default_value_t = 86_400, global = true)]
+    pub webhook_rotation_grace_secs: u64,
+
     /// Optional TOML file: `[tiers.<name>]`, `[providers.<name>]`, `[[models]]` and
     /// `[patterns.<name>]`.
     #[arg(long, env = "ULTRA_CONFIG_FILE", global = true)]
@@ -372,14 +404,24 @@ impl Config {
         Duration::from_millis(self.mock_latency_ms)
     }
 
-    /// Everything wrong with these settings on their own, each naming its variable:
-    /// values out of range, and in production every unsafe setting. `Settings::load`
-    /// adds the configuration file's problems and reports them all at once.
     /// How many of one worker's slots batch lines may hold at once (at least one).
     pub fn batch_slots(&self) -> i64 {
         (i64::from(self.concurrency) * i64::from(self.batch_slots_percent) / 100).max(1)
     }
 
+    pub fn is_production(&self) -> bool {
+        self.environment == Environment::Production
+    }
+
+    /// The waits between a webhook's attempts (`problems` refuses a schedule that
+    /// does not parse, so the default stands in only for unchecked settings).
+    pub fn webhook_schedule(&self) -> crate::webhooks::schedule::Schedule {
+        crate::webhooks::schedule::Schedule::parse(&self.webhook_retry_schedule).unwrap_or_default()
+    }
+
+    /// Everything wrong with these settings on their own, each naming its variable:
+    /// values out of range, and in production every unsafe setting. `Settings::load`
+    /// adds the configuration file's problems and reports them all at once.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.concurrency == 0 {
@@ -410,6 +452,10 @@ impl Config {
             ("ULTRA_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
             ("ULTRA_IDLE_TIMEOUT_SECS", self.idle_timeout_secs),
             ("ULTRA_DEFAULT_JOB_TIMEOUT_SECS", u64::from(self.default_job_timeout_secs)),
+            ("ULTRA_WEBHOOK_TIMEOUT_SECS", self.webhook_timeout_secs),
+            ("ULTRA_WEBHOOK_DISABLE_AFTER_SECS", self.webhook_disable_after_secs),
+            ("ULTRA_WEBHOOK_ENDPOINT_CONCURRENCY", u64::from(self.webhook_endpoint_concurrency)),
+            ("ULTRA_WEBHOOK_CONCURRENCY", u64::from(self.webhook_concurrency)),
         ] {
             if secs == 0 {
                 problems.push(format!("{name} must be at least 1"));
@@ -439,6 +485,9 @@ impl Config {
         // AMQP_URL may list a cluster's nodes, comma-separated; each must be an AMQP URL.
         if let Err(node_problems) = crate::queue::nodes::parse(&self.amqp_url) {
             problems.extend(node_problems);
+        }
+        if let Err(problem) = crate::webhooks::schedule::Schedule::parse(&self.webhook_retry_schedule) {
+            problems.push(format!("ULTRA_WEBHOOK_RETRY_SCHEDULE: {problem}"));
         }
         if self.environment == Environment::Production {
             // Every node of the list, each with its own credentials.
@@ -483,6 +532,11 @@ impl Config {
                 _ => problems.push(
                     "ULTRA_METRICS_TOKEN is not set (16 characters at least): /metrics would be public".to_owned(),
                 ),
+            }
+            if self.webhook_allow_private {
+                problems.push(
+                    "ULTRA_WEBHOOK_ALLOW_PRIVATE lets any user make Ultra call addresses inside its network".to_owned(),
+                );
             }
             if self.cors_origins.iter().any(|o| o.trim() == "*") {
                 problems.push("ULTRA_CORS_ORIGINS allows any origin (`*`); list the origins".to_owned());

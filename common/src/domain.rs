@@ -69,6 +69,54 @@ impl JobStatus {
 }
 
 string_enum! {
+    /// What a webhook tells: a job or a batch ended (the statuses they end with), or a
+    /// test ping an endpoint's owner asked for.
+    WebhookEventType("webhook event type") {
+        JobSucceeded => "job.succeeded",
+        JobFailed => "job.failed",
+        JobCancelled => "job.cancelled",
+        BatchCompleted => "batch.completed",
+        BatchFailed => "batch.failed",
+        BatchCancelled => "batch.cancelled",
+        BatchExpired => "batch.expired",
+        WebhookTest => "webhook.test",
+    }
+}
+
+impl WebhookEventType {
+    /// The event of a job that ended with `status`; `None` for a status that is not an end.
+    pub fn of_job(status: JobStatus) -> Option<Self> {
+        match status {
+            JobStatus::Succeeded => Some(Self::JobSucceeded),
+            JobStatus::Failed => Some(Self::JobFailed),
+            JobStatus::Cancelled => Some(Self::JobCancelled),
+            JobStatus::Queued | JobStatus::Running => None,
+        }
+    }
+
+    /// The event of a batch that ended with `status` (OpenAI's batch statuses).
+    pub fn of_batch(status: &str) -> Option<Self> {
+        match status {
+            "completed" => Some(Self::BatchCompleted),
+            "failed" => Some(Self::BatchFailed),
+            "cancelled" => Some(Self::BatchCancelled),
+            "expired" => Some(Self::BatchExpired),
+            _ => None,
+        }
+    }
+}
+
+string_enum! {
+    /// A webhook delivery: `pending` until a 2xx (`succeeded`) or its last attempt
+    /// (`failed`).
+    DeliveryStatus("delivery status") {
+        Pending => "pending",
+        Succeeded => "succeeded",
+        Failed => "failed",
+    }
+}
+
+string_enum! {
     /// The state of one provider call.
     StepStatus("step status") {
         Running => "running",

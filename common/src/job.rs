@@ -48,6 +48,12 @@ pub struct JobOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none, validator(minimum(value = "1"), maximum(value = "4294967295")))]
     pub timeout_s: Option<u32>,
+    /// A URL to tell when this job ends, besides the user's webhook endpoints: signed
+    /// with the secret of the user's default endpoint (their oldest enabled one), so
+    /// the user must have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub webhook_url: Option<String>,
     /// Fields this version does not know.
     #[serde(flatten, skip_serializing)]
     #[oai(skip)]

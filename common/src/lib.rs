@@ -24,6 +24,7 @@ pub mod sse;
 pub mod telemetry;
 pub mod tiers;
 pub mod trace;
+pub mod webhooks;
 
 pub use config::Config;
 pub use settings::Settings;

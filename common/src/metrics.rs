@@ -30,6 +30,12 @@ pub const PROVIDER_ERRORS: &str = "ultra_provider_errors_total";
 pub const TOKENS: &str = "ultra_tokens_total";
 pub const COST: &str = "ultra_cost_usd_micros_total";
 
+// Webhooks (worker): attempts by outcome (`succeeded`, `retrying`, `failed` for the
+// last), their latency, endpoints disabled for failing too long.
+pub const WEBHOOK_ATTEMPTS: &str = "ultra_webhook_attempts_total";
+pub const WEBHOOK_DURATION: &str = "ultra_webhook_attempt_duration_seconds";
+pub const WEBHOOK_ENDPOINTS_DISABLED: &str = "ultra_webhook_endpoints_disabled_total";
+
 // Sampled at scrape time (api).
 pub const QUEUE_MESSAGES: &str = "ultra_queue_messages";
 pub const QUEUE_CONSUMERS: &str = "ultra_queue_consumers";
@@ -127,6 +133,9 @@ fn describe() {
     describe_counter!(PROVIDER_ERRORS, "Failed provider calls, by provider, model and error kind");
     describe_counter!(TOKENS, "Tokens used, by model, provider and direction (input or output)");
     describe_counter!(COST, "Provider cost in millionths of a US dollar, by model and provider");
+    describe_counter!(WEBHOOK_ATTEMPTS, "Webhook delivery attempts, by outcome (succeeded, retrying, failed)");
+    describe_histogram!(WEBHOOK_DURATION, Unit::Seconds, "Webhook delivery attempts' latency, by outcome");
+    describe_counter!(WEBHOOK_ENDPOINTS_DISABLED, "Webhook endpoints disabled after failing for too long");
     describe_gauge!(QUEUE_MESSAGES, "Messages ready in each RabbitMQ queue (sampled at scrape)");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers of each RabbitMQ queue (sampled at scrape)");
     describe_gauge!(OUTBOX_BACKLOG, "Committed jobs not yet confirmed by RabbitMQ (sampled at scrape)");
@@ -156,6 +165,17 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
+}
+
+/// A webhook attempt ended with `outcome`.
+pub fn webhook_attempt(outcome: &'static str, latency: Duration) {
+    metrics::counter!(WEBHOOK_ATTEMPTS, "outcome" => outcome).increment(1);
+    metrics::histogram!(WEBHOOK_DURATION, "outcome" => outcome).record(latency.as_secs_f64());
+}
+
+/// An endpoint was disabled for failing too long.
+pub fn webhook_endpoint_disabled() {
+    metrics::counter!(WEBHOOK_ENDPOINTS_DISABLED).increment(1);
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 
 use crate::support::{Options, TestApp};
 
-fn line(custom_id: &str, body: Value) -> String {
+pub(crate) fn line(custom_id: &str, body: Value) -> String {
     json!({ "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body }).to_string()
 }
 
-fn hello(model: &str, text: &str) -> Value {
+pub(crate) fn hello(model: &str, text: &str) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": text }] })
 }
 
@@ -23,7 +23,7 @@ async fn upload(app: &TestApp, key: &str, content: String) -> reqwest::Response 
     app.http.post(app.url("/openai/v1/files")).bearer_auth(key).multipart(form).send().await.expect("upload")
 }
 
-async fn upload_ok(app: &TestApp, key: &str, lines: &[String]) -> String {
+pub(crate) async fn upload_ok(app: &TestApp, key: &str, lines: &[String]) -> String {
     let response = upload(app, key, lines.join("\n") + "\n").await;
     assert_eq!(response.status(), StatusCode::OK);
     let file: Value = response.json().await.expect("JSON");
@@ -31,7 +31,7 @@ async fn upload_ok(app: &TestApp, key: &str, lines: &[String]) -> String {
     file["id"].as_str().expect("id").to_owned()
 }
 
-async fn create_batch(app: &TestApp, key: &str, file_id: &str) -> Value {
+pub(crate) async fn create_batch(app: &TestApp, key: &str, file_id: &str) -> Value {
     let body = json!({ "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h" });
     let response =
         app.http.post(app.url("/openai/v1/batches")).bearer_auth(key).json(&body).send().await.expect("create");
@@ -39,7 +39,7 @@ async fn create_batch(app: &TestApp, key: &str, file_id: &str) -> Value {
     response.json().await.expect("JSON")
 }
 
-async fn wait_for_end(app: &TestApp, key: &str, id: &str) -> Value {
+pub(crate) async fn wait_for_end(app: &TestApp, key: &str, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let batch: Value = app.get(key, &format!("/openai/v1/batches/{id}")).await.json().await.expect("JSON");

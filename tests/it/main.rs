@@ -28,3 +28,4 @@ mod services;
 mod sse;
 mod submit;
 mod support;
+mod webhooks;

@@ -27,7 +27,7 @@ async fn spawn_worker(app: &TestApp) -> WorkerProcess {
 
 /// `ultra <args>` on the app's database, broker names and Redis prefix, and nothing
 /// else from this environment.
-fn ultra_command(app: &TestApp, args: &[&str]) -> Command {
+pub(crate) fn ultra_command(app: &TestApp, args: &[&str]) -> Command {
     let config = &app.config;
     let mut command = Command::new(env!("CARGO_BIN_EXE_ultra"));
     command.env_clear();
@@ -41,6 +41,8 @@ fn ultra_command(app: &TestApp, args: &[&str]) -> Command {
         .env("REDIS_URL", &config.redis_url)
         .env("ULTRA_QUEUE_PREFIX", &config.queue_prefix)
         .env("ULTRA_REDIS_PREFIX", &config.redis_prefix)
+        .env("ULTRA_WEBHOOK_ALLOW_PRIVATE", config.webhook_allow_private.to_string())
+        .env("ULTRA_WEBHOOK_RETRY_SCHEDULE", &config.webhook_retry_schedule)
         .env("ULTRA_LOG_FORMAT", "json")
         .kill_on_drop(true);
     command

@@ -47,6 +47,14 @@ pub struct Options {
     pub max_connections: Option<usize>,
     /// `ULTRA_FILE_MAX_BYTES`.
     pub file_max_bytes: Option<usize>,
+    /// `ULTRA_WEBHOOK_ALLOW_PRIVATE`: receivers on this machine.
+    pub webhook_allow_private: bool,
+    /// `ULTRA_WEBHOOK_RETRY_SCHEDULE` (the spec's, about a day, when `None`).
+    pub webhook_retry_schedule: Option<String>,
+    /// `ULTRA_WEBHOOK_ENDPOINT_CONCURRENCY`.
+    pub webhook_endpoint_concurrency: Option<u32>,
+    /// `ULTRA_WEBHOOK_DISABLE_AFTER_SECS`.
+    pub webhook_disable_after_secs: Option<u64>,
 }
 
 impl Default for Options {
@@ -69,6 +77,10 @@ impl Default for Options {
             header_timeout_secs: None,
             max_connections: None,
             file_max_bytes: None,
+            webhook_allow_private: false,
+            webhook_retry_schedule: None,
+            webhook_endpoint_concurrency: None,
+            webhook_disable_after_secs: None,
         }
     }
 }
@@ -134,6 +146,14 @@ impl TestApp {
         config.header_timeout_secs = options.header_timeout_secs.unwrap_or(config.header_timeout_secs);
         config.max_connections = options.max_connections.unwrap_or(config.max_connections);
         config.file_max_bytes = options.file_max_bytes.unwrap_or(config.file_max_bytes);
+        config.webhook_allow_private = options.webhook_allow_private;
+        if let Some(schedule) = &options.webhook_retry_schedule {
+            config.webhook_retry_schedule = schedule.clone();
+        }
+        config.webhook_endpoint_concurrency =
+            options.webhook_endpoint_concurrency.unwrap_or(config.webhook_endpoint_concurrency);
+        config.webhook_disable_after_secs =
+            options.webhook_disable_after_secs.unwrap_or(config.webhook_disable_after_secs);
         if let Some(toml) = &options.config_toml {
             let path = std::env::temp_dir().join(format!("ultra-test-{db_name}.toml"));
             std::fs::write(&path, toml).expect("write config file");

@@ -8,6 +8,7 @@ pub mod context;
 pub mod health;
 pub mod pipeline;
 pub mod providers;
+pub mod webhooks;
 
 use std::sync::{atomic::AtomicBool, Arc};
 
@@ -68,9 +69,12 @@ impl Worker {
         // leases and still see cancellations.
         let watcher_stop = CancellationToken::new();
         let watcher = tokio::spawn(pipeline::watch(ctx.clone(), watcher_stop.clone()));
+        let deliveries = webhooks::Deliveries::new(pool.clone(), config).context("the webhook client")?;
+        let deliveries = tokio::spawn(deliveries.run(shutdown.clone()));
         Consumer { settings: settings.clone(), ctx, connected }.run(shutdown.clone()).await;
         watcher_stop.cancel();
         watcher.await.context("job watcher task")?;
+        deliveries.await.context("webhook delivery task")?;
         if let Some(health) = health {
             health.await.context("health server task")?.context("health server")?;
         }

@@ -27,6 +27,7 @@ use common::{
     domain::{ErrorCode, JobStatus},
     job::JobError,
     patterns::PatternSpec,
+    webhooks::RequestCounts,
 };
 use futures::StreamExt;
 use poem_openapi::types::ToJSON;
@@ -258,6 +259,7 @@ async fn finalize(state: &AppState, locked: &mut PgConnection, batch: &Batch, st
     let jobs: HashMap<Uuid, db::jobs::Job> =
         db::jobs::list_in_batch(&state.pool, batch.id).await?.into_iter().map(|j| (j.id, j)).collect();
     let (mut output, mut errors) = (String::new(), String::new());
+    let mut counts = RequestCounts { total: i64::from(batch.total), completed: 0, failed: 0 };
     let no_pattern = PatternSpec::default();
     for line in &lines {
         let job = line.job_id.and_then(|id| jobs.get(&id));
@@ -289,6 +291,7 @@ async fn finalize(state: &AppState, locked: &mut PgConnection, batch: &Batch, st
             "response": { "status_code": status_code, "request_id": request_id, "body": body },
             "error": Value::Null,
         });
+        *(if status_code == 200 { &mut counts.completed } else { &mut counts.failed }) += 1;
         let file = if status_code == 200 { &mut output } else { &mut errors };
         file.push_str(&record.to_string());
         file.push('\n');
@@ -305,7 +308,7 @@ async fn finalize(state: &AppState, locked: &mut PgConnection, batch: &Batch, st
     };
     let output_file = store("output", &output).await?;
     let error_file = store("error", &errors).await?;
-    db::batches::finish(&mut *locked, batch.id, status, output_file, error_file).await?;
+    db::batches::finish(&mut *locked, batch.id, status, (output_file, error_file), counts).await?;
     tracing::info!(batch_id = %batch.id, status, lines = lines.len(), "batch ended");
     Ok(())
 }

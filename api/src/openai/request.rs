@@ -250,6 +250,7 @@ impl ChatRequest {
             synthesis_model: ultra.and_then(|u| u.synthesis_model.clone()),
             min_models: ultra.and_then(|u| u.min_models),
             timeout_s: None,
+            webhook_url: None,
             unknown: Default::default(),
         };
         Ok(Planned { pattern, spec, models, options, chat, prompt })

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use common::{job::JobOptions, patterns::PatternSpec, trace::TraceContext};
+use common::{db, job::JobOptions, patterns::PatternSpec, trace::TraceContext};
 use poem_openapi::{param::Header, payload::Json, ApiResponse, Object, OpenApi};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -110,6 +110,15 @@ impl AnalyzeApi {
         let models_allowed = (tier.models_per_job as usize).min(state.config.max_models_per_job);
         let (pattern, spec) = validate(state, &request, models_allowed)?;
         jobs::check_models_can_run(state, &request.models).await?;
+        if request.options.as_ref().is_some_and(|o| o.webhook_url.is_some())
+            && !db::webhooks::has_default(&state.pool, auth.0.user_id).await?
+        {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "options.webhook_url",
+                "needs a webhook endpoint to sign with: register one with POST /v1/webhooks",
+            )])
+            .into());
+        }
         // What the key vouches for: the request as parsed (so whitespace does not matter).
         let idempotency = idempotency_key.as_deref().map(|key| Idempotency::new(key, &request));
         let traceparent = trace.0.to_string();
@@ -194,6 +203,10 @@ fn validate(
         }
         if let Some(min) = options.min_models {
             errors.extend(jobs::check_min_models(state, "options.min_models", min));
+        }
+        if let Some(url) = options.webhook_url.as_deref() {
+            let policy = common::webhooks::address::Policy::from_config(config);
+            super::webhooks::check_url(&policy, "options.webhook_url", url, &mut errors);
         }
     }
     match pattern {

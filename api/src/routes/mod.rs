@@ -8,6 +8,7 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod patterns;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub enum ApiTags {
     Models,
     /// Accounts, tokens and API keys.
     Accounts,
+    /// Webhooks: be told when a job or batch ends, signed as Standard Webhooks say.
+    Webhooks,
     /// Administration (admins only).
     Admin,
     /// Liveness and readiness probes.
@@ -40,6 +43,7 @@ pub type Apis = (
     patterns::PatternsApi,
     auth::AuthApi,
     api_keys::ApiKeysApi,
+    webhooks::WebhooksApi,
     admin::AdminApi,
     health::HealthApi,
     crate::openai::Apis,
@@ -54,6 +58,7 @@ pub fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         patterns::PatternsApi { state: state.clone() },
         auth::AuthApi { state: state.clone() },
         api_keys::ApiKeysApi { state: state.clone() },
+        webhooks::WebhooksApi { state: state.clone() },
         admin::AdminApi { state: state.clone() },
         health::HealthApi { state: state.clone() },
         crate::openai::apis(&state),

@@ -6,6 +6,8 @@ use serde_json::Value;
 use sqlx::{types::Json, PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use crate::webhooks::{self, RequestCounts};
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Batch {
     pub id: Uuid,
@@ -85,6 +87,11 @@ pub async fn create(
     .bind(batch.window.as_secs_f64())
     .fetch_one(&mut *conn)
     .await?;
+    if errors.is_some() {
+        // Refused whole: it ends as it is created.
+        let counts = RequestCounts { total: i64::from(created.total), completed: 0, failed: 0 };
+        tell(conn, batch.user_id, id, status, counts).await?;
+    }
     // One statement per thousand lines: a 50,000-line batch is 50 round trips.
     for chunk in lines.chunks(1_000) {
         let numbers: Vec<i32> = chunk.iter().map(|l| l.line).collect();
@@ -301,26 +308,43 @@ pub async fn finished_lines(ex: impl PgExecutor<'_>, batch_id: Uuid) -> Result<V
     .await
 }
 
-/// Ends a batch: its final status (`completed`, `cancelled` or `expired`) and files.
+/// Ends a batch: its final status (`completed`, `cancelled` or `expired`) and files,
+/// and the deliveries of its webhooks, which commit with it.
 pub async fn finish(
-    ex: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     id: Uuid,
     status: &str,
-    output_file_id: Option<Uuid>,
-    error_file_id: Option<Uuid>,
+    files: (Option<Uuid>, Option<Uuid>),
+    counts: RequestCounts,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let (output_file_id, error_file_id) = files;
+    let user_id: Uuid = sqlx::query_scalar(
         "UPDATE batches SET status = $2, output_file_id = $3, error_file_id = $4, finalizing_at = now(),
                 completed_at = CASE WHEN $2 = 'completed' THEN now() END,
                 cancelled_at = CASE WHEN $2 = 'cancelled' THEN now() END,
                 expired_at = CASE WHEN $2 = 'expired' THEN now() END
-          WHERE id = $1",
+          WHERE id = $1
+         RETURNING user_id",
     )
     .bind(id)
     .bind(status)
     .bind(output_file_id)
     .bind(error_file_id)
-    .execute(ex)
+    .fetch_one(&mut *conn)
     .await?;
+    tell(conn, user_id, id, status, counts).await
+}
+
+/// Writes the webhook deliveries of a batch that ended with `status`.
+async fn tell(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+    status: &str,
+    counts: RequestCounts,
+) -> Result<(), sqlx::Error> {
+    if let Some((event_type, body)) = webhooks::batch_body(id, status, counts, Utc::now()) {
+        super::webhooks::enqueue(conn, user_id, event_type, &body).await?;
+    }
     Ok(())
 }

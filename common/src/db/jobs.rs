@@ -5,9 +5,10 @@ use sqlx::{types::Json, PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::{
-    domain::{EventKind, JobStatus},
+    domain::{EventKind, JobStatus, WebhookEventType},
     events::{JobEvent, StoredEvent},
     job::{ChatInput, EventData, JobError, JobOptions, JobResult, QueuedData},
+    webhooks,
 };
 
 const COLUMNS: &str = "id, user_id, status, pattern, prompt, models, options, chat, result, error, attempts, \
@@ -322,7 +323,17 @@ pub async fn finish(
     debug_assert!(status.is_terminal());
     let event = EventData::ended(status, result, error);
     let EventData::Ended(ended) = &event else { unreachable!("an ended event") };
-    let row: Option<FinishedRow> = sqlx::query_as(
+    let webhooks = super::webhooks::insert_deliveries(
+        "(SELECT * FROM finished WHERE batch_id IS NULL) f",
+        "f.user_id",
+        "$7",
+        "$8",
+        "f.webhook_url",
+    );
+    let webhook_type = WebhookEventType::of_job(status);
+    let error_code = ended.error.as_ref().map(|e| e.code.as_str());
+    let webhook_body = webhooks::job_body(id, status, error_code, Utc::now());
+    let row: Option<FinishedRow> = sqlx::query_as(&format!(
         "WITH spent AS (
             -- Cached answers cost nothing: they count neither tokens nor money. What an
             -- earlier end of this job booked (a replayed dead letter's) is not booked again.
@@ -338,7 +349,8 @@ pub async fn finish(
                             booked_tokens = spent.tokens, booked_cost_micros = spent.cost
               FROM spent
              WHERE id = $1 AND status IN ('queued', 'running')
-             RETURNING id, user_id, pattern, created_at, finished_at, reserved_day, reserved_tokens, last_event_seq,
+             RETURNING id, user_id, batch_id, options->>'webhook_url' AS webhook_url, pattern, created_at, finished_at,
+                       reserved_day, reserved_tokens, last_event_seq,
                        greatest(spent.tokens - spent.booked_tokens, 0) AS new_tokens,
                        greatest(spent.cost - spent.booked_cost, 0) AS new_cost
          ), settled AS (
@@ -351,16 +363,21 @@ pub async fn finish(
             INSERT INTO job_events (job_id, seq, kind, data)
             SELECT id, last_event_seq, $5, $6 FROM finished
             RETURNING seq, kind, data, created_at
+         ), webhooks AS (
+            -- The outbox of the job's webhooks: a batch's lines are told by their batch.
+            {webhooks}
          )
          SELECT f.pattern, f.created_at, f.finished_at, e.seq, e.created_at AS event_created_at
-           FROM finished f, event e",
-    )
+           FROM finished f, event e"
+    ))
     .bind(id)
     .bind(status)
     .bind(ended.result.as_ref().map(Json))
     .bind(ended.error.as_ref().map(Json))
     .bind(event.kind())
     .bind(Json(&event))
+    .bind(webhook_type)
+    .bind(webhook_body)
     .fetch_optional(ex)
     .await?;
     Ok(row.map(|row| {

@@ -13,6 +13,7 @@ pub mod retention;
 pub mod steps;
 pub mod usage;
 pub mod users;
+pub mod webhooks;
 
 use std::{str::FromStr, time::Duration};
 

@@ -313,19 +313,22 @@ fn has(word: &str, class: fn(&char) -> bool) -> bool {
 
 /// `Retry-After` as seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    retry_after_within(headers, MAX_RETRY_AFTER)
+}
+
+/// `Retry-After` as seconds or an HTTP date, clamped to `max`.
+pub fn retry_after_within(headers: &HeaderMap, max: Duration) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
     let wait = match value.parse::<f64>() {
         // Clamped before converting: a huge value must not overflow (and panic).
-        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => {
-            Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64()))
-        }
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds.min(max.as_secs_f64())),
         Ok(_) => return None,
         Err(_) => {
             let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
             (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()?
         }
     };
-    Some(wait.min(MAX_RETRY_AFTER))
+    Some(wait.min(max))
 }
 
 /// The events of a streamed response, failing with `Timeout` if no byte arrives for
