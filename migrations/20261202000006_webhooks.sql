@@ -45,3 +45,5 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, created_at DESC, id DESC);
+-- Housekeeping deletes ended deliveries past their retention.
+CREATE INDEX webhook_deliveries_ended_idx ON webhook_deliveries (finished_at) WHERE status <> 'pending';

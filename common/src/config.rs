@@ -227,7 +227,8 @@ pub struct Config {
     #[arg(long, env = "ULTRA_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
     pub idempotency_retention_secs: u64,
 
-    /// How long an ended job's events are kept (the job and its steps stay).
+    /// How long an ended job's events are kept (the job and its steps stay), and
+    /// ended webhook deliveries.
     #[arg(long, env = "ULTRA_EVENT_RETENTION_DAYS", default_value_t = 30, global = true)]
     pub event_retention_days: u32,
 
@@ -358,6 +359,7 @@ impl Config {
             refresh_tokens: days(self.refresh_token_retention_days),
             usage_days: days(self.usage_retention_days),
             files: days(self.file_retention_days),
+            webhook_deliveries: days(self.event_retention_days),
         }
     }
 

@@ -135,6 +135,7 @@ async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
         .env("ULTRA_ENV", "production")
         .env("ULTRA_JWT_KEYS", "k1:too-short")
         .env("ULTRA_CORS_ORIGINS", "*")
+        .env("ULTRA_WEBHOOK_ALLOW_PRIVATE", "true")
         .env("ULTRA_LOG_FORMAT", "json")
         .output()
         .await
@@ -148,6 +149,7 @@ async fn production_refuses_an_unsafe_configuration_listing_every_problem() {
         "shorter than 32 bytes",
         "any origin",
         "ULTRA_METRICS_TOKEN",
+        "ULTRA_WEBHOOK_ALLOW_PRIVATE",
     ] {
         assert!(stderr.contains(problem), "missing `{problem}` in: {stderr}");
     }

@@ -43,10 +43,31 @@ async fn a_purge_deletes_what_is_past_retention_and_nothing_in_use() {
         .expect("a file");
     }
 
+    // Webhook deliveries: one ended long ago, one ended lately, one still pending.
+    let endpoint = common::db::webhooks::NewEndpoint {
+        user_id,
+        url: "https://hooks.example.com/",
+        events: None,
+        secret: "whsec_AAAA",
+    };
+    let endpoint = common::db::webhooks::create(&app.pool, &endpoint).await.expect("endpoint").id;
+    for (status, ended) in [("succeeded", Some("31 days")), ("failed", Some("1 day")), ("pending", None)] {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (endpoint_id, event_type, body, status, finished_at)
+             VALUES ($1, 'job.succeeded', '{}', $2, now() - $3::interval)",
+        )
+        .bind(endpoint)
+        .bind(status)
+        .bind(ended)
+        .execute(&app.pool)
+        .await
+        .expect("a delivery");
+    }
+
     let purged = purge(&app.pool, &app.config.retention()).await.expect("purge");
     assert_eq!(
-        (purged.job_events, purged.refresh_tokens, purged.usage_days, purged.files),
-        (2, 1, 1, 1),
+        (purged.job_events, purged.refresh_tokens, purged.usage_days, purged.files, purged.webhook_deliveries),
+        (2, 1, 1, 1, 1),
         "{purged:?} for {email}"
     );
     let events = |id: Uuid| app.count("SELECT count(*) FROM job_events WHERE job_id = $1", id);
@@ -66,6 +87,7 @@ async fn a_purge_deletes_what_is_past_retention_and_nothing_in_use() {
         refresh_tokens: week * 2,
         usage_days: week * 100,
         files: week * 10,
+        webhook_deliveries: week * 10,
     };
     assert_eq!(purge(&app.pool, &long).await.expect("purge"), Default::default());
     app.stop().await;

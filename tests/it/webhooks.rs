@@ -489,8 +489,7 @@ async fn a_batch_tells_its_end_once_and_its_lines_tell_nothing() {
 
     let received = receiver.wait_for(2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let bodies: Vec<Value> =
-        receiver.received().iter().map(|r| serde_json::from_str(&r.body).expect("JSON")).collect();
+    let bodies: Vec<Value> = receiver.received().iter().map(|r| serde_json::from_str(&r.body).expect("JSON")).collect();
     assert_eq!(bodies.len(), 2, "one delivery per batch, none per line: {bodies:#?}");
     let ended = bodies.iter().find(|b| b["type"] == "batch.completed").expect("batch.completed");
     assert_eq!(ended["data"]["id"], id);

@@ -1,4 +1,5 @@
-"""An `ultra all` of a suite's own, for the Python suites (tests/contract, tests/openai).
+"""An `ultra all` of a suite's own, for the Python suites (tests/contract, tests/openai,
+tests/webhooks).
 
 `Ultra` starts the binary on free ports with a database, a queue prefix (`k<run>.`)
 and a Redis prefix of its own and a tier without practical limits, creates an admin
@@ -107,7 +108,7 @@ class Ultra:
     in a `finally`, and `forget` once the process is gone."""
 
     def __init__(self, binary: str, work: Path, *, run: str, database: str, tier: str,
-                 mock_latency_ms: int = 20) -> None:
+                 mock_latency_ms: int = 20, extra_env: Optional[dict] = None) -> None:
         self.binary = binary
         self.work = work
         self.run = run
@@ -131,6 +132,7 @@ class Ultra:
             ULTRA_MOCK_LATENCY_MS=str(mock_latency_ms),
             ULTRA_LOG_FORMAT="json",
         )
+        self.env.update(extra_env or {})
         self.env.pop("ULTRA_ENV", None)
         self.process: Optional[subprocess.Popen] = None
 

@@ -22,6 +22,8 @@ pub struct Retention {
     pub usage_days: Duration,
     /// Files (batch inputs and outputs), from their upload or writing.
     pub files: Duration,
+    /// Webhook deliveries that ended (succeeded or failed), from their end.
+    pub webhook_deliveries: Duration,
 }
 
 /// Rows deleted by one pass, by kind.
@@ -32,6 +34,7 @@ pub struct Purged {
     pub refresh_tokens: u64,
     pub usage_days: u64,
     pub files: u64,
+    pub webhook_deliveries: u64,
 }
 
 /// One pass over every kind of row.
@@ -73,6 +76,14 @@ pub async fn purge(pool: &PgPool, retention: &Retention) -> Result<Purged, sqlx:
             "DELETE FROM files WHERE id IN (
                 SELECT id FROM files WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2 / 100)",
             retention.files,
+        )
+        .await?,
+        webhook_deliveries: delete(
+            pool,
+            "DELETE FROM webhook_deliveries WHERE id IN (
+                SELECT id FROM webhook_deliveries
+                 WHERE status <> 'pending' AND finished_at <= now() - make_interval(secs => $1) LIMIT $2)",
+            retention.webhook_deliveries,
         )
         .await?,
     })
