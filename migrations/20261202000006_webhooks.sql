@@ -47,3 +47,6 @@ CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) 
 CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, created_at DESC, id DESC);
 -- Housekeeping deletes ended deliveries past their retention.
 CREATE INDEX webhook_deliveries_ended_idx ON webhook_deliveries (finished_at) WHERE status <> 'pending';
+-- The claim counts each endpoint's deliveries in flight.
+CREATE INDEX webhook_deliveries_claimed_idx ON webhook_deliveries (endpoint_id)
+    WHERE status = 'pending' AND claimed_until IS NOT NULL;

@@ -13,7 +13,8 @@ use crate::domain::{DeliveryStatus, WebhookEventType};
 const ENDPOINT_COLUMNS: &str = "id, user_id, url, events, enabled, secret, previous_secret_expires_at, \
                                 failing_since, disabled_at, disabled_reason, created_at, updated_at";
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// Not `Debug`: it holds the signing secret.
+#[derive(Clone, sqlx::FromRow)]
 pub struct Endpoint {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -33,20 +34,24 @@ pub struct Endpoint {
 
 /// The SQL that writes the deliveries of one event, for a statement that ends a job or
 /// a batch: one row per enabled endpoint of the owner subscribed to the type, and one
-/// to a one-off URL (signed with the owner's default endpoint: their oldest enabled
-/// one). `source` is a `FROM` item with one row per event; the other arguments are
-/// SQL expressions over it.
+/// to a one-off URL, signed with the owner's default endpoint: their oldest enabled
+/// one, else their oldest (sent once it is enabled again). `source` is a `FROM` item
+/// with one row per event; the other arguments are SQL expressions over it. The
+/// endpoints are locked against deletion (`FOR KEY SHARE`), so an endpoint deleted
+/// meanwhile is skipped rather than failing the statement that ends the job.
 pub fn insert_deliveries(source: &str, user_id: &str, event_type: &str, body: &str, one_off_url: &str) -> String {
     format!(
         "INSERT INTO webhook_deliveries (endpoint_id, url, event_type, body)
          SELECT e.id, NULL, {event_type}, {body}
-           FROM {source} JOIN webhook_endpoints e ON e.user_id = {user_id}
-          WHERE e.enabled AND (e.events IS NULL OR {event_type} = ANY (e.events))
+           FROM {source} CROSS JOIN LATERAL (
+                SELECT id FROM webhook_endpoints
+                 WHERE user_id = {user_id} AND enabled AND (events IS NULL OR {event_type} = ANY (events))
+                   FOR KEY SHARE) e
          UNION ALL
          SELECT d.id, {one_off_url}, {event_type}, {body}
            FROM {source} CROSS JOIN LATERAL (
-                SELECT id FROM webhook_endpoints WHERE user_id = {user_id} AND enabled
-                 ORDER BY created_at, id LIMIT 1) d
+                SELECT id FROM webhook_endpoints WHERE user_id = {user_id}
+                 ORDER BY enabled DESC, created_at, id LIMIT 1 FOR KEY SHARE) d
           WHERE {one_off_url} IS NOT NULL"
     )
 }
@@ -235,7 +240,8 @@ pub async fn list_deliveries(
     sqlx::query_as(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
           WHERE endpoint_id = $1 AND ($2::text IS NULL OR status = $2)
-            AND ($3::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM webhook_deliveries WHERE id = $3))
+            AND ($3::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM webhook_deliveries
+                                                           WHERE id = $3 AND endpoint_id = $1))
           ORDER BY created_at DESC, id DESC LIMIT $4"
     ))
     .bind(endpoint_id)
@@ -281,8 +287,9 @@ pub async fn retry(pool: &PgPool, endpoint_id: Uuid, id: Uuid) -> Result<Result<
     Ok(Err(if exists { NotRetried::InFlight } else { NotRetried::Unknown }))
 }
 
-/// A delivery claimed for one attempt, with what sending it needs.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A delivery claimed for one attempt, with what sending it needs (not `Debug`: it
+/// holds the signing secrets).
+#[derive(Clone, sqlx::FromRow)]
 pub struct Claimed {
     pub id: Uuid,
     pub endpoint_id: Uuid,
@@ -305,29 +312,39 @@ const CLAIM_LOCK: i64 = 0x756c_7472_615f_7768; // "ultra_wh"
 pub async fn claim(pool: &PgPool, limit: i64, per_endpoint: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK).execute(&mut *tx).await?;
+    // The clock is read after the lock: time spent waiting for it must not shorten a lease.
     let claimed = sqlx::query_as(
-        "WITH busy AS (
-            SELECT endpoint_id, count(*) AS n FROM webhook_deliveries
-             WHERE status = 'pending' AND claimed_until > now() GROUP BY endpoint_id
+        "WITH clock AS (
+            SELECT clock_timestamp() AS now
+         ), busy AS (
+            SELECT endpoint_id, count(*) AS n FROM webhook_deliveries, clock
+             WHERE status = 'pending' AND claimed_until > clock.now GROUP BY endpoint_id
          ), due AS (
-            -- The oldest due deliveries, then at most `per_endpoint` of each endpoint.
-            SELECT id, endpoint_id, next_attempt_at,
-                   row_number() OVER (PARTITION BY endpoint_id ORDER BY next_attempt_at, id) AS place
-              FROM (SELECT id, endpoint_id, next_attempt_at FROM webhook_deliveries
-                     WHERE status = 'pending' AND next_attempt_at <= now()
-                       AND (claimed_until IS NULL OR claimed_until <= now())
-                     ORDER BY next_attempt_at LIMIT 2000) oldest
+            -- The oldest due deliveries of enabled endpoints with room, then at most
+            -- the room of each: an endpoint at its limit leaves the window to others.
+            SELECT oldest.id, oldest.next_attempt_at, coalesce(busy.n, 0) AS busy,
+                   row_number() OVER (PARTITION BY oldest.endpoint_id ORDER BY oldest.next_attempt_at, oldest.id)
+                       AS place
+              FROM (SELECT d.id, d.endpoint_id, d.next_attempt_at
+                      FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled, clock
+                     WHERE d.status = 'pending' AND d.next_attempt_at <= clock.now
+                       AND (d.claimed_until IS NULL OR d.claimed_until <= clock.now)
+                       AND NOT EXISTS (SELECT 1 FROM busy WHERE busy.endpoint_id = d.endpoint_id AND busy.n >= $2)
+                     ORDER BY d.next_attempt_at LIMIT 2000) oldest
+              LEFT JOIN busy ON busy.endpoint_id = oldest.endpoint_id
          ), chosen AS (
-            SELECT due.id FROM due LEFT JOIN busy ON busy.endpoint_id = due.endpoint_id
-             WHERE due.place <= $2 - coalesce(busy.n, 0)
-             ORDER BY due.next_attempt_at LIMIT $1
+            SELECT id FROM due WHERE place <= $2 - busy ORDER BY next_attempt_at LIMIT $1
          )
+         -- Due and unclaimed again here: a row changed since the snapshot is checked
+         -- anew (a lapsed claim's owner may just have scheduled its next attempt).
          UPDATE webhook_deliveries d
-            SET claimed_until = now() + make_interval(secs => $3), attempts = d.attempts + 1, last_attempt_at = now()
-           FROM chosen, webhook_endpoints e
-          WHERE d.id = chosen.id AND e.id = d.endpoint_id AND d.status = 'pending'
+            SET claimed_until = clock.now + make_interval(secs => $3), attempts = d.attempts + 1,
+                last_attempt_at = clock.now
+           FROM chosen, webhook_endpoints e, clock
+          WHERE d.id = chosen.id AND e.id = d.endpoint_id AND e.enabled AND d.status = 'pending'
+            AND d.next_attempt_at <= clock.now AND (d.claimed_until IS NULL OR d.claimed_until <= clock.now)
          RETURNING d.id, d.endpoint_id, coalesce(d.url, e.url) AS url, d.body, d.attempts, e.secret,
-                   CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret",
+                   CASE WHEN e.previous_secret_expires_at > clock.now THEN e.previous_secret END AS previous_secret",
     )
     .bind(limit)
     .bind(per_endpoint)
@@ -382,24 +399,29 @@ pub async fn record(
         Next::Failed => (DeliveryStatus::Failed, None),
     };
     let mut tx = pool.begin().await?;
-    let written: Option<Uuid> = sqlx::query_scalar(
+    // A delivery to a one-off URL is its job's, not the endpoint's: it does not count
+    // towards the endpoint's failure record.
+    let written: Option<(Uuid, bool)> = sqlx::query_as(
         "WITH d AS (
-            UPDATE webhook_deliveries
-               SET status = $3, claimed_until = NULL,
-                   next_attempt_at = coalesce(now() + make_interval(secs => $4), next_attempt_at),
+            UPDATE webhook_deliveries d
+               -- An endpoint disabled during the attempt gets no further attempt.
+               SET status = CASE WHEN $3 = 'pending' AND NOT e.enabled THEN 'failed' ELSE $3 END,
+                   claimed_until = NULL,
+                   next_attempt_at = coalesce(now() + make_interval(secs => $4), d.next_attempt_at),
                    last_status_code = $5, last_latency_ms = $6, last_error = $7,
-                   finished_at = CASE WHEN $3 <> 'pending' THEN now() END
-             WHERE id = $1 AND attempts = $2 AND status = 'pending'
-            RETURNING endpoint_id
+                   finished_at = CASE WHEN $3 <> 'pending' OR NOT e.enabled THEN now() END
+              FROM webhook_endpoints e
+             WHERE d.id = $1 AND d.attempts = $2 AND d.status = 'pending' AND e.id = d.endpoint_id
+            RETURNING d.endpoint_id, d.url IS NULL AS own
          ), endpoint AS (
             -- Only a change of state writes the endpoint's row: a busy endpoint's
             -- deliveries do not queue on its lock.
             UPDATE webhook_endpoints e
                SET failing_since = CASE WHEN $8 THEN NULL ELSE now() END
               FROM d
-             WHERE e.id = d.endpoint_id AND $8 = (e.failing_since IS NOT NULL)
+             WHERE d.own AND e.id = d.endpoint_id AND $8 = (e.failing_since IS NOT NULL)
          )
-         SELECT endpoint_id FROM d",
+         SELECT endpoint_id, own FROM d",
     )
     .bind(claimed.id)
     .bind(claimed.attempts)
@@ -411,9 +433,9 @@ pub async fn record(
     .bind(next == Next::Succeeded)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(endpoint_id) = written else { return Ok(Recorded::Lost) };
+    let Some((endpoint_id, own)) = written else { return Ok(Recorded::Lost) };
     let mut recorded = Recorded::Written;
-    if next != Next::Succeeded {
+    if own && next != Next::Succeeded {
         let disabled = sqlx::query(
             "UPDATE webhook_endpoints
                 SET enabled = false, disabled_at = now(), updated_at = now(),

@@ -11,6 +11,9 @@ use rand::Rng;
 /// The default `ULTRA_WEBHOOK_RETRY_SCHEDULE`.
 pub const DEFAULT: &str = "5s,5m,30m,2h,5h,10h,10h";
 
+/// The longest wait a schedule may hold (a longer one would overflow the jitter).
+const MAX_WAIT: Duration = Duration::from_secs(7 * 86_400);
+
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 
@@ -22,12 +25,14 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `5s,5m,2h`: each wait a number and a unit (`ms`, `s`, `m`, `h`).
+    /// `5s,5m,2h`: each wait a number and a unit (`ms`, `s`, `m`, `h`), at most a week.
     pub fn parse(text: &str) -> Result<Self, String> {
         let waits = text
             .split(',')
             .map(|part| {
-                parse_duration(part.trim()).ok_or_else(|| format!("`{}` is not a duration like 5s", part.trim()))
+                parse_duration(part.trim())
+                    .filter(|wait| *wait <= MAX_WAIT)
+                    .ok_or_else(|| format!("`{}` is not a duration like 5s, of at most a week", part.trim()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { waits })
@@ -95,7 +100,7 @@ mod tests {
             Schedule::parse("100ms, 2s").map(|s| s.waits),
             Ok(vec![Duration::from_millis(100), Duration::from_secs(2)])
         );
-        for bad in ["", "5", "s", "5d", "5s,,1s", "-1s"] {
+        for bad in ["", "5", "s", "5d", "5s,,1s", "-1s", "200h", "99999999999999999h"] {
             assert!(Schedule::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
