@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod body;
 pub mod client_ip;
+pub mod console;
 pub mod error;
 pub mod hub;
 pub mod jobs;
@@ -93,9 +94,11 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
         ("/openapi.json", "GET"),
         ("/metrics", "GET"),
         ("/openai/v1/models/{owner}/{rest}", "GET"),
+        ("/", "GET"),
+        ("/assets/{hash}/{name}", "GET"),
     ];
     let routes = Arc::new(metrics::RouteTemplates::from_spec(&document, &undocumented));
-    let app = Route::new()
+    let api_routes = Route::new()
         .at("/docs", poem::get(swagger()))
         .at("/docs/", poem::get(swagger()))
         .at(
@@ -107,7 +110,12 @@ fn endpoint(state: &Arc<AppState>) -> anyhow::Result<Arc<BoxEndpoint<'static>>> 
         )
         .at("/metrics", poem::get(metrics::endpoint))
         .at(openai::MODEL_BY_UNENCODED_ID, poem::get(openai::models::retrieve_unencoded))
-        .nest("/", service)
+        .nest("/", service);
+    let console = Arc::new(console::Console::new());
+    let app = console
+        .clone()
+        .serve(api_routes)
+        .with(console::Root(console))
         .with(middleware::RequestTimeout(config.request_timeout()))
         .with(Gate::new(client_ips))
         .with(openai::error::OpenAiErrors)

@@ -20,12 +20,17 @@ use crate::error::ApiError;
 /// over plain local HTTP would be a lie).
 pub struct SecurityHeaders(pub Environment);
 
-const SECURITY_HEADERS: [(&str, &str); 6] = [
+const SECURITY_HEADERS: [(&str, &str); 4] = [
     ("x-content-type-options", "nosniff"),
     ("x-frame-options", "DENY"),
     ("referrer-policy", "no-referrer"),
-    ("content-security-policy", "frame-ancestors 'none'"),
     ("cross-origin-resource-policy", "same-origin"),
+];
+
+/// Defaults a response may set otherwise: the console's page and assets have their
+/// own policy and caching (`console`).
+const DEFAULT_HEADERS: [(&str, &str); 2] = [
+    ("content-security-policy", "frame-ancestors 'none'"),
     // Responses are per caller (jobs, tokens, keys): no shared cache may keep them.
     ("cache-control", "no-store"),
 ];
@@ -54,6 +59,9 @@ impl<E: Endpoint> Endpoint for SecurityHeadersEndpoint<E> {
         let headers = response.headers_mut();
         for (name, value) in SECURITY_HEADERS {
             headers.insert(name, HeaderValue::from_static(value));
+        }
+        for (name, value) in DEFAULT_HEADERS {
+            headers.entry(name).or_insert(HeaderValue::from_static(value));
         }
         if self.hsts {
             headers

@@ -78,6 +78,10 @@ pub struct ProviderSpec {
     /// Mock only: how they fail: `rate_limited`, `overloaded`, `timeout`, `auth`, `bad_request`.
     #[serde(default)]
     pub mock_failure_kind: Option<String>,
+    /// Mock only: text every answer starts with (to see how a client shows a given
+    /// text, markup included).
+    #[serde(default)]
+    pub mock_prefix: Option<String>,
 }
 
 fn default_max_tokens_field() -> String {
@@ -220,6 +224,7 @@ impl Catalog {
             mock_latency_ms: None,
             mock_jitter_ms: 0,
             mock_tokens_per_second: 0,
+            mock_prefix: None,
             mock_failure_rate: 0.0,
             mock_failure_kind: None,
         };

@@ -7,6 +7,7 @@ mod batches;
 mod cancel;
 mod client_ip;
 mod connections;
+mod console;
 mod delivery;
 mod events;
 mod health;

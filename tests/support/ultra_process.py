@@ -108,7 +108,7 @@ class Ultra:
     in a `finally`, and `forget` once the process is gone."""
 
     def __init__(self, binary: str, work: Path, *, run: str, database: str, tier: str,
-                 mock_latency_ms: int = 20, extra_env: Optional[dict] = None) -> None:
+                 mock_latency_ms: int = 20, extra_env: Optional[dict] = None, extra_config: str = "") -> None:
         self.binary = binary
         self.work = work
         self.run = run
@@ -120,7 +120,7 @@ class Ultra:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "ultra.log"
         config = work / "ultra.toml"
-        config.write_text(unlimited_tier(tier))
+        config.write_text(unlimited_tier(tier) + extra_config)
         self.env = dict(
             os.environ,
             DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{database}",

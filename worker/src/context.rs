@@ -1,17 +1,15 @@
 //! What a worker process builds from its settings before it consumes: the providers
 //! and the job context every delivery runs in.
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use common::{catalog::ProviderKind, events::EventPublisher, redis::RedisHandle, Settings};
+use common::{events::EventPublisher, redis::RedisHandle, Settings};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     cache::ResponseCache,
     pipeline::{JobContext, RunningJobs},
-    providers::{guard::CircuitBoard, mock::MockBehaviour, MockProvider, Providers},
+    providers::{guard::CircuitBoard, Providers},
 };
 
 impl JobContext {
@@ -37,16 +35,10 @@ impl JobContext {
 }
 
 /// The providers the catalog configures, each behind its guard, with circuit states
-/// mirrored in Redis. The mock behaves as its provider table says, or waits
+/// mirrored in Redis. A mock behaves as its provider table says, or waits
 /// `ULTRA_MOCK_LATENCY_MS`.
 pub fn configured_providers(settings: &Settings, redis: &RedisHandle) -> anyhow::Result<Providers> {
-    let (config, catalog) = (&settings.config, &settings.catalog);
-    let mock_spec = catalog.providers().find(|(_, p)| p.kind == ProviderKind::Mock).map(|(_, p)| p);
-    let behaviour = mock_spec.map_or_else(
-        || MockBehaviour { latency: config.mock_latency(), ..MockBehaviour::default() },
-        |spec| MockBehaviour::from_spec(spec, config.mock_latency()),
-    );
-    let board = CircuitBoard { redis: redis.clone(), prefix: config.redis_prefix.clone() };
-    Providers::from_catalog(catalog, Arc::new(MockProvider::with_behaviour(behaviour)), Some(board))
+    let board = CircuitBoard { redis: redis.clone(), prefix: settings.config.redis_prefix.clone() };
+    Providers::from_catalog(&settings.catalog, settings.config.mock_latency(), Some(board))
         .context("cannot build the providers' HTTP clients")
 }

@@ -10,6 +10,7 @@ pub mod lookups;
 pub mod middleware;
 pub mod password;
 pub mod refresh;
+pub mod session_cookie;
 pub mod ticket;
 
 use std::sync::Arc;

@@ -7,7 +7,11 @@ use common::{
     domain::QueuedReason,
     job::{EventData, QueuedData},
 };
-use poem_openapi::{param::Path, payload::Json, Object, OpenApi};
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    Object, OpenApi,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -15,7 +19,7 @@ use crate::{
     auth::BearerAuth,
     body::JsonBody,
     error::{ApiError, FieldError},
-    problems::{Problems, ALWAYS, BODY, FORBIDDEN, NOT_FOUND, UNAUTHORIZED},
+    problems::{Problems, ALWAYS, BODY, FORBIDDEN, MALFORMED, NOT_FOUND, UNAUTHORIZED},
     queues::QueuesSnapshot,
     routes::{auth::Account, ApiTags},
     state::AppState,
@@ -36,6 +40,30 @@ pub struct AdminUserView {
     #[oai(flatten)]
     pub account: Account,
     pub disabled: bool,
+}
+
+impl AdminUserView {
+    fn of(user: db::users::User) -> Self {
+        Self {
+            disabled: user.disabled_at.is_some(),
+            account: Account {
+                id: user.id,
+                email: user.email,
+                tier: user.tier,
+                role: user.role,
+                created_at: user.created_at,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct UserPage {
+    /// Newest first.
+    pub users: Vec<AdminUserView>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Object)]
@@ -131,6 +159,32 @@ impl AdminApi {
         Ok(Json(Replayed { job_id: job.id, status: job.status }))
     }
 
+    /// List users
+    ///
+    /// Newest first; `email` keeps those whose address contains it.
+    #[oai(path = "/users", method = "get", operation_id = "list_users")]
+    async fn list_users(
+        &self,
+        auth: BearerAuth,
+        /// Part of an email address.
+        #[oai(validator(max_length = 254))]
+        email: Query<Option<String>>,
+        /// Page size (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<u32>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<Uuid>>,
+    ) -> Result<Json<UserPage>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN | MALFORMED }>> {
+        require_admin(&auth)?;
+        let limit = limit.0.unwrap_or(50).min(100);
+        // One row more than asked tells whether another page exists.
+        let mut users = db::users::list(&self.state.pool, email.0.as_deref(), cursor.0, i64::from(limit) + 1).await?;
+        let more = users.len() > limit as usize;
+        users.truncate(limit as usize);
+        let next_cursor = more.then(|| users.last().map(|u| u.id.to_string())).flatten();
+        Ok(Json(UserPage { users: users.into_iter().map(AdminUserView::of).collect(), next_cursor }))
+    }
+
     /// Change a user's tier or disable them
     #[oai(path = "/users/:id", method = "patch", operation_id = "update_user")]
     async fn update_user(
@@ -155,16 +209,7 @@ impl AdminApi {
             .await?
             .ok_or(ApiError::NotFound("user not found"))?;
         tracing::info!(admin = %auth.0.user_id, user_id = %user.id, tier = %user.tier, disabled = user.disabled_at.is_some(), "user updated by an administrator");
-        Ok(Json(AdminUserView {
-            disabled: user.disabled_at.is_some(),
-            account: Account {
-                id: user.id,
-                email: user.email,
-                tier: user.tier,
-                role: user.role,
-                created_at: user.created_at,
-            },
-        }))
+        Ok(Json(AdminUserView::of(user)))
     }
 }
 

@@ -7,16 +7,20 @@ use common::{
     db::{self, refresh_tokens::RefreshToken},
     tiers::Tier,
 };
-use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
+use poem_openapi::{
+    param::{Cookie, Header},
+    payload::Json,
+    ApiResponse, Object, OpenApi,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::{
-    auth::{password, refresh, BearerAuth},
+    auth::{password, refresh, session_cookie, BearerAuth},
     body::JsonBody,
     error::{ApiError, FieldError},
     limits::Policy,
-    problems::{Problems, ALWAYS, BODY, CONFLICT, UNAUTHORIZED},
+    problems::{Problems, ALWAYS, BODY, CONFLICT, FORBIDDEN, UNAUTHORIZED},
     routes::ApiTags,
     state::AppState,
 };
@@ -36,8 +40,11 @@ pub struct Credentials {
 #[derive(Debug, Deserialize, Object)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
+    /// The refresh token; leave it out to use the session cookie (which needs the
+    /// `X-Ultra-Session: cookie` header).
+    #[serde(default)]
     #[oai(write_only)]
-    pub refresh_token: String,
+    pub refresh_token: Option<String>,
 }
 
 #[derive(Debug, Object)]
@@ -45,7 +52,9 @@ pub struct Tokens {
     /// A JWT: send it as `Authorization: Bearer …`.
     pub access_token: String,
     /// Opaque; exchange it at `/v1/auth/refresh` for new tokens (it works once).
-    pub refresh_token: String,
+    /// Absent when it was set as the session cookie instead (`X-Ultra-Session: cookie`).
+    #[oai(skip_serializing_if_is_none)]
+    pub refresh_token: Option<String>,
     /// Always `Bearer`.
     pub token_type: String,
     /// Seconds until the access token expires.
@@ -99,6 +108,21 @@ pub enum NoContent {
     /// Done.
     #[oai(status = 204)]
     Done,
+}
+
+#[derive(ApiResponse)]
+pub enum TokensResponse {
+    /// New tokens; with `X-Ultra-Session: cookie`, the refresh token is the
+    /// `ultra_refresh` cookie (`HttpOnly`, `SameSite=Strict`, path `/v1/auth`) instead.
+    #[oai(status = 200)]
+    Issued(Json<Tokens>, #[oai(header = "Set-Cookie")] Option<String>),
+}
+
+#[derive(ApiResponse)]
+pub enum LoggedOut {
+    /// Done; a session cookie is cleared.
+    #[oai(status = 204)]
+    Done(#[oai(header = "Set-Cookie")] Option<String>),
 }
 
 /// Logins per minute for one account, from any number of addresses.
@@ -165,7 +189,11 @@ impl AuthApi {
     async fn login(
         &self,
         body: JsonBody<Credentials>,
-    ) -> Result<Json<Tokens>, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
+        /// `cookie`: keep the refresh token in an `HttpOnly` cookie, out of reach of
+        /// the page's scripts (the web console does).
+        #[oai(name = "X-Ultra-Session")]
+        session: Header<Option<String>>,
+    ) -> Result<TokensResponse, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
         let Credentials { email, password } = body.0;
         let email = db::users::normalize_email(&email);
         // Guessing one account's password from many addresses meets this limit.
@@ -191,7 +219,7 @@ impl AuthApi {
         let mut tx = self.state.pool.begin().await?;
         let tokens = self.issue(&mut tx, user.id, Uuid::new_v4()).await?;
         tx.commit().await?;
-        Ok(Json(tokens))
+        Ok(self.answer(tokens, wants_cookie(&session)))
     }
 
     /// Refresh tokens
@@ -203,9 +231,17 @@ impl AuthApi {
     async fn refresh(
         &self,
         body: JsonBody<RefreshRequest>,
-    ) -> Result<Json<Tokens>, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
+        /// The session cookie, used when the body has no `refresh_token`.
+        #[oai(name = "ultra_refresh")]
+        cookie: Cookie<Option<String>>,
+        /// `cookie` must come with the session cookie: a page on another site cannot
+        /// send it (cross-site request forgery).
+        #[oai(name = "X-Ultra-Session")]
+        session: Header<Option<String>>,
+    ) -> Result<TokensResponse, Problems<{ ALWAYS | BODY | UNAUTHORIZED | FORBIDDEN }>> {
+        let (presented, from_cookie) = presented(body.0, cookie.0, &session)?;
         let mut tx = self.state.pool.begin().await?;
-        let token = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?;
+        let token = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&presented)).await?;
         let Some(token) = token else { return Err(ApiError::Unauthorized.into()) };
         if token.replaced_at.is_some() {
             let revoked = db::refresh_tokens::revoke_family(&mut *tx, token.family_id).await?;
@@ -224,7 +260,7 @@ impl AuthApi {
         db::refresh_tokens::mark_replaced(&mut *tx, token.id).await?;
         let tokens = self.issue(&mut tx, user.id, token.family_id).await?;
         tx.commit().await?;
-        Ok(Json(tokens))
+        Ok(self.answer(tokens, from_cookie))
     }
 
     /// Log out
@@ -235,14 +271,20 @@ impl AuthApi {
     async fn logout(
         &self,
         body: JsonBody<RefreshRequest>,
-    ) -> Result<NoContent, Problems<{ ALWAYS | BODY | UNAUTHORIZED }>> {
+        /// The session cookie, used when the body has no `refresh_token`.
+        #[oai(name = "ultra_refresh")]
+        cookie: Cookie<Option<String>>,
+        /// `cookie` must come with the session cookie.
+        #[oai(name = "X-Ultra-Session")]
+        session: Header<Option<String>>,
+    ) -> Result<LoggedOut, Problems<{ ALWAYS | BODY | UNAUTHORIZED | FORBIDDEN }>> {
+        let (presented, from_cookie) = presented(body.0, cookie.0, &session)?;
         let mut tx = self.state.pool.begin().await?;
-        if let Some(token) = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&body.0.refresh_token)).await?
-        {
+        if let Some(token) = db::refresh_tokens::find_for_update(&mut tx, &refresh::hash(&presented)).await? {
             db::refresh_tokens::revoke_family(&mut *tx, token.family_id).await?;
         }
         tx.commit().await?;
-        Ok(NoContent::Done)
+        Ok(LoggedOut::Done(from_cookie.then(|| session_cookie::clear(self.state.config.is_production()))))
     }
 
     /// Who am I
@@ -273,7 +315,44 @@ impl AuthApi {
     }
 }
 
+/// Whether the client asked for the refresh token as a cookie.
+fn wants_cookie(session: &Header<Option<String>>) -> bool {
+    session.0.as_deref().is_some_and(|s| s.trim().eq_ignore_ascii_case("cookie"))
+}
+
+/// The refresh token presented, and whether it came as the session cookie: the body's
+/// if it has one, else the cookie — only with `X-Ultra-Session: cookie`, which a form
+/// or a link on another site cannot send.
+fn presented(
+    body: RefreshRequest,
+    cookie: Option<String>,
+    session: &Header<Option<String>>,
+) -> Result<(String, bool), ApiError> {
+    match (body.refresh_token, cookie) {
+        (Some(token), _) => Ok((token, false)),
+        (None, Some(cookie)) if wants_cookie(session) => Ok((cookie, true)),
+        (None, Some(_)) => Err(ApiError::Forbidden("the session cookie needs the `X-Ultra-Session: cookie` header")),
+        (None, None) => Err(ApiError::Unauthorized),
+    }
+}
+
 impl AuthApi {
+    /// The tokens as JSON; with `cookie`, the refresh token as the session cookie.
+    fn answer(&self, mut tokens: Tokens, cookie: bool) -> TokensResponse {
+        let set_cookie = match (cookie, tokens.refresh_token.take()) {
+            (true, Some(token)) => Some(session_cookie::set(
+                &token,
+                self.state.config.refresh_token_ttl(),
+                self.state.config.is_production(),
+            )),
+            (_, token) => {
+                tokens.refresh_token = token;
+                None
+            }
+        };
+        TokensResponse::Issued(Json(tokens), set_cookie)
+    }
+
     /// A new access token, and a new refresh token in `family`.
     async fn issue(&self, conn: &mut sqlx::PgConnection, user_id: Uuid, family: Uuid) -> Result<Tokens, ApiError> {
         let state = &self.state;
@@ -285,7 +364,7 @@ impl AuthApi {
         db::refresh_tokens::insert(conn, user_id, family, &refresh::hash(&refresh_token), expires_at).await?;
         Ok(Tokens {
             access_token,
-            refresh_token,
+            refresh_token: Some(refresh_token),
             token_type: "Bearer".to_owned(),
             expires_in: state.jwt.ttl().as_secs(),
         })

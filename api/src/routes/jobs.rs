@@ -65,6 +65,8 @@ pub struct StepView {
 pub struct JobView {
     #[oai(flatten)]
     pub summary: JobSummary,
+    /// What was asked (for a chat, its transcript).
+    pub prompt: String,
     /// Once succeeded: what the job yields.
     pub result: Option<JobResult>,
     pub steps: Vec<StepView>,
@@ -138,6 +140,7 @@ impl JobsApi {
         let cost_usd = steps.iter().map(|s| s.cost_micros).sum::<i64>() as f64 / 1e6;
         Ok(Json(JobView {
             summary: JobSummary::of(&mut job),
+            prompt: std::mem::take(&mut job.prompt),
             result: job.result,
             steps: steps.into_iter().map(step_view).collect(),
             error: job.error,

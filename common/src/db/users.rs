@@ -74,6 +74,26 @@ pub async fn find_credentials(
     Ok(row.map(|r| (r.user, r.password_hash)))
 }
 
+/// Users, newest first, from before `before` (an id), whose email contains `email`.
+pub async fn list(
+    ex: impl PgExecutor<'_>,
+    email: Option<&str>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<User>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users
+          WHERE ($1::text IS NULL OR strpos(email, $1) > 0)
+            AND ($2::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM users WHERE id = $2))
+          ORDER BY created_at DESC, id DESC LIMIT $3"
+    ))
+    .bind(email.map(normalize_email))
+    .bind(before)
+    .bind(limit)
+    .fetch_all(ex)
+    .await
+}
+
 /// Applies an administrator's change; `None` leaves a field as it is.
 pub async fn update_admin(
     ex: impl PgExecutor<'_>,

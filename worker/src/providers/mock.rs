@@ -64,6 +64,8 @@ pub struct MockBehaviour {
     pub failure_rate: f64,
     /// The error those calls fail with.
     pub failure: Option<ProviderError>,
+    /// Text every answer starts with.
+    pub prefix: Option<String>,
 }
 
 impl MockBehaviour {
@@ -82,6 +84,7 @@ impl MockBehaviour {
             tokens_per_second: spec.mock_tokens_per_second,
             failure_rate: spec.mock_failure_rate.clamp(0.0, 1.0),
             failure: Some(failure),
+            prefix: spec.mock_prefix.clone(),
         }
     }
 }
@@ -133,8 +136,12 @@ impl Provider for MockProvider {
             return Err(behaviour.failure.clone().unwrap_or(ProviderError::Overloaded { status: 503, detail: None }));
         }
 
-        let mut words: Vec<String> =
-            Self::answer(&request.model.id, request.prompt).split(' ').map(str::to_owned).collect();
+        let answer = Self::answer(&request.model.id, request.prompt);
+        let answer = match &behaviour.prefix {
+            Some(prefix) => format!("{prefix} {answer}"),
+            None => answer,
+        };
+        let mut words: Vec<String> = answer.split(' ').map(str::to_owned).collect();
         if let Some(max) = request.max_tokens {
             words.truncate(max.max(1) as usize);
         }
@@ -187,6 +194,36 @@ mod tests {
         assert_eq!(completion.text, MockProvider::answer("mock/alpha", "hi there"));
         assert_eq!(deltas, completion.output_tokens);
         assert_eq!(completion.input_tokens, 2);
+    }
+
+    /// Two mock providers in one file: each answers as its own table says (they
+    /// shared the first table's behaviour once).
+    #[tokio::test]
+    async fn each_mock_provider_behaves_as_its_own_table_says() {
+        let file = r#"
+            [providers.plain]
+            kind = "mock"
+            [providers.marked]
+            kind = "mock"
+            mock_prefix = "<b>marked</b>"
+            [[models]]
+            id = "plain/a"
+            provider = "plain"
+            upstream = "a"
+            [[models]]
+            id = "marked/a"
+            provider = "marked"
+            upstream = "a"
+        "#;
+        let catalog = common::catalog::Catalog::from_file(toml::from_str(file).expect("TOML")).expect("catalog");
+        let providers = crate::providers::Providers::from_catalog(&catalog, Duration::ZERO, None).expect("providers");
+        for (id, prefixed) in [("plain/a", false), ("marked/a", true)] {
+            let model = catalog.get(id).expect("model");
+            let provider = providers.for_model(model).expect("provider");
+            let request = CompletionRequest::new(model, "hi");
+            let answer = provider.complete(&request, |_| ()).await.expect("answer");
+            assert_eq!(answer.text.starts_with("<b>marked</b> "), prefixed, "{id} answered {:?}", answer.text);
+        }
     }
 
     #[tokio::test]

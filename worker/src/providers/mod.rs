@@ -234,16 +234,19 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// One client per configured provider. The mock is shared so tests can count its calls.
+    /// One client per configured provider; each mock provider behaves as its own
+    /// table says, waiting `mock_latency` where it names no latency.
     pub fn from_catalog(
         catalog: &Catalog,
-        mock: Arc<MockProvider>,
+        mock_latency: std::time::Duration,
         redis: Option<guard::CircuitBoard>,
     ) -> reqwest::Result<Self> {
         let mut by_name = HashMap::new();
         for (name, spec) in catalog.providers() {
             let client: Arc<dyn Provider> = match spec.kind {
-                ProviderKind::Mock => mock.clone(),
+                ProviderKind::Mock => {
+                    Arc::new(MockProvider::with_behaviour(mock::MockBehaviour::from_spec(spec, mock_latency)))
+                }
                 ProviderKind::Openai => Arc::new(openai::OpenAi::new(spec)?),
                 ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(spec)?),
                 ProviderKind::Gemini => Arc::new(gemini::Gemini::new(spec)?),
