@@ -2,7 +2,7 @@
 // review each other and converge, live; the history of one's jobs; administration.
 // Model text is only ever set as text (textContent), never parsed as HTML.
 
-import { api, follow, Problem, register, session } from "./api.js";
+import { api, follow, Problem, register, session, whenSignedOut } from "./api.js";
 
 const main = document.getElementById("main");
 const TERMINAL = ["succeeded", "failed", "cancelled"];
@@ -55,12 +55,18 @@ const seconds = (from, to) => (from && to ? `${((new Date(to) - new Date(from)) 
 const routes = [
   [/^#\/signin$/, signInView],
   [/^#\/ask$/, askView],
-  [/^#\/jobs\/([0-9a-f-]{36})$/, (id) => watchView(id)],
+  [/^#\/jobs\/([0-9a-f-]{36})$/, (id, ticket) => watchView(id, ticket)],
   [/^#\/history$/, historyView],
   [/^#\/admin$/, adminView],
 ];
 
+// Each navigation's number: a view still loading when the user moves on must not
+// draw over the page they moved to.
+let navigation = 0;
+const current = (ticket) => ticket === navigation;
+
 async function route() {
+  const ticket = ++navigation;
   if (stopWatching) { stopWatching(); stopWatching = null; }
   const hash = location.hash || "#/ask";
   if (!session.signedIn && hash !== "#/signin") {
@@ -75,7 +81,11 @@ async function route() {
   for (const [pattern, view] of routes) {
     const match = hash.match(pattern);
     if (match) {
-      try { await view(...match.slice(1)); } catch (err) { show(h("p", { class: "error", text: problemLines(err).join("; ") })); }
+      try {
+        await view(...match.slice(1), ticket);
+      } catch (err) {
+        if (current(ticket)) show(h("p", { class: "error", text: problemLines(err).join("; ") }));
+      }
       return;
     }
   }
@@ -96,11 +106,31 @@ async function signedIn() {
   else await route();
 }
 
-document.getElementById("sign-out").addEventListener("click", async () => {
-  await session.signOut();
+function signedOut() {
   me = null;
   document.getElementById("nav").hidden = true;
+  if (location.hash !== "#/signin") sessionStorage.setItem("ultra.after", location.hash);
   location.hash = "#/signin";
+}
+
+// The server refused the credential for good (a revoked key, an ended session).
+whenSignedOut(() => { toast("Please sign in again."); signedOut(); });
+
+document.getElementById("sign-out").addEventListener("click", async () => {
+  try {
+    await session.signOut();
+  } catch (err) {
+    toast(`Could not sign out: ${problemLines(err).join("; ")}`);
+    return;
+  }
+  signedOut();
+  sessionStorage.removeItem("ultra.after"); // signing out is not a detour to come back from
+});
+
+// The skip link moves focus; it is not a route.
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  main.focus();
 });
 
 // ---- sign in -------------------------------------------------------------------
@@ -149,7 +179,7 @@ function signInView() {
 
 // ---- ask -------------------------------------------------------------------------
 
-async function askView() {
+async function askView(ticket) {
   const [{ models }, { patterns }] = await Promise.all([api("GET", "/v1/models"), api("GET", "/v1/patterns")]);
   const prompt = h("textarea", { id: "prompt", required: true });
   const modelBoxes = models.map((m, i) => {
@@ -215,6 +245,7 @@ async function askView() {
     h("div", {}, h("label", { for: "min-models", text: "Min models" }), minModels),
     h("div", {}, h("label", { for: "timeout", text: "Timeout (s)" }), timeout)),
   status, h("p", {}, submit));
+  if (!current(ticket)) return;
   show(form);
   prompt.focus();
 }
@@ -245,7 +276,7 @@ class StepBox {
   }
 }
 
-async function watchView(id) {
+async function watchView(id, ticket) {
   const job = await api("GET", `/v1/jobs/${id}`);
   const stages = await stagesOf(job.pattern);
   const boxes = new Map();
@@ -313,18 +344,25 @@ async function watchView(id) {
     totals.textContent = `${now.usage.input_tokens + now.usage.output_tokens} tokens · ${money(now.cost_usd)}`;
     if (now.error) failure.textContent = `${now.error.code}: ${now.error.message}`;
   };
+  // Filled before it is shown: what the page shows is never less than the job had.
+  await refresh();
+  if (!current(ticket)) return;
   show(
     h("div", { class: "card" },
       h("h1", {}, "Job ", h("code", { text: id }), " ", status),
       h("p", { class: "muted" }, `${job.pattern} · ${job.models.join(", ")} · `, totals),
       prompt, failure, cancel),
     columns, synthesisTitle(stages), synthesisArea);
-  await refresh();
-  if (TERMINAL.includes(job.status)) return;
-  stopWatching = await follow(id, async (kind, event) => {
+  if (TERMINAL.includes(status.dataset.status)) return;
+  const onEvent = async (kind, event) => {
     switch (kind) {
       case "started": setStatus("running"); break;
-      case "step.started": box(event.data.stage, event.data.model).setStatus("running"); break;
+      case "step.started": { // a step run again starts from nothing
+        const step = box(event.data.stage, event.data.model);
+        step.setStatus("running");
+        step.setText("");
+        break;
+      }
       case "snapshot": box(event.stage, event.model).setText(event.text); break;
       case "token": box(event.stage, event.model).token(event.delta, event.index); break;
       case "step.completed": completed({ ...event.data, status: "succeeded" }); break;
@@ -332,7 +370,24 @@ async function watchView(id) {
       case "succeeded": case "failed": case "cancelled": await refresh(); break;
       default: break;
     }
-  });
+  };
+  // A stream the server ended for good (an expired ticket, too many open streams):
+  // catch up from the job and follow again, from the start, after a pause.
+  let pause = 1000;
+  const watch = async () => {
+    if (!current(ticket)) return;
+    const stop = await follow(id, onEvent, () => {
+      toast("The live view was cut; reconnecting…");
+      setTimeout(async () => {
+        try { await refresh(); } catch { /* the next attempt says why */ }
+        if (!TERMINAL.includes(status.dataset.status)) watch().catch((err) => toast(problemLines(err).join("; ")));
+      }, pause);
+      pause = Math.min(pause * 2, 30000);
+    });
+    if (current(ticket)) stopWatching = stop;
+    else stop();
+  };
+  await watch();
 }
 
 function synthesisTitle(stages) {
@@ -350,7 +405,7 @@ async function stagesOf(name) {
 
 // ---- history -----------------------------------------------------------------------
 
-async function historyView() {
+async function historyView(ticket) {
   const filter = h("select", { id: "status-filter" }, h("option", { value: "", text: "any status" }),
     ["queued", "running", "succeeded", "failed", "cancelled"].map((s) => h("option", { value: s, text: s })));
   const rows = h("tbody");
@@ -376,6 +431,7 @@ async function historyView() {
   const budget = me.limits.daily_tokens;
   const spent = usage.used_tokens + usage.reserved_tokens;
   const share = budget ? Math.min(100, (100 * spent) / budget) : 0;
+  if (!current(ticket)) return;
   show(
     h("div", { class: "card", "aria-labelledby": "usage-title" },
       h("h1", { id: "usage-title", text: "Today" }),
@@ -399,11 +455,10 @@ function meterBar(share) {
 
 // ---- admin -------------------------------------------------------------------------
 
-async function adminView() {
+async function adminView(ticket) {
   if (!me || me.role !== "admin") { show(h("p", { class: "error", text: "Administrators only." })); return; }
-  const [queues, letters, users] = await Promise.all([
-    api("GET", "/v1/admin/queues"), api("GET", "/v1/admin/dead-letters"), api("GET", "/v1/admin/users?limit=100")]);
-  const userRows = users.users.map((u) => {
+  const [queues, letters] = await Promise.all([api("GET", "/v1/admin/queues"), api("GET", "/v1/admin/dead-letters")]);
+  const userRow = (u) => {
     const tier = h("input", { type: "text", value: u.tier, "aria-label": `Tier of ${u.email}`, size: 10 });
     const disabled = h("input", { type: "checkbox", checked: u.disabled, "aria-label": `${u.email} disabled` });
     const save = h("button", {
@@ -416,7 +471,24 @@ async function adminView() {
       },
     });
     return h("tr", {}, h("td", { text: u.email }), h("td", { text: u.role }), h("td", {}, tier), h("td", {}, disabled), h("td", {}, save));
-  });
+  };
+  const userRows = h("tbody");
+  const emailFilter = h("input", { id: "user-filter", type: "text", placeholder: "part of an email address" });
+  const moreUsers = h("button", { type: "button", class: "secondary", text: "More users", hidden: true });
+  let userCursor = null;
+  const loadUsers = async (reset) => {
+    if (reset) { userRows.replaceChildren(); userCursor = null; }
+    const query = new URLSearchParams({ limit: "50" });
+    if (emailFilter.value.trim()) query.set("email", emailFilter.value.trim());
+    if (userCursor) query.set("cursor", userCursor);
+    const page = await api("GET", `/v1/admin/users?${query}`);
+    userRows.append(...page.users.map(userRow));
+    userCursor = page.next_cursor || null;
+    moreUsers.hidden = !userCursor;
+  };
+  emailFilter.addEventListener("change", () => loadUsers(true).catch((err) => toast(problemLines(err).join("; "))));
+  moreUsers.addEventListener("click", () => loadUsers(false).catch((err) => toast(problemLines(err).join("; "))));
+  await loadUsers(true);
   const letterRows = letters.dead_letters.map((d) => h("tr", {},
     h("td", {}, h("code", { text: d.job_id })), h("td", { text: String(d.attempts) }),
     h("td", {}, h("button", {
@@ -425,6 +497,7 @@ async function adminView() {
         try { await api("POST", `/v1/admin/dead-letters/${d.job_id}/replay`); toast("Replayed"); } catch (err) { toast(problemLines(err).join("; ")); }
       },
     }))));
+  if (!current(ticket)) return;
   show(
     h("h1", { text: "Queues" }),
     h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, ["Queue", "Role", "Ready", "Consumers"].map((t) => h("th", { scope: "col", text: t })))),
@@ -435,8 +508,10 @@ async function adminView() {
     h("h1", { text: "Dead letters" }),
     letterRows.length ? h("div", { class: "scroll" }, h("table", {}, h("tbody", {}, letterRows))) : h("p", { class: "muted", text: "None." }),
     h("h1", { text: "Users" }),
+    h("label", { for: "user-filter", text: "Find users" }), emailFilter,
     h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, ["Email", "Role", "Tier", "Disabled", ""].map((t) => h("th", { scope: "col", text: t })))),
-      h("tbody", {}, userRows))));
+      userRows)),
+    h("p", {}, moreUsers));
 }
 
 // ---- start -------------------------------------------------------------------------

@@ -6,7 +6,8 @@ by token (one of them prefixes its answers with markup), then, in chromium
 (`executable_path`, never a downloaded browser):
 
 - registers through the console, and signs in with a password: the refresh token is
-  an HttpOnly, SameSite=Strict cookie the page cannot read;
+  an HttpOnly, SameSite=Strict cookie the page cannot read; access tokens live 3 s,
+  and calls made at once after one expired share one refresh;
 - submits a three-model `critique` job and sees three columns fill with streamed text,
   then the meta stage and a synthesis, each step's text equal to what the API stores;
 - reloads mid-stream and sees the job resume with nothing lost or doubled;
@@ -30,16 +31,15 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 from playwright.sync_api import Browser, Page, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
-from ultra_process import Ultra, run_id, stop_on_sigterm  # noqa: E402  (tests/support)
+from checks import Failed, expect, run_checks, wait_until  # noqa: E402  (tests/support)
+from ultra_process import Ultra, run_id, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -51,6 +51,8 @@ CHROMIUM = os.environ.get("ULTRA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PATIENCE_MS = 60_000
+# Short-lived access tokens: every check also exercises their refresh through the cookie.
+ACCESS_TOKEN_TTL_SECS = 3
 PASSWORD = "correct horse battery staple"
 MARKUP = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'
 
@@ -91,15 +93,6 @@ upstream = "markup"
 
 def say(message: str) -> None:
     print(f"[console] {message}", file=sys.stderr, flush=True)
-
-
-class Failed(Exception):
-    """A check's expectation, not met."""
-
-
-def expect(condition: object, message: str) -> None:
-    if not condition:
-        raise Failed(message)
 
 
 def call(base: str, method: str, path: str, token: str = "", body=None) -> dict:
@@ -173,17 +166,6 @@ class Console:
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def wait_until(what: str, ready: Callable[[], object], timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Failed(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 # The checks, in order: each returns its one line.
 
 
@@ -218,6 +200,22 @@ def sign_in_with_a_password(c: Console) -> str:
     expect("ultra_refresh" not in page.evaluate("document.cookie"), "the page's scripts can read the refresh token")
     c.screenshot(page, "ask")
     return "signed in; ultra_refresh is HttpOnly, SameSite=Strict, Path=/v1/auth, unreadable by the page"
+
+
+def an_expired_token_is_refreshed_once_for_parallel_calls(c: Console) -> str:
+    page = c.page
+    time.sleep(ACCESS_TOKEN_TTL_SECS + 1)
+    # The Ask page makes two calls at once with the expired token: one refresh serves
+    # both (a refresh token presented twice would revoke the login).
+    page.goto(f"{c.base}/#/history")
+    page.get_by_role("heading", name="History").wait_for(timeout=PATIENCE_MS)
+    page.goto(f"{c.base}/#/ask")
+    page.locator("#prompt").wait_for(timeout=PATIENCE_MS)
+    time.sleep(ACCESS_TOKEN_TTL_SECS + 1)
+    page.reload()
+    page.locator("#prompt").wait_for(timeout=PATIENCE_MS)
+    expect(page.locator("#who").text_content().startswith(c.email), "the session did not survive")
+    return f"access tokens live {ACCESS_TOKEN_TTL_SECS} s: parallel calls after expiry and a reload kept the session"
 
 
 def critique_job_streams_into_three_columns(c: Console) -> str:
@@ -358,7 +356,8 @@ def sign_out_revokes(c: Console) -> str:
     return "signed out: cookie cleared, its refresh token revoked (401), a reload shows the sign-in form"
 
 
-CHECKS = [register_through_the_console, sign_in_with_a_password, critique_job_streams_into_three_columns,
+CHECKS = [register_through_the_console, sign_in_with_a_password, an_expired_token_is_refreshed_once_for_parallel_calls,
+          critique_job_streams_into_three_columns,
           reload_mid_stream_resumes, cancel_a_job, history_filters_and_replays, markup_shows_as_text,
           another_user_cannot_open_the_job, admin_and_a_narrow_screen, sign_out_revokes]
 
@@ -368,7 +367,8 @@ def main() -> int:
     binary = os.environ.get("ULTRA_BIN", "target/debug/ultra")
     failures = 0
     with tempfile.TemporaryDirectory(prefix="ultra-console-") as work:
-        ultra = Ultra(binary, Path(work), run=RUN, database=DATABASE, tier="console", extra_config=MODELS)
+        ultra = Ultra(binary, Path(work), run=RUN, database=DATABASE, tier="console", extra_config=MODELS,
+                      extra_env={"ULTRA_ACCESS_TOKEN_TTL_SECS": str(ACCESS_TOKEN_TTL_SECS)})
         try:
             ultra.start()
             with sync_playwright() as playwright:
@@ -376,15 +376,7 @@ def main() -> int:
                 try:
                     c = Console(ultra, browser)
                     say(f"ultra all on {ultra.base}; {CHROMIUM} {browser.version}")
-                    for check in CHECKS:
-                        try:
-                            say(f"ok   {check.__name__}: {check(c)}")
-                        except Failed as err:
-                            failures += 1
-                            say(f"FAIL {check.__name__}: {err}{c.evidence(check.__name__)}")
-                        except Exception:  # noqa: BLE001  (a crash is a failure too, with its trace)
-                            failures += 1
-                            say(f"FAIL {check.__name__}: {traceback.format_exc()}{c.evidence(check.__name__)}")
+                    failures = run_checks(CHECKS, c, say, c.evidence)
                     if c.errors:
                         failures += 1
                         say(f"FAIL the page threw: {c.errors}")

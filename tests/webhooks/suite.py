@@ -26,17 +26,17 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
-from ultra_process import Ultra, free_port, run_id, stop_on_sigterm  # noqa: E402  (tests/support)
+from checks import Failed, expect, run_checks, wait_until  # noqa: E402  (tests/support)
+from ultra_process import Ultra, free_port, run_id, stop_on_sigterm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RUN = run_id()
@@ -48,26 +48,6 @@ SCHEDULE = "300ms,300ms,300ms"
 
 def say(message: str) -> None:
     print(f"[webhooks] {message}", file=sys.stderr, flush=True)
-
-
-class Failed(Exception):
-    """A check's expectation, not met."""
-
-
-def expect(condition: object, message: str) -> None:
-    if not condition:
-        raise Failed(message)
-
-
-def wait_until(what: str, ready: Callable[[], object], timeout: float = PATIENCE):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Failed(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Api:
@@ -179,7 +159,8 @@ def readme_receiver_code() -> str:
 # The checks: each takes the server and the suite's receiver, returns its one line.
 
 
-def readme_receiver(ultra: Ultra, receiver: Receiver) -> str:
+def readme_receiver(subject: tuple) -> str:
+    ultra, receiver = subject
     api = Api(ultra.base, ultra.create_admin_key("readme@example.com", "readme"))
     port = free_port()
     endpoint = api.register(f"http://127.0.0.1:{port}/hooks", ["job.succeeded", "job.failed"])
@@ -217,7 +198,8 @@ def readme_receiver(ultra: Ultra, receiver: Receiver) -> str:
         process.wait(timeout=10)
 
 
-def job_delivery(ultra: Ultra, receiver: Receiver) -> str:
+def job_delivery(subject: tuple) -> str:
+    ultra, receiver = subject
     api = Api(ultra.base, ultra.create_admin_key("job@example.com", "job"))
     endpoint = api.register(f"{receiver.url}/job")
     job = api.finished_job()
@@ -231,7 +213,8 @@ def job_delivery(ultra: Ultra, receiver: Receiver) -> str:
     return f"job {job}: one delivery, {records[0].headers['webhook-id']}, verified by standardwebhooks"
 
 
-def flaky_receiver(ultra: Ultra, receiver: Receiver) -> str:
+def flaky_receiver(subject: tuple) -> str:
+    ultra, receiver = subject
     api = Api(ultra.base, ultra.create_admin_key("flaky@example.com", "flaky"))
     endpoint = api.register(f"{receiver.url}/flaky/2")
     api.ok("POST", f"/v1/webhooks/{endpoint['id']}/test", status=202)
@@ -254,7 +237,8 @@ def flaky_receiver(ultra: Ultra, receiver: Receiver) -> str:
     return f"500, 500, 200: three attempts, one webhook-id ({next(iter(ids))}), each verified"
 
 
-def tampered_and_stale(ultra: Ultra, receiver: Receiver) -> str:
+def tampered_and_stale(subject: tuple) -> str:
+    ultra, receiver = subject
     api = Api(ultra.base, ultra.create_admin_key("tamper@example.com", "tamper"))
     endpoint = api.register(f"{receiver.url}/tamper")
     api.ok("POST", f"/v1/webhooks/{endpoint['id']}/test", status=202)
@@ -275,7 +259,8 @@ def tampered_and_stale(ultra: Ultra, receiver: Receiver) -> str:
     return "; ".join(refusals)
 
 
-def rotation(ultra: Ultra, receiver: Receiver) -> str:
+def rotation(subject: tuple) -> str:
+    ultra, receiver = subject
     api = Api(ultra.base, ultra.create_admin_key("rotate@example.com", "rotate"))
     endpoint = api.register(f"{receiver.url}/rotate")
     rotated = api.ok("POST", f"/v1/webhooks/{endpoint['id']}/rotate-secret")
@@ -301,15 +286,7 @@ def main() -> int:
         try:
             ultra.start()
             say(f"ultra all on {ultra.base}; standardwebhooks verifies every delivery")
-            for check in CHECKS:
-                try:
-                    say(f"ok   {check.__name__}: {check(ultra, receiver)}")
-                except Failed as err:
-                    failures += 1
-                    say(f"FAIL {check.__name__}: {err}")
-                except Exception:  # noqa: BLE001  (a crash is a failure too, with its trace)
-                    failures += 1
-                    say(f"FAIL {check.__name__}: {traceback.format_exc()}")
+            failures = run_checks(CHECKS, (ultra, receiver), say)
             if failures:
                 say(f"server log (end):\n{ultra.log_tail()}")
         finally:

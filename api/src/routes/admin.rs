@@ -177,11 +177,8 @@ impl AdminApi {
     ) -> Result<Json<UserPage>, Problems<{ ALWAYS | UNAUTHORIZED | FORBIDDEN | MALFORMED }>> {
         require_admin(&auth)?;
         let limit = limit.0.unwrap_or(50).min(100);
-        // One row more than asked tells whether another page exists.
-        let mut users = db::users::list(&self.state.pool, email.0.as_deref(), cursor.0, i64::from(limit) + 1).await?;
-        let more = users.len() > limit as usize;
-        users.truncate(limit as usize);
-        let next_cursor = more.then(|| users.last().map(|u| u.id.to_string())).flatten();
+        let users = db::users::list(&self.state.pool, email.0.as_deref(), cursor.0, i64::from(limit) + 1).await?;
+        let (users, next_cursor) = super::paged(users, limit, |user| user.id);
         Ok(Json(UserPage { users: users.into_iter().map(AdminUserView::of).collect(), next_cursor }))
     }
 

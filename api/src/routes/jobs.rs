@@ -167,12 +167,8 @@ impl JobsApi {
         let status = status.0;
         let limit = limit.0.unwrap_or(20).min(MAX_PAGE);
         let before = cursor.0;
-        // One row more than asked tells whether another page exists.
-        let mut jobs =
-            db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
-        let more = jobs.len() > limit as usize;
-        jobs.truncate(limit as usize);
-        let next_cursor = more.then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+        let jobs = db::jobs::list_owned(&self.state.pool, auth.0.user_id, status, before, i64::from(limit) + 1).await?;
+        let (mut jobs, next_cursor) = super::paged(jobs, limit, |job| job.id);
         let jobs = jobs.iter_mut().map(JobSummary::of).collect();
         Ok(Json(JobPage { jobs, next_cursor }))
     }

@@ -36,6 +36,15 @@ pub enum ApiTags {
     OpenAi,
 }
 
+/// A page of a list fetched one row longer than `limit` (the extra row says another
+/// page exists): the first `limit` rows, and the cursor of the next page.
+pub fn paged<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> uuid::Uuid) -> (Vec<T>, Option<String>) {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = if more { rows.last().map(|row| id(row).to_string()) } else { None };
+    (rows, next_cursor)
+}
+
 pub type Apis = (
     analyze::AnalyzeApi,
     jobs::JobsApi,

@@ -407,13 +407,10 @@ impl WebhooksApi {
     ) -> Result<Json<DeliveryPage>, Problems<{ ALWAYS | UNAUTHORIZED | NOT_FOUND | MALFORMED }>> {
         let endpoint = self.owned(&auth, id.0).await?;
         let limit = limit.0.unwrap_or(20).min(MAX_PAGE);
-        // One row more than asked tells whether another page exists.
-        let mut deliveries =
+        let deliveries =
             db::webhooks::list_deliveries(&self.state.pool, endpoint.id, status.0, cursor.0, i64::from(limit) + 1)
                 .await?;
-        let more = deliveries.len() > limit as usize;
-        deliveries.truncate(limit as usize);
-        let next_cursor = more.then(|| deliveries.last().map(|d| d.id.to_string())).flatten();
+        let (deliveries, next_cursor) = super::paged(deliveries, limit, |delivery| delivery.id);
         Ok(Json(DeliveryPage { deliveries: deliveries.into_iter().map(DeliveryView::of).collect(), next_cursor }))
     }
 
