@@ -246,7 +246,7 @@ async fn a_worker_killed_mid_job_costs_only_the_unfinished_call_again() {
         .await;
     Mock::given(method("POST"))
         .and(body_partial_json(serde_json::json!({ "model": "slow" })))
-        .respond_with(answer("eventually").set_delay(Duration::from_secs(3)))
+        .respond_with(answer("eventually").set_delay(Duration::from_secs(6)))
         .mount(&server)
         .await;
     let catalog = format!(
@@ -261,9 +261,16 @@ async fn a_worker_killed_mid_job_costs_only_the_unfinished_call_again() {
     wait_ready(&app, &doomed).await;
     let id = app.submit_ok(&key, &["local/fast", "local/slow"]).await;
 
-    // Wait until the fast step is recorded and the slow one is in flight, then kill.
+    // Wait until the fast step is recorded and the slow one is in flight (the server
+    // has its request: on a busy machine the step may start later), then kill.
     let deadline = std::time::Instant::now() + PATIENCE;
-    while app.count("SELECT count(*) FROM job_steps WHERE job_id = $1 AND status = 'succeeded'", id).await < 1 {
+    let slow_in_flight = || async {
+        let requests = server.received_requests().await.unwrap_or_default();
+        requests.iter().any(|r| String::from_utf8_lossy(&r.body).contains("\"model\":\"slow\""))
+    };
+    while app.count("SELECT count(*) FROM job_steps WHERE job_id = $1 AND status = 'succeeded'", id).await < 1
+        || !slow_in_flight().await
+    {
         assert!(std::time::Instant::now() < deadline, "the first step never finished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
