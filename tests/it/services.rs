@@ -91,6 +91,18 @@ pub async fn create_database() -> (String, String) {
         MIGRATOR.run(&mut conn).await.expect("migrate template");
         conn.close().await.expect("close template connection");
         admin.execute(format!(r#"ALTER DATABASE "{building}" RENAME TO "{template}""#).as_str()).await.expect("rename");
+        // Templates of earlier migration sets are no longer of use: drop those no one
+        // is copying (without FORCE, a template in use stays).
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'ultra\\_tpl\\_%' AND datname <> $1",
+        )
+        .bind(&template)
+        .fetch_all(&mut admin)
+        .await
+        .expect("list templates");
+        for name in stale {
+            let _ = admin.execute(format!(r#"DROP DATABASE IF EXISTS "{name}""#).as_str()).await;
+        }
     }
     admin.execute("SELECT pg_advisory_unlock(727274)").await.expect("advisory unlock");
 

@@ -500,3 +500,21 @@ async fn a_batch_tells_its_end_once_and_its_lines_tell_nothing() {
     assert!(received.iter().all(|r| signed_by(r, &secret)));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_registrations_stop_at_the_limit_of_twenty() {
+    let app = TestApp::spawn_with(Options { worker: false, ..Default::default() }).await;
+    let (_, key) = app.user_with_key().await;
+    let attempts = (0..25).map(|i| {
+        let body = json!({ "url": format!("https://hooks.example.com/{i}") });
+        app.http.post(app.url("/v1/webhooks")).bearer_auth(&key).json(&body).send()
+    });
+    let statuses: Vec<StatusCode> =
+        futures::future::join_all(attempts).await.into_iter().map(|r| r.expect("POST").status()).collect();
+    let created = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::CONFLICT).count();
+    assert_eq!((created, refused), (20, 5), "{statuses:?}");
+    let listed: Value = app.get(&key, "/v1/webhooks").await.json().await.expect("JSON");
+    assert_eq!(listed["webhooks"].as_array().map(Vec::len), Some(20));
+    app.stop().await;
+}

@@ -268,8 +268,10 @@ impl WebhooksApi {
         if !errors.is_empty() {
             return Err(ApiError::validation(errors).into());
         }
-        let pool = &self.state.pool;
-        if db::webhooks::count_owned(pool, auth.0.user_id).await? >= MAX_ENDPOINTS_PER_USER {
+        // Under the user's row lock, so that concurrent creations cannot pass the limit.
+        let mut tx = self.state.pool.begin().await?;
+        db::usage::lock_user(&mut tx, auth.0.user_id).await?;
+        if db::webhooks::count_owned(&mut *tx, auth.0.user_id).await? >= MAX_ENDPOINTS_PER_USER {
             return Err(ApiError::Conflict(format!(
                 "at most {MAX_ENDPOINTS_PER_USER} webhook endpoints; delete one first"
             ))
@@ -278,7 +280,8 @@ impl WebhooksApi {
         let secret = signing::new_secret();
         let new =
             db::webhooks::NewEndpoint { user_id: auth.0.user_id, url, events: events.as_deref(), secret: &secret };
-        let endpoint = db::webhooks::create(pool, &new).await?;
+        let endpoint = db::webhooks::create(&mut *tx, &new).await?;
+        tx.commit().await?;
         tracing::info!(endpoint_id = %endpoint.id, "webhook endpoint registered");
         Ok(CreateWebhookResponse::Created(Json(CreatedWebhook { endpoint: WebhookView::of(endpoint), secret })))
     }
