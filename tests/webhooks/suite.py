@@ -93,6 +93,15 @@ class Api:
         return job["id"]
 
 
+def pinged(ultra: Ultra, receiver: "Receiver", name: str, path: str) -> tuple:
+    """A user of its own with an endpoint at the receiver's `path`, sent a test ping:
+    (the user's Api, the endpoint as registered)."""
+    api = Api(ultra.base, ultra.create_admin_key(f"{name}@example.com", name))
+    endpoint = api.register(f"{receiver.url}{path}")
+    api.ok("POST", f"/v1/webhooks/{endpoint['id']}/test", status=202)
+    return api, endpoint
+
+
 class Recorded:
     def __init__(self, path: str, headers: dict, body: bytes) -> None:
         self.path = path
@@ -215,9 +224,7 @@ def job_delivery(subject: tuple) -> str:
 
 def flaky_receiver(subject: tuple) -> str:
     ultra, receiver = subject
-    api = Api(ultra.base, ultra.create_admin_key("flaky@example.com", "flaky"))
-    endpoint = api.register(f"{receiver.url}/flaky/2")
-    api.ok("POST", f"/v1/webhooks/{endpoint['id']}/test", status=202)
+    api, endpoint = pinged(ultra, receiver, "flaky", "/flaky/2")
     records = wait_until("three attempts", lambda: len(receiver.at("/flaky/2")) >= 3 and receiver.at("/flaky/2"))
     ids = {r.headers.get("webhook-id") for r in records}
     expect(len(ids) == 1, f"the attempts carried {sorted(ids)}")
@@ -239,9 +246,7 @@ def flaky_receiver(subject: tuple) -> str:
 
 def tampered_and_stale(subject: tuple) -> str:
     ultra, receiver = subject
-    api = Api(ultra.base, ultra.create_admin_key("tamper@example.com", "tamper"))
-    endpoint = api.register(f"{receiver.url}/tamper")
-    api.ok("POST", f"/v1/webhooks/{endpoint['id']}/test", status=202)
+    _, endpoint = pinged(ultra, receiver, "tamper", "/tamper")
     record = wait_until("the ping", lambda: receiver.at("/tamper"))[0]
     verified(endpoint["secret"], record)
     webhook = Webhook(endpoint["secret"])
